@@ -1,0 +1,77 @@
+//! The broker's error type: every way an RPC can fail, as data.
+//!
+//! Handlers return `BrokerError`; `crate::status` turns it into a
+//! `tonic::Status` in exactly one place.
+
+use std::time::Duration;
+
+use crate::{payroc::UpstreamError, tokens::TokenError};
+
+/// One invalid request field, named by its proto name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Why an RPC failed.
+#[derive(Debug, Clone)]
+pub enum BrokerError {
+    /// No, or no known, caller token.
+    Unauthenticated(&'static str),
+    /// A known caller asked outside its allow lists.
+    PermissionDenied { caller: String, reason: String },
+    /// Request fields failed validation.
+    InvalidArgument(Vec<FieldViolation>),
+    /// No credential serves the terminal.
+    UnknownTerminal(String),
+    /// `min_validity` longer than a fresh token lives.
+    OutOfRange {
+        requested: Duration,
+        lifetime: Duration,
+    },
+    /// Payroc failed or refused.
+    Upstream(UpstreamError),
+    /// The sessions endpoint answered 401 even with a freshly fetched token.
+    SessionUnauthorizedAfterRefresh(UpstreamError),
+    /// The caller's deadline ran out.
+    DeadlineExceeded,
+    /// A bug or shutdown; the message is safe to show.
+    Internal(String),
+}
+
+impl From<TokenError> for BrokerError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Upstream(UpstreamError::DeadlineExceeded)
+            | TokenError::DeadlineExceeded => BrokerError::DeadlineExceeded,
+            TokenError::Upstream(u) => BrokerError::Upstream(u),
+            TokenError::OutOfRange {
+                requested,
+                lifetime,
+            } => BrokerError::OutOfRange {
+                requested,
+                lifetime,
+            },
+            TokenError::Aborted => BrokerError::Internal("the token refresh was aborted".into()),
+        }
+    }
+}
+
+impl From<UpstreamError> for BrokerError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::DeadlineExceeded => BrokerError::DeadlineExceeded,
+            other => BrokerError::Upstream(other),
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! payroc-broker: a gRPC credentials broker in front of Payroc's auth.
+//!
+//! Internal services call `payroc.broker.v1.TokenBroker` for Payroc Bearer
+//! tokens and Hosted Fields session tokens; the broker holds the API keys,
+//! shares one refreshed Bearer token per key across every caller, and never
+//! lets a secret reach a log or an error.
+//!
+//! Layout (data flows down):
+//!
+//! | module | what it is for |
+//! |---|---|
+//! | [`config`] | parse and validate the TOML file; secrets resolved |
+//! | [`payroc`] | HTTP client for Payroc: identity, sessions, problem documents, retries |
+//! | [`cell`] | the single-flight cell: one shared value, one load at a time, lock-free reads |
+//! | [`tokens`] | per-credential Bearer token cache: refresh-ahead, floor, invalidation |
+//! | [`broker`] | domain logic: terminal -> credential, the 401 refresh-and-retry |
+//! | [`auth`] | caller authentication and allow lists |
+//! | [`service`] | gRPC handlers: validation, proto conversion |
+//! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
+//! | [`server`] | assembly: health, reflection, graceful shutdown |
+//! | [`sim`] | the simulated Payroc, for the sandbox and the tests |
+//! | [`sandbox`] | the broker wired to the simulator, for trying it out |
+//! | [`clock`] | injected time and randomness |
+//! | [`proto`] | generated code, quarantined |
+
+pub mod auth;
+pub mod broker;
+pub mod cell;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod payroc;
+pub mod proto;
+pub mod sandbox;
+pub mod server;
+pub mod service;
+pub mod sim;
+pub mod status;
+pub mod tokens;

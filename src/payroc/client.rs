@@ -1,0 +1,483 @@
+//! The HTTP client: one pooled reqwest client (rustls) for both endpoints.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::{
+    Url,
+    header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{
+    Endpoint, SESSION_LIFETIME, UpstreamError,
+    problem::Problem,
+    retry::{self, RetryPolicy},
+};
+use crate::{
+    clock::{Clock, SharedEntropy},
+    config::PayrocConfig,
+};
+
+/// Bodies larger than this are cut off: Payroc's answers are a few hundred
+/// bytes, and an unbounded read is a memory hazard.
+const MAX_BODY: usize = 64 * 1024;
+
+/// A Bearer token as the identity service issued it.
+pub struct IdentityToken {
+    pub access_token: SecretString,
+    pub token_type: String,
+    /// `expires_in`, counted from `requested_at`.
+    pub expires_in: Duration,
+    /// When the request that obtained the token was sent: expiry is counted
+    /// from here, so network latency can only make the broker more cautious.
+    pub requested_at: Instant,
+    pub scopes: Vec<String>,
+}
+
+/// What a Hosted Fields session is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Payment,
+    Tokenization,
+}
+
+impl Scenario {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Payment => "payment",
+            Scenario::Tokenization => "tokenization",
+        }
+    }
+}
+
+/// A session request, before it is sent.
+#[derive(Debug, Clone)]
+pub struct SessionRequest {
+    pub processing_terminal_id: String,
+    pub scenario: Scenario,
+    pub lib_version: String,
+    pub secure_token_id: Option<String>,
+    pub idempotency_key: Uuid,
+}
+
+/// A session request with its URL and body fixed, so every retry (transport,
+/// 5xx, or after a 401 refresh) resends exactly the same key, URI and body, as
+/// Payroc's idempotency matching requires.
+#[derive(Debug, Clone)]
+pub struct PreparedSession {
+    pub request: SessionRequest,
+    url: Url,
+    body: bytes::Bytes,
+    idempotency_key: HeaderValue,
+}
+
+/// A session token, as Payroc issued it.
+pub struct Session {
+    pub processing_terminal_id: String,
+    pub token: SecretString,
+    pub expires_at: SystemTime,
+}
+
+/// Payroc's API, over one connection pool.
+pub struct PayrocClient {
+    http: reqwest::Client,
+    identity_url: Url,
+    api_url: Url,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+    clock: Clock,
+    entropy: SharedEntropy,
+}
+
+impl PayrocClient {
+    pub fn new(
+        config: &PayrocConfig,
+        clock: Clock,
+        entropy: SharedEntropy,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            // A redirect could carry the API key to another host: never follow.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(30))
+            .user_agent(concat!("payroc-broker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            identity_url: config.identity_url.clone(),
+            api_url: config.api_url.clone(),
+            request_timeout: config.request_timeout,
+            retry: RetryPolicy::new(config.max_attempts),
+            clock,
+            entropy,
+        })
+    }
+
+    /// Fixes the URL and body of a session request.
+    pub fn prepare_session(&self, request: SessionRequest) -> PreparedSession {
+        let mut url = self.api_url.clone();
+        url.path_segments_mut()
+            .expect("api_url is an http(s) URL")
+            .pop_if_empty()
+            // `push` percent-encodes, so an id can never change the path.
+            .extend([
+                "processing-terminals",
+                &request.processing_terminal_id,
+                "hosted-fields-sessions",
+            ]);
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body<'a> {
+            lib_version: &'a str,
+            scenario: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            secure_token_id: Option<&'a str>,
+        }
+        let body = serde_json::to_vec(&Body {
+            lib_version: &request.lib_version,
+            scenario: request.scenario.as_str(),
+            secure_token_id: request.secure_token_id.as_deref(),
+        })
+        .expect("serialising strings cannot fail");
+        let idempotency_key =
+            HeaderValue::from_str(&request.idempotency_key.hyphenated().to_string())
+                .expect("a UUID is a valid header value");
+        PreparedSession {
+            request,
+            url,
+            body: body.into(),
+            idempotency_key,
+        }
+    }
+
+    /// Buys a Bearer token with an API key, retrying transient failures.
+    /// `deadline` bounds the whole exchange when given.
+    pub async fn fetch_bearer(
+        &self,
+        api_key: &SecretString,
+        deadline: Option<Instant>,
+    ) -> Result<IdentityToken, UpstreamError> {
+        retry::run(
+            &self.retry,
+            &self.clock,
+            &*self.entropy,
+            self.request_timeout,
+            deadline,
+            Endpoint::Identity,
+            |_| self.identity_once(api_key),
+        )
+        .await
+    }
+
+    async fn identity_once(&self, api_key: &SecretString) -> Result<IdentityToken, UpstreamError> {
+        const EP: Endpoint = Endpoint::Identity;
+        let requested_at = self.clock.now();
+        let req = self
+            .http
+            .post(self.identity_url.clone())
+            .header("x-api-key", sensitive(api_key.expose_secret())?)
+            .header(reqwest::header::ACCEPT, "application/json");
+        let (status, headers, body) = self.exchange(EP, req, &[api_key.expose_secret()]).await?;
+        #[derive(Deserialize)]
+        struct Answer {
+            access_token: String,
+            expires_in: u64,
+            token_type: String,
+            #[serde(default)]
+            scope: Option<String>,
+        }
+        let _ = (status, headers);
+        let a: Answer = parse_json(EP, &body)?;
+        if a.access_token.is_empty() {
+            return Err(malformed(EP, "access_token is empty"));
+        }
+        if a.expires_in == 0 {
+            return Err(malformed(EP, "expires_in is zero"));
+        }
+        if !a.token_type.eq_ignore_ascii_case("bearer") {
+            return Err(malformed(
+                EP,
+                format!("token_type is `{}`, not Bearer", a.token_type),
+            ));
+        }
+        Ok(IdentityToken {
+            access_token: SecretString::from(a.access_token),
+            token_type: "Bearer".to_owned(),
+            expires_in: Duration::from_secs(a.expires_in),
+            requested_at,
+            scopes: a
+                .scope
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+
+    /// Creates a session token, retrying transient failures with the same
+    /// Idempotency-Key and body. A 401 is returned to the caller (who owns the
+    /// token cache) rather than retried here.
+    pub async fn create_session(
+        &self,
+        bearer: &SecretString,
+        prepared: &PreparedSession,
+        deadline: Option<Instant>,
+    ) -> Result<Session, UpstreamError> {
+        retry::run(
+            &self.retry,
+            &self.clock,
+            &*self.entropy,
+            self.request_timeout,
+            deadline,
+            Endpoint::Sessions,
+            |_| self.session_once(bearer, prepared),
+        )
+        .await
+    }
+
+    async fn session_once(
+        &self,
+        bearer: &SecretString,
+        prepared: &PreparedSession,
+    ) -> Result<Session, UpstreamError> {
+        const EP: Endpoint = Endpoint::Sessions;
+        let auth = format!("Bearer {}", bearer.expose_secret());
+        let req = self
+            .http
+            .post(prepared.url.clone())
+            .header(AUTHORIZATION, sensitive(&auth)?)
+            .header(CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header("idempotency-key", prepared.idempotency_key.clone())
+            .body(prepared.body.clone());
+        let (_, _, body) = self.exchange(EP, req, &[bearer.expose_secret()]).await?;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Answer {
+            processing_terminal_id: Option<String>,
+            token: String,
+            expires_at: Option<String>,
+        }
+        let a: Answer = parse_json(EP, &body)?;
+        if a.token.is_empty() {
+            return Err(malformed(EP, "token is empty"));
+        }
+        let expires_at = match a.expires_at.as_deref() {
+            Some(text) => text
+                .parse::<prost_types::Timestamp>()
+                .ok()
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .ok_or_else(|| {
+                    malformed(
+                        EP,
+                        format!("expiresAt `{text}` is not an ISO 8601 date-time"),
+                    )
+                })?,
+            // Documented as required, optional in every official SDK: fall
+            // back to the documented lifetime, counted from now (cautious).
+            None => self.clock.wall(self.clock.now()) + SESSION_LIFETIME,
+        };
+        Ok(Session {
+            processing_terminal_id: a
+                .processing_terminal_id
+                .unwrap_or_else(|| prepared.request.processing_terminal_id.clone()),
+            token: SecretString::from(a.token),
+            expires_at,
+        })
+    }
+
+    /// Sends one request and reads a bounded body. Non-2xx answers become
+    /// `UpstreamError::Status` with the problem document (redacted of
+    /// `secrets`) and any `Retry-After`.
+    async fn exchange(
+        &self,
+        endpoint: Endpoint,
+        req: reqwest::RequestBuilder,
+        secrets: &[&str],
+    ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), UpstreamError> {
+        let transport = |e: reqwest::Error| UpstreamError::Transport {
+            endpoint,
+            // Without the URL: it is ours, not news to anyone, and keeps
+            // messages short. reqwest errors carry no header values.
+            message: describe(&e.without_url()),
+        };
+        let mut resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let headers = std::mem::take(resp.headers_mut());
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(malformed(
+                    endpoint,
+                    format!("body larger than {MAX_BODY} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if (200..300).contains(&status) {
+            return Ok((status, headers, body));
+        }
+        let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let mut problem = Problem::parse(content_type, &body);
+        if let Some(p) = problem.as_mut() {
+            for s in secrets {
+                p.redact(s);
+            }
+        }
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, self.clock.wall(self.clock.now())));
+        Err(UpstreamError::Status {
+            endpoint,
+            status,
+            problem: problem.map(Box::new),
+            retry_after,
+        })
+    }
+}
+
+/// A header value marked sensitive: HTTP/2 sends it never-indexed and its
+/// `Debug` prints `Sensitive`, so no trace log can show it.
+fn sensitive(value: &str) -> Result<HeaderValue, UpstreamError> {
+    let mut v = HeaderValue::from_str(value).map_err(|_| UpstreamError::Malformed {
+        endpoint: Endpoint::Identity,
+        reason: "a credential contains characters not allowed in an HTTP header".into(),
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date.
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<T, UpstreamError> {
+    // serde_json's messages can quote the offending value; keep only the
+    // category and position so a mistyped credential can never be echoed.
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Io => "unreadable",
+            serde_json::error::Category::Syntax => "not valid JSON",
+            serde_json::error::Category::Data => "JSON of the wrong shape",
+            serde_json::error::Category::Eof => "truncated JSON",
+        };
+        malformed(
+            endpoint,
+            format!("{what} at line {} column {}", e.line(), e.column()),
+        )
+    })
+}
+
+fn malformed(endpoint: Endpoint, reason: impl Into<String>) -> UpstreamError {
+    UpstreamError::Malformed {
+        endpoint,
+        reason: reason.into(),
+    }
+}
+
+/// The error and its causes, joined: reqwest's top-level message alone
+/// ("error sending request") hides the useful part.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn malformed_json_errors_never_quote_values() {
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct T {
+            n: u64,
+        }
+        let e = parse_json::<T>(Endpoint::Identity, br#"{"n": "secret-value-123"}"#).unwrap_err();
+        let msg = e.to_string();
+        assert!(!msg.contains("secret-value-123"), "{msg}");
+        assert!(msg.contains("wrong shape"), "{msg}");
+    }
+
+    #[test]
+    fn session_requests_are_fixed_once() {
+        let cfg = crate::config::Config::parse(
+            "[payroc]\napi_url = \"http://127.0.0.1:1/base/v1/\"\n[[credentials]]\nname = \"a\"\napi_key_env = \"K\"\nterminals = [\"1234\"]",
+            std::path::Path::new("t.toml"),
+            std::path::Path::new("."),
+            &|_| Some("k".into()),
+        )
+        .unwrap();
+        let client = PayrocClient::new(
+            &cfg.payroc,
+            Clock::system(),
+            std::sync::Arc::new(crate::clock::OsEntropy),
+        )
+        .unwrap();
+        let p = client.prepare_session(SessionRequest {
+            processing_terminal_id: "12/34?x".into(),
+            scenario: Scenario::Payment,
+            lib_version: "1.7.0.261457".into(),
+            secure_token_id: None,
+            idempotency_key: Uuid::nil(),
+        });
+        assert_eq!(
+            p.url.as_str(),
+            "http://127.0.0.1:1/base/v1/processing-terminals/12%2F34%3Fx/hosted-fields-sessions"
+        );
+        assert_eq!(
+            &p.body[..],
+            br#"{"libVersion":"1.7.0.261457","scenario":"payment"}"#
+        );
+        let mut with_secure = p.request.clone();
+        with_secure.secure_token_id = Some("MREF_1".into());
+        with_secure.scenario = Scenario::Tokenization;
+        let p = client.prepare_session(with_secure);
+        assert_eq!(
+            &p.body[..],
+            br#"{"libVersion":"1.7.0.261457","scenario":"tokenization","secureTokenId":"MREF_1"}"#
+        );
+    }
+}

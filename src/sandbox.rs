@@ -1,0 +1,95 @@
+//! `payroc-broker sandbox`: the real broker in front of the simulated Payroc,
+//! with demo credentials and terminals, so it runs on a fresh machine with no
+//! Payroc account. The configuration goes through the same parser and
+//! validation as a real file.
+
+use std::{net::SocketAddr, path::Path};
+
+use crate::{
+    clock::{Clock, SharedEntropy},
+    config::Config,
+    sim::{SimAccount, SimConfig, SimPayroc},
+};
+
+/// Demo credentials: (name, terminals).
+pub const DEMO_CREDENTIALS: &[(&str, &[&str])] =
+    &[("demo", &["1234001", "1234002"]), ("demo-eu", &["5678001"])];
+
+/// A running simulator and a broker configuration pointing at it.
+pub struct Sandbox {
+    pub sim: SimPayroc,
+    pub config: Config,
+}
+
+impl Sandbox {
+    /// Starts the simulator on a loopback port and builds the broker's
+    /// configuration for `listen`.
+    pub async fn start(
+        listen: SocketAddr,
+        clock: Clock,
+        entropy: SharedEntropy,
+    ) -> Result<Sandbox, String> {
+        // Fresh random API keys each run: nothing to leak, nothing to reuse.
+        let keys: Vec<String> = DEMO_CREDENTIALS
+            .iter()
+            .map(|_| format!("sandbox-key-{}", entropy.uuid_v4().simple()))
+            .collect();
+        let accounts = DEMO_CREDENTIALS
+            .iter()
+            .zip(&keys)
+            .map(|((_, terminals), key)| SimAccount {
+                api_key: key.clone(),
+                terminals: terminals.iter().map(|t| t.to_string()).collect(),
+            })
+            .collect();
+        let sim = SimPayroc::start(SimConfig::new(clock, entropy, accounts))
+            .await
+            .map_err(|e| format!("cannot start the simulated Payroc: {e}"))?;
+
+        let mut text = format!(
+            "[server]\nlisten = \"{listen}\"\nshutdown_grace = \"5s\"\n\
+             [payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n",
+            sim.identity_url(),
+            sim.api_url()
+        );
+        for (i, (name, terminals)) in DEMO_CREDENTIALS.iter().enumerate() {
+            text.push_str(&format!(
+                "[[credentials]]\nname = \"{name}\"\napi_key_env = \"SANDBOX_KEY_{i}\"\nterminals = {terminals:?}\n"
+            ));
+        }
+        let env = |var: &str| {
+            var.strip_prefix("SANDBOX_KEY_")
+                .and_then(|i| i.parse::<usize>().ok())
+                .and_then(|i| keys.get(i).cloned())
+        };
+        let config = Config::parse(&text, Path::new("<sandbox>"), Path::new("."), &env)
+            .map_err(|e| e.to_string())?;
+        Ok(Sandbox { sim, config })
+    }
+
+    /// How to call the sandbox at `addr`, printed at start-up.
+    pub fn instructions(&self, addr: SocketAddr) -> String {
+        let mut terminals = String::new();
+        for (name, ts) in DEMO_CREDENTIALS {
+            terminals.push_str(&format!(
+                "  credential {name:<8} terminals {}\n",
+                ts.join(", ")
+            ));
+        }
+        format!(
+            "payroc-broker sandbox: gRPC on {addr}, simulated Payroc on {sim}\n\
+             {terminals}\n\
+             Call it with grpcurl (server reflection is on):\n  \
+             grpcurl -plaintext -d '{{\"processing_terminal_id\": \"1234001\"}}' {addr} payroc.broker.v1.TokenBroker/GetBearerToken\n  \
+             grpcurl -plaintext -d '{{\"processing_terminal_id\": \"1234001\", \"scenario\": \"SCENARIO_PAYMENT\"}}' {addr} payroc.broker.v1.TokenBroker/CreateSession\n  \
+             grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n\
+             \n\
+             Or from Python (stubs are generated from proto/ on the fly):\n  \
+             python3 -m pip install grpcio grpcio-tools\n  \
+             python3 examples/python/client.py --target {addr} --terminal 1234001\n\
+             \n\
+             Ctrl-C stops it.",
+            sim = self.sim.api_url(),
+        )
+    }
+}

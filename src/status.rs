@@ -1,0 +1,148 @@
+//! The one place where broker errors become gRPC statuses.
+//!
+//! Codes follow the contract's table; details use the standard
+//! `google.rpc` messages (`BadRequest`, `ErrorInfo`, `RetryInfo`) so clients in
+//! any language can read them with their stock helpers. No message or detail
+//! ever carries a secret: upstream problem documents were redacted by the
+//! Payroc client, and nothing else here sees a credential.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    error::BrokerError,
+    payroc::{Endpoint, UpstreamError},
+};
+
+/// `google.rpc.ErrorInfo.domain` of errors that came from Payroc.
+pub const PAYROC_DOMAIN: &str = "payroc.com";
+
+/// Upstream free text is capped so details stay well inside HTTP/2 header
+/// limits.
+const MAX_TEXT: usize = 512;
+const MAX_VIOLATIONS: usize = 32;
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        match e {
+            BrokerError::Unauthenticated(why) => Status::unauthenticated(why),
+            BrokerError::PermissionDenied { caller, reason } => {
+                Status::permission_denied(format!("caller `{caller}` {reason}"))
+            }
+            BrokerError::InvalidArgument(violations) => {
+                let mut details = ErrorDetails::new();
+                let mut msg = String::from("invalid request:");
+                for v in &violations {
+                    msg.push_str(&format!(" {}: {};", v.field, v.description));
+                    details.add_bad_request_violation(&v.field, &v.description);
+                }
+                msg.pop();
+                Status::with_error_details(Code::InvalidArgument, msg, details)
+            }
+            BrokerError::UnknownTerminal(t) => Status::not_found(format!(
+                "processing terminal `{t}` is not served by any configured credential"
+            )),
+            BrokerError::OutOfRange {
+                requested,
+                lifetime,
+            } => Status::out_of_range(format!(
+                "min_validity {} is longer than a fresh Bearer token lives ({})",
+                humantime::format_duration(requested),
+                humantime::format_duration(lifetime)
+            )),
+            BrokerError::Upstream(u) => upstream(u, false),
+            BrokerError::SessionUnauthorizedAfterRefresh(u) => upstream(u, true),
+            BrokerError::DeadlineExceeded => {
+                Status::deadline_exceeded("the deadline ran out before Payroc answered")
+            }
+            BrokerError::Internal(msg) => Status::internal(msg),
+        }
+    }
+}
+
+fn upstream(e: UpstreamError, after_refresh: bool) -> Status {
+    let message = if after_refresh {
+        format!("{e}, even with a freshly fetched Bearer token")
+    } else {
+        e.to_string()
+    };
+    let message = truncate(&message);
+    let UpstreamError::Status {
+        endpoint,
+        status,
+        problem,
+        retry_after,
+    } = e
+    else {
+        let code = match e {
+            UpstreamError::Timeout { .. } | UpstreamError::Transport { .. } => Code::Unavailable,
+            UpstreamError::DeadlineExceeded => Code::DeadlineExceeded,
+            UpstreamError::Malformed { .. } | UpstreamError::Status { .. } => Code::Internal,
+        };
+        return Status::new(code, message);
+    };
+
+    let code = match (status, endpoint) {
+        (400 | 413, _) => Code::InvalidArgument,
+        (401 | 403, Endpoint::Identity) => Code::FailedPrecondition,
+        (401, Endpoint::Sessions) => Code::FailedPrecondition,
+        (403, Endpoint::Sessions) => Code::PermissionDenied,
+        (404, _) => Code::NotFound,
+        (409, _) => Code::AlreadyExists,
+        (429, _) => Code::ResourceExhausted,
+        (408, _) | (500..=599, _) => Code::Unavailable,
+        _ => Code::Internal, // 406, 415, and anything undocumented
+    };
+
+    let mut details = ErrorDetails::new();
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("status".to_owned(), status.to_string());
+    metadata.insert(
+        "endpoint".to_owned(),
+        match endpoint {
+            Endpoint::Identity => "identity",
+            Endpoint::Sessions => "sessions",
+        }
+        .to_owned(),
+    );
+    let reason = match &problem {
+        Some(p) => {
+            if let Some(t) = &p.title {
+                metadata.insert("title".to_owned(), truncate(t));
+            }
+            if let Some(d) = &p.detail {
+                metadata.insert("detail".to_owned(), truncate(d));
+            }
+            for f in p.errors.iter().take(MAX_VIOLATIONS) {
+                let description = f
+                    .message
+                    .as_ref()
+                    .or(f.detail.as_ref())
+                    .map(|s| truncate(s))
+                    .unwrap_or_default();
+                details.add_bad_request_violation(
+                    truncate(f.parameter.as_deref().unwrap_or("")),
+                    description,
+                );
+            }
+            p.reason()
+        }
+        None => "UPSTREAM_ERROR".to_owned(),
+    };
+    details.set_error_info(reason, PAYROC_DOMAIN, metadata);
+    if let Some(wait) = retry_after {
+        details.set_retry_info(Some(wait));
+    }
+    Status::with_error_details(code, message, details)
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() <= MAX_TEXT {
+        return s.to_owned();
+    }
+    let mut end = MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
