@@ -78,7 +78,10 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
 
-    let local = listener.local_addr().ok();
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -94,7 +97,7 @@ pub async fn serve(
             let _ = stop_rx.await;
         },
     ));
-    tracing::info!(addr = ?local, credentials = config.credentials.len(), callers = config.callers.len(), "payroc-broker serving");
+    tracing::info!(addr = %local, credentials = config.credentials.len(), callers = config.callers.len(), "payroc-broker serving");
 
     tokio::select! {
         finished = &mut server => {

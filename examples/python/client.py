@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""A small Python client for payroc-broker's TokenBroker gRPC API.
+
+It builds the Python stubs from proto/ at start-up, so nothing generated is
+checked in. It asks for a Bearer token and a Hosted Fields session token for one
+processing terminal and prints them, masking the secrets.
+
+    python3 -m pip install grpcio grpcio-tools grpcio-status
+    payroc-broker sandbox --listen 127.0.0.1:50051 &
+    python3 examples/python/client.py --target 127.0.0.1:50051 --terminal 1234001
+
+With --check it also checks the broker's behaviour against the sandbox
+(`payroc-broker sandbox`) and exits non-zero on the first thing that is wrong.
+"""
+
+import argparse
+import datetime
+import importlib
+import importlib.resources
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_tools import protoc
+
+PROTO_ROOT = Path(__file__).resolve().parent.parent.parent / "proto"
+PROTO_FILE = "payroc/broker/v1/token_broker.proto"
+TIMEOUT = 5  # seconds: the gRPC deadline of every call
+
+# The sandbox's demo terminals and the credential that serves each.
+SANDBOX_CREDENTIALS = {"1234001": "demo", "1234002": "demo", "5678001": "demo-eu"}
+
+
+def load_stubs():
+    """Generates token_broker_pb2(_grpc) from proto/ into a temporary directory
+    and imports them. Returns (messages module, stubs module)."""
+    # google/protobuf/*.proto (Duration, Timestamp) ship inside grpc_tools.
+    well_known = importlib.resources.files("grpc_tools") / "_proto"
+    with tempfile.TemporaryDirectory(prefix="payroc-broker-stubs-") as out:
+        status = protoc.main([
+            "grpc_tools.protoc",
+            f"--proto_path={PROTO_ROOT}",
+            f"--proto_path={well_known}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            PROTO_FILE,
+        ])
+        if status != 0:
+            sys.exit(f"error: protoc could not compile {PROTO_ROOT / PROTO_FILE}")
+        sys.path.insert(0, out)
+        try:
+            pb2 = importlib.import_module("payroc.broker.v1.token_broker_pb2")
+            pb2_grpc = importlib.import_module("payroc.broker.v1.token_broker_pb2_grpc")
+        finally:
+            sys.path.remove(out)
+    return pb2, pb2_grpc
+
+
+def mask(secret):
+    """Never print a whole token: its first 4 characters are enough to tell two apart."""
+    return secret[:4] + "…" if secret else "(empty)"
+
+
+def when(timestamp):
+    return timestamp.ToDatetime(tzinfo=datetime.timezone.utc)
+
+
+def describe_error(err):
+    """The status code, message and google.rpc details of a failed call."""
+    lines = [f"{err.code().name}: {err.details()}"]
+    status = rich_status(err)
+    for any_detail in status.details if status else []:
+        for name, violation in bad_request_violations(any_detail):
+            lines.append(f"  field {name}: {violation}")
+        info = unpack(any_detail, "ErrorInfo")
+        if info is not None:
+            lines.append(f"  error info: {info.domain} {info.reason} {dict(info.metadata)}")
+        retry = unpack(any_detail, "RetryInfo")
+        if retry is not None:
+            lines.append(f"  retry after {retry.retry_delay.ToTimedelta()}")
+    return "\n".join(lines)
+
+
+def rich_status(err):
+    """The google.rpc.Status carried in the `grpc-status-details-bin` trailer, or None."""
+    from grpc_status import rpc_status
+
+    try:
+        return rpc_status.from_call(err)
+    except ValueError:  # the trailer disagrees with the call's own code or message
+        return None
+
+
+def unpack(any_detail, type_name):
+    from google.rpc import error_details_pb2
+
+    message_type = getattr(error_details_pb2, type_name)
+    if not any_detail.Is(message_type.DESCRIPTOR):
+        return None
+    message = message_type()
+    any_detail.Unpack(message)
+    return message
+
+
+def bad_request_violations(any_detail):
+    bad_request = unpack(any_detail, "BadRequest")
+    if bad_request is None:
+        return []
+    return [(v.field, v.description) for v in bad_request.field_violations]
+
+
+def call_options(caller_token):
+    metadata = [("authorization", f"Bearer {caller_token}")] if caller_token else None
+    return {"timeout": TIMEOUT, "metadata": metadata}
+
+
+def demo(pb2, stub, terminal, opts):
+    """What a service using the broker does: one Bearer token, one session token."""
+    token = stub.GetBearerToken(
+        pb2.GetBearerTokenRequest(processing_terminal_id=terminal), **opts
+    )
+    print(f"GetBearerToken({terminal})")
+    print(f"  token_type   {token.token_type}")
+    print(f"  access_token {mask(token.access_token)}")
+    print(f"  credential   {token.credential}")
+    print(f"  expires_at   {when(token.expires_at).isoformat()}")
+    print(f"  scopes       {' '.join(token.scopes)}")
+
+    session = stub.CreateSession(
+        pb2.CreateSessionRequest(
+            processing_terminal_id=terminal, scenario=pb2.SCENARIO_PAYMENT
+        ),
+        **opts,
+    )
+    print(f"CreateSession({terminal}, SCENARIO_PAYMENT)")
+    print(f"  session_token   {mask(session.session_token)}")
+    print(f"  idempotency_key {session.idempotency_key}")
+    print(f"  lib_version     {session.lib_version}")
+    print(f"  expires_at      {when(session.expires_at).isoformat()}")
+    return token, session
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def expect(condition, what):
+    if not condition:
+        raise CheckFailed(what)
+    print(f"ok: {what}")
+
+
+def expect_error(call, code, field=None):
+    """Runs `call`, which must fail with `code`; with `field`, the error must
+    carry a google.rpc.BadRequest violation naming that request field."""
+    try:
+        call()
+    except grpc.RpcError as err:
+        if err.code() != code:
+            raise CheckFailed(f"expected {code.name}, got {describe_error(err)}")
+        if field is not None:
+            status = rich_status(err)
+            fields = [
+                name
+                for detail in (status.details if status else [])
+                for name, _ in bad_request_violations(detail)
+            ]
+            if field not in fields:
+                raise CheckFailed(
+                    f"{code.name} without a BadRequest violation naming {field!r} "
+                    f"(violations: {fields}; {describe_error(err)})"
+                )
+        return
+    raise CheckFailed(f"expected {code.name}, but the call succeeded")
+
+
+def check(pb2, stub, terminal, opts, token, session):
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    expect(token.token_type == "Bearer", 'token_type is "Bearer"')
+    expect(token.access_token != "", "access_token is not empty")
+    expect(when(token.expires_at) > now, "the Bearer token expires in the future")
+    if terminal in SANDBOX_CREDENTIALS:
+        name = SANDBOX_CREDENTIALS[terminal]
+        expect(token.credential == name, f'terminal {terminal} is served by credential "{name}"')
+
+    expect(session.processing_terminal_id == terminal, "the session names the terminal")
+    expect(session.session_token != "", "session_token is not empty")
+    expect(when(session.expires_at) > now, "the session token expires in the future")
+    expect(session.lib_version != "", "the session reports its lib_version")
+    try:
+        key = uuid.UUID(session.idempotency_key)
+    except ValueError:
+        key = None
+    expect(
+        key is not None and key.version == 4 and str(key) == session.idempotency_key.lower(),
+        f"the generated idempotency_key {session.idempotency_key!r} is a UUID v4",
+    )
+
+    replay = stub.CreateSession(
+        pb2.CreateSessionRequest(
+            processing_terminal_id=terminal,
+            scenario=pb2.SCENARIO_PAYMENT,
+            idempotency_key=session.idempotency_key,
+        ),
+        **opts,
+    )
+    expect(
+        replay.session_token == session.session_token
+        and replay.idempotency_key == session.idempotency_key,
+        "CreateSession with the same idempotency_key replays the same session token",
+    )
+
+    for rpc, request in [
+        ("GetBearerToken", lambda t: pb2.GetBearerTokenRequest(processing_terminal_id=t)),
+        ("CreateSession", lambda t: pb2.CreateSessionRequest(
+            processing_terminal_id=t, scenario=pb2.SCENARIO_PAYMENT)),
+    ]:
+        method = getattr(stub, rpc)
+        expect_error(
+            lambda: method(request("12"), **opts),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            field="processing_terminal_id",
+        )
+        print(f"ok: {rpc}(\"12\") is INVALID_ARGUMENT, BadRequest names processing_terminal_id")
+        expect_error(lambda: method(request("9999999"), **opts), grpc.StatusCode.NOT_FOUND)
+        print(f"ok: {rpc}(\"9999999\") is NOT_FOUND")
+
+    expect_error(
+        lambda: stub.CreateSession(
+            pb2.CreateSessionRequest(
+                processing_terminal_id=terminal,
+                scenario=pb2.SCENARIO_PAYMENT,
+                idempotency_key="not-a-uuid",
+            ),
+            **opts,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field="idempotency_key",
+    )
+    print("ok: a malformed idempotency_key is INVALID_ARGUMENT, BadRequest names idempotency_key")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="127.0.0.1:50051", help="broker address (host:port)")
+    parser.add_argument("--terminal", default="1234001", help="processing terminal id")
+    parser.add_argument(
+        "--caller-token",
+        help="sent as `authorization: Bearer <token>` (needed when the broker has [[callers]])",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="also check the broker's behaviour (against the sandbox)"
+    )
+    args = parser.parse_args()
+
+    pb2, pb2_grpc = load_stubs()
+    opts = call_options(args.caller_token)
+    # Plaintext, as the sandbox serves; use grpc.secure_channel in production.
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb2_grpc.TokenBrokerStub(channel)
+        try:
+            token, session = demo(pb2, stub, args.terminal, opts)
+            if args.check:
+                check(pb2, stub, args.terminal, opts, token, session)
+                print(f"check passed against {args.target}")
+        except grpc.RpcError as err:
+            sys.exit(f"{'check FAILED' if args.check else 'error'}: {describe_error(err)}")
+        except CheckFailed as failed:
+            sys.exit(f"check FAILED against {args.target}: {failed}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+//! Test harness: a real broker on an ephemeral loopback port, in front of the
+//! simulated Payroc on another, called through generated tonic stubs.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use payroc_broker::{
+    clock::{Clock, OsEntropy, SharedEntropy},
+    config::Config,
+    proto::{
+        CreateSessionRequest, GetBearerTokenRequest, Scenario,
+        token_broker_client::TokenBrokerClient,
+    },
+    server::{self, ServeError},
+    sim::{SimAccount, SimConfig, SimPayroc},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::{ErrorDetails, StatusExt};
+
+pub const KEY_ACME: &str = "acme-api-key-0f3b9c2e71";
+pub const KEY_GLOBEX: &str = "globex-api-key-8d1e4a55c0";
+pub const CALLER_WEB: &str = "caller-web-token-4c1d2e9a";
+pub const CALLER_OPS: &str = "caller-ops-token-77b0e1f3";
+
+/// What a test changes about the standard setup.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Extra lines in `[payroc]`.
+    pub payroc: &'static str,
+    /// `[[callers]]` tables (empty: open mode).
+    pub callers: &'static str,
+}
+
+/// Standard setup:
+/// - Payroc account A (KEY_ACME) covers 1234001, 1234002.
+/// - Payroc account B (KEY_GLOBEX) covers 5678001, 5678002.
+/// - Broker credential `acme` (KEY_ACME): 1234001, 1234002, plus 5678002
+///   (Payroc answers 403: B's terminal) and 4444001 (Payroc answers 404).
+/// - Broker credential `globex` (KEY_GLOBEX): 5678001.
+/// - Broker credential `revoked` (a key Payroc does not know): 7777001.
+pub struct Harness {
+    pub sim: SimPayroc,
+    pub addr: SocketAddr,
+    pub client: TokenBrokerClient<Channel>,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with(opts: Options) -> Harness {
+        let clock = Clock::system();
+        let entropy: SharedEntropy = Arc::new(OsEntropy);
+        let sim = SimPayroc::start(SimConfig::new(
+            clock.clone(),
+            Arc::clone(&entropy),
+            vec![
+                SimAccount::new(KEY_ACME, &["1234001", "1234002"]),
+                SimAccount::new(KEY_GLOBEX, &["5678001", "5678002"]),
+            ],
+        ))
+        .await
+        .expect("simulator starts");
+        let text = format!(
+            r#"
+            [server]
+            shutdown_grace = "5s"
+            [payroc]
+            identity_url = "{identity}"
+            api_url = "{api}"
+            request_timeout = "2s"
+            {extra}
+            [[credentials]]
+            name = "acme"
+            api_key_env = "KEY_ACME"
+            terminals = ["1234001", "1234002", "5678002", "4444001"]
+            [[credentials]]
+            name = "globex"
+            api_key_env = "KEY_GLOBEX"
+            terminals = ["5678001"]
+            [[credentials]]
+            name = "revoked"
+            api_key_env = "KEY_REVOKED"
+            terminals = ["7777001"]
+            {callers}
+            "#,
+            identity = sim.identity_url(),
+            api = sim.api_url(),
+            extra = opts.payroc,
+            callers = opts.callers,
+        );
+        let env = |name: &str| {
+            Some(
+                match name {
+                    "KEY_ACME" => KEY_ACME,
+                    "KEY_GLOBEX" => KEY_GLOBEX,
+                    "KEY_REVOKED" => "revoked-api-key-000000",
+                    "CALLER_WEB" => CALLER_WEB,
+                    "CALLER_OPS" => CALLER_OPS,
+                    _ => return None,
+                }
+                .to_owned(),
+            )
+        };
+        let config = Config::parse(&text, Path::new("test.toml"), Path::new("."), &env)
+            .unwrap_or_else(|e| panic!("test config is valid:\n{e}"));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            server::serve(listener, &config, clock, entropy, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("broker accepts connections");
+        Harness {
+            sim,
+            addr,
+            client: TokenBrokerClient::new(channel.clone()),
+            channel,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Begins graceful shutdown, as SIGTERM would.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits for the server to finish.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        self.begin_shutdown();
+        let server = self.server.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("server stops within the grace period")
+            .unwrap()
+    }
+
+    pub async fn bearer(
+        &self,
+        terminal: &str,
+    ) -> Result<payroc_broker::proto::GetBearerTokenResponse, Status> {
+        self.client
+            .clone()
+            .get_bearer_token(GetBearerTokenRequest {
+                processing_terminal_id: terminal.into(),
+                min_validity: None,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn session(
+        &self,
+        req: CreateSessionRequest,
+    ) -> Result<payroc_broker::proto::CreateSessionResponse, Status> {
+        self.client
+            .clone()
+            .create_session(req)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+    }
+}
+
+/// A CreateSession request for a terminal with the payment scenario.
+pub fn payment(terminal: &str) -> CreateSessionRequest {
+    CreateSessionRequest {
+        processing_terminal_id: terminal.into(),
+        scenario: Scenario::Payment as i32,
+        ..Default::default()
+    }
+}
+
+/// Asserts the status code and returns the rich details.
+#[track_caller]
+pub fn expect_code(status: Status, code: Code) -> (Status, ErrorDetails) {
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    let details = status.get_error_details();
+    (status, details)
+}
+
+/// The fields named by a BadRequest detail.
+pub fn violated_fields(details: &ErrorDetails) -> Vec<String> {
+    details
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
