@@ -2,7 +2,7 @@
 //! parses arguments, sets up logging and maps failures to exit codes
 //! (2: configuration or usage, 1: runtime).
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand};
 use payroc_broker::{
@@ -126,7 +126,9 @@ fn run(prepare: impl Future<Output = Result<(Config, Option<Sandbox>), String>>)
         };
         if let Some(sandbox) = &sandbox {
             let addr = listener.local_addr().unwrap_or(config.server.listen);
-            println!("{}", sandbox.instructions(addr));
+            // Not println!: it panics if stdout is already closed.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", sandbox.instructions(addr)).and_then(|()| out.flush());
         }
         let entropy: SharedEntropy = Arc::new(OsEntropy);
         match server::serve(
@@ -163,5 +165,8 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Its default reports a failed write with eprintln!, which panics when
+        // stderr is a closed pipe: a dead log collector must not fail RPCs.
+        .log_internal_errors(false)
         .init();
 }

@@ -85,8 +85,10 @@ def describe_error(err):
 
 def rich_status(err):
     """The google.rpc.Status carried in the `grpc-status-details-bin` trailer, or None."""
-    from grpc_status import rpc_status
-
+    try:
+        from grpc_status import rpc_status  # pip install grpcio-status
+    except ImportError:
+        return None
     try:
         return rpc_status.from_call(err)
     except ValueError:  # the trailer disagrees with the call's own code or message
@@ -255,6 +257,11 @@ def main():
         "--check", action="store_true", help="also check the broker's behaviour (against the sandbox)"
     )
     args = parser.parse_args()
+    if args.check:
+        try:
+            import grpc_status  # noqa: F401  (decodes the google.rpc error details)
+        except ImportError:
+            sys.exit("error: --check needs grpcio-status: python3 -m pip install grpcio-status")
 
     pb2, pb2_grpc = load_stubs()
     opts = call_options(args.caller_token)

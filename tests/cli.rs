@@ -1,0 +1,263 @@
+//! The binary as an operator runs it: exit codes, configuration errors on
+//! stderr, and graceful shutdown on real signals.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use payroc_broker::{
+    clock::{Clock, OsEntropy},
+    proto::{GetBearerTokenRequest, token_broker_client::TokenBrokerClient},
+    sim::{SimAccount, SimConfig, SimPayroc},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_payroc-broker");
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("payroc-broker-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn broker() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("PAYROC_BROKER_CONFIG").env("RUST_LOG", "info");
+    c
+}
+
+const MINIMAL: &str = r#"
+[payroc]
+identity_url = "http://127.0.0.1:9/authorize"
+api_url = "http://127.0.0.1:9/v1"
+[[credentials]]
+name = "acme"
+api_key_env = "PAYROC_API_KEY_ACME"
+terminals = ["1234001", "1234002"]
+"#;
+
+#[test]
+fn check_config_names_the_file_the_key_and_the_reason() {
+    let path = temp_config("missing-env.toml", MINIMAL);
+    let out = broker()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env_remove("PAYROC_API_KEY_ACME")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(
+            "credentials[0].api_key_env: the environment variable `PAYROC_API_KEY_ACME` is not set"
+        ),
+        "{stderr}"
+    );
+
+    let out = broker()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("PAYROC_API_KEY_ACME", "secret-from-env-123")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("OK (1 credentials, 2 terminals, 0 callers)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("secret-from-env-123"));
+}
+
+#[test]
+fn the_config_path_can_come_from_the_environment() {
+    let path = temp_config(
+        "from-env.toml",
+        &MINIMAL.replace("[payroc]", "[payroc]\nbogus = 1"),
+    );
+    let out = broker()
+        .arg("check-config")
+        .env("PAYROC_BROKER_CONFIG", &path)
+        .env("PAYROC_API_KEY_ACME", "k-123456")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("payroc.bogus: unknown field `bogus`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unreadable_config_is_exit_2() {
+    let out = broker()
+        .args(["check-config", "--config", "/nonexistent/broker.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/broker.toml: cannot read"));
+}
+
+#[test]
+fn serve_refuses_to_run_open_without_the_flag() {
+    let path = temp_config("open.toml", MINIMAL);
+    let out = broker()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("PAYROC_API_KEY_ACME", "k-123456")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-unauthenticated"));
+}
+
+/// Kills the child if a test fails half-way.
+struct Running(Child);
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Waits for the child to exit (bounded) and returns its code.
+async fn exit_code(mut child: Running) -> Option<i32> {
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..200 {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the broker did not exit within 10 s of the signal");
+    })
+    .await
+    .unwrap()
+}
+
+/// Reads lines from a child's pipe until one contains `needle`, then closes
+/// the pipe: the broker must carry on when its log reader goes away.
+async fn line_with(pipe: impl std::io::Read + Send + 'static, needle: &'static str) -> String {
+    tokio::task::spawn_blocking(move || {
+        for line in BufReader::new(pipe).lines() {
+            match line {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("the broker never printed `{needle}`")
+    })
+    .await
+    .unwrap()
+}
+
+async fn call(addr: SocketAddr) -> String {
+    let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    c.get_bearer_token(GetBearerTokenRequest {
+        processing_terminal_id: "1234001".into(),
+        min_validity: None,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .credential
+}
+
+#[tokio::test]
+async fn sandbox_serves_and_stops_cleanly_on_sigterm() {
+    let mut child = broker()
+        .args(["sandbox", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = Running(child);
+    let first = line_with(stdout, "gRPC on").await;
+    let addr: SocketAddr = first
+        .split("gRPC on ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(call(addr).await, "demo");
+    signal(&child.0, "-TERM");
+    assert_eq!(exit_code(child).await, Some(0));
+}
+
+#[tokio::test]
+async fn serve_runs_a_real_config_and_stops_cleanly_on_sigint() {
+    let sim = SimPayroc::start(SimConfig::new(
+        Clock::system(),
+        Arc::new(OsEntropy),
+        vec![SimAccount::new("cli-test-key-123456", &["1234001"])],
+    ))
+    .await
+    .unwrap();
+    let text = format!(
+        "[payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n[[credentials]]\nname = \"acme\"\n\
+         api_key_file = \"acme.key\"\nterminals = [\"1234001\"]\n",
+        sim.identity_url(),
+        sim.api_url()
+    );
+    let path = temp_config("serve.toml", &text);
+    std::fs::write(path.with_file_name("acme.key"), "cli-test-key-123456\n").unwrap();
+    let mut child = broker()
+        .args([
+            "serve",
+            "--allow-unauthenticated",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = Running(child);
+    let line = line_with(stderr, "payroc-broker serving").await;
+    let addr: SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(call(addr).await, "acme");
+    assert_eq!(sim.stats().identity_requests, 1);
+    signal(&child.0, "-INT");
+    assert_eq!(exit_code(child).await, Some(0));
+}

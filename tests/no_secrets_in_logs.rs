@@ -1,0 +1,147 @@
+//! Captures every log line, at TRACE for every crate (h2, hyper, reqwest,
+//! tonic included), through full flows, and asserts no API key, Bearer token,
+//! session token or caller token appears.
+
+mod common;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use common::*;
+use payroc_broker::{
+    proto::GetBearerTokenRequest,
+    sim::{Fault, SimEndpoint},
+};
+use tonic::Request;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const CALLERS: &str = r#"
+    [[callers]]
+    name = "web"
+    token_env = "CALLER_WEB"
+    terminals = ["*"]
+    rpcs = ["*"]
+"#;
+
+fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn no_secret_reaches_a_log_line() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+
+    let h = Harness::with(Options {
+        callers: CALLERS,
+        ..Options::default()
+    })
+    .await;
+    let mut c = h.client.clone();
+    let mut secrets: Vec<String> = vec![
+        KEY_ACME.into(),
+        KEY_GLOBEX.into(),
+        "revoked-api-key-000000".into(),
+        CALLER_WEB.into(),
+        CALLER_OPS.into(),
+    ];
+
+    let bearer = |t: &str| GetBearerTokenRequest {
+        processing_terminal_id: t.into(),
+        min_validity: None,
+    };
+    let first = c
+        .get_bearer_token(authed(bearer("1234001"), CALLER_WEB))
+        .await
+        .unwrap()
+        .into_inner();
+    secrets.push(first.access_token);
+    let s = c
+        .create_session(authed(payment("1234001"), CALLER_WEB))
+        .await
+        .unwrap()
+        .into_inner();
+    secrets.push(s.session_token);
+
+    // A revoked token: 401, refresh, retry.
+    h.sim.revoke_tokens();
+    let s = c
+        .create_session(authed(payment("1234002"), CALLER_WEB))
+        .await
+        .unwrap()
+        .into_inner();
+    secrets.push(s.session_token);
+    let second = c
+        .get_bearer_token(authed(bearer("1234001"), CALLER_WEB))
+        .await
+        .unwrap()
+        .into_inner();
+    secrets.push(second.access_token);
+
+    // Failures: a rejected API key, upstream problems, a bad caller token.
+    c.get_bearer_token(authed(bearer("7777001"), CALLER_WEB))
+        .await
+        .unwrap_err();
+    h.sim
+        .faults()
+        .push(SimEndpoint::Sessions, Fault::status(400), 1);
+    c.create_session(authed(payment("1234001"), CALLER_WEB))
+        .await
+        .unwrap_err();
+    h.sim
+        .faults()
+        .push(SimEndpoint::Sessions, Fault::malformed(), 1);
+    c.create_session(authed(payment("1234001"), CALLER_WEB))
+        .await
+        .unwrap_err();
+    c.get_bearer_token(authed(bearer("1234001"), "not-a-caller-token-xyz"))
+        .await
+        .unwrap_err();
+    secrets.push("not-a-caller-token-xyz".into());
+    let g = c
+        .get_bearer_token(authed(bearer("5678001"), CALLER_WEB))
+        .await
+        .unwrap()
+        .into_inner();
+    secrets.push(g.access_token);
+
+    h.shutdown().await.unwrap();
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    // The capture really saw the flows, down to the HTTP/2 frames.
+    assert!(
+        logs.contains("created a Hosted Fields session"),
+        "capture is working"
+    );
+    assert!(logs.contains("fetched a Bearer token"));
+    assert!(logs.contains("h2::"), "transport traces were captured too");
+    assert!(logs.lines().count() > 200, "{} lines", logs.lines().count());
+    for secret in &secrets {
+        assert!(!secret.is_empty());
+        if let Some(line) = logs.lines().find(|l| l.contains(secret.as_str())) {
+            panic!("a secret reached the logs: {line}");
+        }
+    }
+}
