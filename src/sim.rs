@@ -662,6 +662,8 @@ fn validate(terminal: &str, body: &[u8]) -> Result<(), Problem> {
 }
 
 /// `^\d{1,2}\.\d{1,2}\.\d{1,2}(-beta)?\.\d+$`, by hand (no regex dependency).
+/// Written independently of the broker's `payroc::is_valid_lib_version` on
+/// purpose: a fake that shared the code under test could not catch its bugs.
 fn lib_version_ok(version: &str) -> bool {
     let digits =
         |s: &str, max: usize| (1..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
