@@ -146,3 +146,158 @@ fn truncate(s: &str) -> String {
     }
     format!("{}…", &s[..end])
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        error::FieldViolation,
+        payroc::{Problem, ProblemField},
+    };
+
+    fn upstream_status(endpoint: Endpoint, status: u16, problem: Option<Problem>) -> Status {
+        BrokerError::Upstream(UpstreamError::Status {
+            endpoint,
+            status,
+            problem: problem.map(Box::new),
+            retry_after: None,
+        })
+        .into()
+    }
+
+    #[test]
+    fn payroc_errors_become_bad_request_violations_with_payrocs_names() {
+        let problem = Problem {
+            type_uri: Some("https://docs.payroc.com/api/errors#bad-request".into()),
+            title: Some("Bad request".into()),
+            status: Some(400),
+            detail: Some("One or more validation errors occurred".into()),
+            errors: vec![
+                ProblemField {
+                    parameter: Some("libVersion".into()),
+                    message: Some("Invalid format".into()),
+                    ..ProblemField::default()
+                },
+                ProblemField {
+                    parameter: None,
+                    detail: Some("body must be an object".into()),
+                    ..ProblemField::default()
+                },
+            ],
+            ..Problem::default()
+        };
+        let s = upstream_status(Endpoint::Sessions, 400, Some(problem));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let d = s.get_error_details();
+        let v = &d.bad_request().unwrap().field_violations;
+        assert_eq!(
+            (v[0].field.as_str(), v[0].description.as_str()),
+            ("libVersion", "Invalid format")
+        );
+        assert_eq!(
+            (v[1].field.as_str(), v[1].description.as_str()),
+            ("", "body must be an object")
+        );
+        let info = d.error_info().unwrap();
+        assert_eq!(info.reason, "BAD_REQUEST");
+        assert_eq!(info.domain, PAYROC_DOMAIN);
+        assert_eq!(info.metadata["status"], "400");
+        assert_eq!(info.metadata["endpoint"], "sessions");
+        assert_eq!(info.metadata["title"], "Bad request");
+        assert_eq!(
+            info.metadata["detail"],
+            "One or more validation errors occurred"
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_no_problem_document_still_says_upstream_error() {
+        let s = upstream_status(Endpoint::Identity, 502, None);
+        assert_eq!(s.code(), Code::Unavailable);
+        let info = s.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.reason, "UPSTREAM_ERROR");
+        assert_eq!(info.metadata["endpoint"], "identity");
+        assert!(!info.metadata.contains_key("title"));
+    }
+
+    #[test]
+    fn status_codes_depend_on_the_endpoint() {
+        assert_eq!(
+            upstream_status(Endpoint::Identity, 403, None).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            upstream_status(Endpoint::Sessions, 403, None).code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            upstream_status(Endpoint::Identity, 401, None).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            upstream_status(Endpoint::Sessions, 408, None).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            upstream_status(Endpoint::Sessions, 422, None).code(),
+            Code::Internal
+        );
+    }
+
+    #[test]
+    fn retry_after_becomes_retry_info() {
+        let s: Status = BrokerError::Upstream(UpstreamError::Status {
+            endpoint: Endpoint::Sessions,
+            status: 429,
+            problem: None,
+            retry_after: Some(Duration::from_secs(12)),
+        })
+        .into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(
+            s.get_error_details().retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(12))
+        );
+    }
+
+    #[test]
+    fn upstream_text_is_capped() {
+        let problem = Problem {
+            detail: Some("é".repeat(2000)),
+            ..Problem::default()
+        };
+        let s = upstream_status(Endpoint::Sessions, 400, Some(problem));
+        let details = s.get_error_details();
+        let detail = &details.error_info().unwrap().metadata["detail"];
+        assert!(
+            detail.len() <= MAX_TEXT + '…'.len_utf8(),
+            "{}",
+            detail.len()
+        );
+        assert!(s.message().len() <= MAX_TEXT + '…'.len_utf8());
+    }
+
+    #[test]
+    fn invalid_arguments_name_every_field() {
+        let s: Status = BrokerError::InvalidArgument(vec![
+            FieldViolation::new("processing_terminal_id", "is required"),
+            FieldViolation::new("scenario", "is required"),
+        ])
+        .into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "invalid request: processing_terminal_id: is required; scenario: is required"
+        );
+        assert_eq!(
+            s.get_error_details()
+                .bad_request()
+                .unwrap()
+                .field_violations
+                .len(),
+            2
+        );
+    }
+}
