@@ -116,6 +116,7 @@ async fn broker_server() -> (SocketAddr, SimPayroc) {
             Clock::system(),
             entropy,
             std::future::pending(),
+            futures_util::stream::pending(),
         )
         .await
     });

@@ -6,15 +6,15 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
 use uuid::Uuid;
 
 use crate::{
     clock::{Clock, SharedEntropy},
-    config::Config,
+    config::{Config, PayrocConfig},
     error::BrokerError,
     payroc::{PayrocClient, Session, SessionRequest, UpstreamError},
-    tokens::{BearerToken, CredentialTokens, TokenPolicy, Tokens},
+    tokens::{BearerToken, CredentialTokens, TokenPolicy, Tokens, TokensSetup},
 };
 
 /// A credential's token cache backed by Payroc.
@@ -33,10 +33,15 @@ pub struct SessionGrant {
     pub lib_version: String,
 }
 
-/// Shared state behind every RPC.
+/// Shared state behind every RPC. A reload builds a new one (keeping the
+/// token caches of unchanged credentials) and swaps it in; RPCs in flight
+/// finish on the one they started with.
 pub struct Broker {
     tokens: Tokens<Arc<PayrocClient>>,
     client: Arc<PayrocClient>,
+    payroc: PayrocConfig,
+    /// Bulkhead: session requests in flight towards Payroc.
+    sessions_gate: Semaphore,
     /// Default `libVersion` for CreateSession.
     pub lib_version: String,
     /// Validity a token must have left when the caller names none.
@@ -45,26 +50,52 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Builds the broker for `config`. With `previous` (a reload), credentials
+    /// whose name and API key are unchanged keep their cached tokens, as long
+    /// as the `[payroc]` section is unchanged too (other URLs or timeouts call
+    /// for fresh tokens from a fresh client).
     pub fn new(
         config: &Config,
         clock: Clock,
         entropy: SharedEntropy,
+        previous: Option<&Broker>,
     ) -> Result<Self, reqwest::Error> {
-        let client = Arc::new(PayrocClient::new(
-            &config.payroc,
-            clock.clone(),
-            Arc::clone(&entropy),
-        )?);
-        let policy = TokenPolicy {
-            refresh_before_expiry: config.payroc.refresh_before_expiry,
+        let previous = previous.filter(|p| p.payroc == config.payroc);
+        let client = match previous {
+            Some(p) => Arc::clone(&p.client),
+            None => Arc::new(PayrocClient::new(
+                &config.payroc,
+                clock.clone(),
+                Arc::clone(&entropy),
+            )?),
         };
+        let p = &config.payroc;
+        let tokens = Tokens::new(
+            &config.credentials,
+            TokensSetup {
+                source: Arc::clone(&client),
+                policy: TokenPolicy::new(p.refresh_before_expiry, p.min_token_validity),
+                clock: &clock,
+                entropy: &entropy,
+                warm_start_concurrency: p.warm_start_concurrency,
+                warm_start_spread: p.warm_start_spread,
+            },
+            previous.map(|p| &p.tokens),
+        );
         Ok(Self {
-            tokens: Tokens::new(&config.credentials, Arc::clone(&client), policy, &clock),
+            tokens,
             client,
-            lib_version: config.payroc.lib_version.clone(),
-            floor: config.payroc.min_token_validity,
+            payroc: config.payroc.clone(),
+            sessions_gate: Semaphore::new(p.max_concurrent_sessions),
+            lib_version: p.lib_version.clone(),
+            floor: p.min_token_validity,
             entropy,
         })
+    }
+
+    /// Completes once every credential's first fetch has finished.
+    pub async fn warmed(&self) {
+        self.tokens.warmed().await;
     }
 
     /// The credential serving `terminal`.
@@ -112,6 +143,14 @@ impl Broker {
         deadline: Option<Instant>,
     ) -> Result<SessionGrant, BrokerError> {
         let credential = self.credential(&request.processing_terminal_id)?;
+        // Shed rather than queue: a queue in front of a slow Payroc only turns
+        // into timeouts later, with more memory held.
+        let _permit = self.sessions_gate.try_acquire().map_err(|_| {
+            BrokerError::Overloaded(format!(
+                "{} session requests to Payroc are already in flight",
+                self.payroc.max_concurrent_sessions
+            ))
+        })?;
         let prepared = self.client.prepare_session(request);
         let token = credential.bearer(self.floor, deadline).await?;
         let session = match self

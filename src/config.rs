@@ -56,14 +56,20 @@ pub struct Config {
     pub callers: Vec<CallerConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// How long in-flight RPCs may run on after SIGTERM before the process exits anyway.
     pub shutdown_grace: Duration,
+    /// Longest health stays NOT_SERVING at start-up waiting for first tokens.
+    pub warm_start_timeout: Duration,
+    /// Open client connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// Concurrent RPCs per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PayrocConfig {
     pub environment: Environment,
     pub identity_url: Url,
@@ -76,6 +82,12 @@ pub struct PayrocConfig {
     /// Attempts per upstream request, the first included.
     pub max_attempts: u32,
     pub allow_insecure_http: bool,
+    /// Session requests to Payroc in flight at once; more are shed.
+    pub max_concurrent_sessions: usize,
+    /// First identity fetches at start-up running at once.
+    pub warm_start_concurrency: usize,
+    /// First identity fetches are spread at random over this long.
+    pub warm_start_spread: Duration,
 }
 
 /// One Payroc API key and the terminals it serves.
@@ -264,6 +276,9 @@ struct RawConfig {
 struct RawServer {
     listen: Option<String>,
     shutdown_grace: Option<String>,
+    warm_start_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -279,6 +294,9 @@ struct RawPayroc {
     max_attempts: Option<u32>,
     #[serde(default)]
     allow_insecure_http: bool,
+    max_concurrent_sessions: Option<usize>,
+    warm_start_concurrency: Option<usize>,
+    warm_start_spread: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -312,6 +330,12 @@ pub mod defaults {
     pub const MIN_TOKEN_VALIDITY: Duration = Duration::from_secs(30);
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
     pub const MAX_ATTEMPTS: u32 = 3;
+    pub const WARM_START_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const MAX_CONNECTIONS: usize = 1024;
+    pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+    pub const MAX_CONCURRENT_SESSIONS: usize = 64;
+    pub const WARM_START_CONCURRENCY: usize = 4;
+    pub const WARM_START_SPREAD: Duration = Duration::from_secs(2);
 }
 
 struct Validator<'a> {
@@ -359,9 +383,28 @@ impl Validator<'_> {
             raw.shutdown_grace,
             defaults::SHUTDOWN_GRACE,
         );
+        let warm_start_timeout = self.duration(
+            "server.warm_start_timeout",
+            raw.warm_start_timeout,
+            defaults::WARM_START_TIMEOUT,
+        );
+        let max_connections = self.positive(
+            "server.max_connections",
+            raw.max_connections,
+            defaults::MAX_CONNECTIONS,
+        );
+        let max_concurrent_streams = raw
+            .max_concurrent_streams
+            .unwrap_or(defaults::MAX_CONCURRENT_STREAMS);
+        if max_concurrent_streams == 0 {
+            self.problem("server.max_concurrent_streams", "must be at least 1");
+        }
         ServerConfig {
             listen,
             shutdown_grace,
+            warm_start_timeout,
+            max_connections,
+            max_concurrent_streams,
         }
     }
 
@@ -433,6 +476,21 @@ impl Validator<'_> {
         if !(1..=10).contains(&max_attempts) {
             self.problem("payroc.max_attempts", "must be between 1 and 10");
         }
+        let max_concurrent_sessions = self.positive(
+            "payroc.max_concurrent_sessions",
+            raw.max_concurrent_sessions,
+            defaults::MAX_CONCURRENT_SESSIONS,
+        );
+        let warm_start_concurrency = self.positive(
+            "payroc.warm_start_concurrency",
+            raw.warm_start_concurrency,
+            defaults::WARM_START_CONCURRENCY,
+        );
+        let warm_start_spread = self.duration(
+            "payroc.warm_start_spread",
+            raw.warm_start_spread,
+            defaults::WARM_START_SPREAD,
+        );
         PayrocConfig {
             environment,
             identity_url,
@@ -443,6 +501,20 @@ impl Validator<'_> {
             request_timeout,
             max_attempts,
             allow_insecure_http: insecure,
+            max_concurrent_sessions,
+            warm_start_concurrency,
+            warm_start_spread,
+        }
+    }
+
+    fn positive(&mut self, key: &str, raw: Option<usize>, default: usize) -> usize {
+        match raw {
+            Some(0) => {
+                self.problem(key, "must be at least 1");
+                default
+            }
+            Some(n) => n,
+            None => default,
         }
     }
 

@@ -41,10 +41,18 @@ pub enum BrokerError {
     },
     /// Payroc failed or refused.
     Upstream(UpstreamError),
+    /// A recent identity failure, returned at once while the broker waits
+    /// `retry_in` before asking Payroc again.
+    UpstreamBackingOff {
+        error: UpstreamError,
+        retry_in: Duration,
+    },
     /// The sessions endpoint answered 401 even with a freshly fetched token.
     SessionUnauthorizedAfterRefresh(UpstreamError),
     /// The caller's deadline ran out.
     DeadlineExceeded,
+    /// A bulkhead is full; the request was shed.
+    Overloaded(String),
     /// A bug or shutdown; the message is safe to show.
     Internal(String),
 }
@@ -55,6 +63,9 @@ impl From<TokenError> for BrokerError {
             TokenError::Upstream(UpstreamError::DeadlineExceeded)
             | TokenError::DeadlineExceeded => BrokerError::DeadlineExceeded,
             TokenError::Upstream(u) => BrokerError::Upstream(u),
+            TokenError::BackingOff { error, retry_in } => {
+                BrokerError::UpstreamBackingOff { error, retry_in }
+            }
             TokenError::OutOfRange {
                 requested,
                 lifetime,

@@ -5,6 +5,7 @@
 use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
 use payroc_broker::{
     clock::{Clock, OsEntropy, SharedEntropy},
     config::{self, CONFIG_ENV, Config},
@@ -68,37 +69,92 @@ fn main() -> ExitCode {
             Err(e) => config_error(&e),
         },
         Command::Serve {
-            config,
+            config: path,
             listen,
             allow_unauthenticated,
         } => {
-            let mut c = match Config::load(&config, &config::process_env) {
-                Ok(c) => c,
-                Err(e) => return config_error(&e),
+            let policy = ServePolicy {
+                path,
+                listen,
+                allow_unauthenticated,
             };
-            if c.callers.is_empty() && !allow_unauthenticated {
-                eprintln!(
-                    "error: {}: no [[callers]] are configured, so anyone who can reach the port would get \
-                     Payroc tokens; add [[callers]] or pass --allow-unauthenticated",
-                    config.display()
-                );
-                return ExitCode::from(2);
-            }
-            if let Some(addr) = listen {
-                c.server.listen = addr;
-            }
-            run(async move { Ok((c, None)) })
+            let c = match policy.load() {
+                Ok(c) => c,
+                Err(lines) => {
+                    for l in lines {
+                        eprintln!("error: {l}");
+                    }
+                    return ExitCode::from(2);
+                }
+            };
+            run(async move { Ok((c, None, Some(policy))) })
         }
         Command::Sandbox { listen } => run(async move {
             let entropy: SharedEntropy = Arc::new(OsEntropy);
             let sandbox = Sandbox::start(listen, Clock::system(), entropy).await?;
-            Ok((sandbox.config.clone(), Some(sandbox)))
+            Ok((sandbox.config.clone(), Some(sandbox), None))
         }),
     }
 }
 
+/// How `serve` turns the configuration file into a running configuration,
+/// at start-up and again on each SIGHUP.
+struct ServePolicy {
+    path: PathBuf,
+    listen: Option<SocketAddr>,
+    allow_unauthenticated: bool,
+}
+
+impl ServePolicy {
+    /// The validated configuration, or the lines explaining why not.
+    fn load(&self) -> Result<Config, Vec<String>> {
+        let mut c = Config::load(&self.path, &config::process_env)
+            .map_err(|e| e.to_string().lines().map(str::to_owned).collect::<Vec<_>>())?;
+        if c.callers.is_empty() && !self.allow_unauthenticated {
+            return Err(vec![format!(
+                "{}: no [[callers]] are configured, so anyone who can reach the port would get \
+                 Payroc tokens; add [[callers]] or pass --allow-unauthenticated",
+                self.path.display()
+            )]);
+        }
+        if let Some(addr) = self.listen {
+            c.server.listen = addr;
+        }
+        Ok(c)
+    }
+
+    /// Re-reads the file on every SIGHUP; valid configurations flow out, an
+    /// invalid one is logged and dropped (the running one keeps serving).
+    fn reloads(self) -> std::io::Result<impl futures_util::Stream<Item = Config>> {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Installed before serving starts: SIGHUP's default action is to exit.
+        let mut hangups = signal(SignalKind::hangup())?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!(file = %self.path.display(), "SIGHUP received: reloading the configuration");
+                match self.load() {
+                    Ok(c) => {
+                        if tx.send(c).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(lines) => {
+                        for problem in lines {
+                            tracing::error!(%problem, "reload refused; the running configuration keeps serving");
+                        }
+                    }
+                }
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
 /// Builds the runtime, binds, serves until SIGTERM/SIGINT.
-fn run(prepare: impl Future<Output = Result<(Config, Option<Sandbox>), String>>) -> ExitCode {
+type Prepared = (Config, Option<Sandbox>, Option<ServePolicy>);
+
+fn run(prepare: impl Future<Output = Result<Prepared, String>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -110,7 +166,7 @@ fn run(prepare: impl Future<Output = Result<(Config, Option<Sandbox>), String>>)
         }
     };
     runtime.block_on(async {
-        let (config, sandbox) = match prepare.await {
+        let (config, sandbox, policy) = match prepare.await {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -130,6 +186,14 @@ fn run(prepare: impl Future<Output = Result<(Config, Option<Sandbox>), String>>)
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}", sandbox.instructions(addr)).and_then(|()| out.flush());
         }
+        let reloads = match policy.map(ServePolicy::reloads).transpose() {
+            Ok(Some(r)) => r.left_stream(),
+            Ok(None) => futures_util::stream::pending().right_stream(),
+            Err(e) => {
+                eprintln!("error: cannot install the SIGHUP handler: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let entropy: SharedEntropy = Arc::new(OsEntropy);
         match server::serve(
             listener,
@@ -137,6 +201,7 @@ fn run(prepare: impl Future<Output = Result<(Config, Option<Sandbox>), String>>)
             Clock::system(),
             entropy,
             server::shutdown_signal(),
+            reloads,
         )
         .await
         {

@@ -1,12 +1,27 @@
-//! Assembly: the TokenBroker service with health, reflection and graceful
-//! shutdown, on a listener the caller has already bound (so tests bind port 0
-//! and learn the address first).
+//! Assembly: the TokenBroker service with health, reflection, live reload,
+//! connection limits and graceful shutdown, on a listener the caller has
+//! already bound (so tests bind port 0 and learn the address first).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
+use arc_swap::ArcSwap;
+use futures_util::{Stream, StreamExt};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinHandle,
+};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     auth::Callers,
@@ -14,7 +29,8 @@ use crate::{
     clock::{Clock, SharedEntropy},
     config::Config,
     proto::{self, token_broker_server::TokenBrokerServer},
-    service::TokenBrokerService,
+    service::{State, TokenBrokerService},
+    tokens::TokenHealth,
 };
 
 /// The fully qualified service name, as health checks and reflection know it.
@@ -44,25 +60,57 @@ impl std::fmt::Display for ServeError {
 
 impl std::error::Error for ServeError {}
 
+/// The per-credential health entry: `payroc.broker.v1.TokenBroker/<credential>`.
+pub fn credential_service_name(credential: &str) -> String {
+    format!("{SERVICE_NAME}/{credential}")
+}
+
 /// Serves `config` on `listener` until `shutdown` completes, then turns health
 /// NOT_SERVING, refuses new RPCs, and lets in-flight ones finish for up to
-/// `config.server.shutdown_grace`.
+/// `config.server.shutdown_grace`. Each configuration from `reloads` (already
+/// validated) replaces the running one without disturbing RPCs in flight.
 pub async fn serve(
     listener: TcpListener,
     config: &Config,
     clock: Clock,
     entropy: SharedEntropy,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    reloads: impl Stream<Item = Config> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let broker = Arc::new(Broker::new(config, clock.clone(), entropy).map_err(ServeError::Client)?);
-    let callers = Arc::new(Callers::from_config(&config.callers));
-    let service = TokenBrokerService::new(broker, callers, clock);
+    let broker = Broker::new(config, clock.clone(), Arc::clone(&entropy), None)
+        .map_err(ServeError::Client)?;
+    let state = Arc::new(ArcSwap::from_pointee(State {
+        broker,
+        callers: Callers::from_config(&config.callers),
+    }));
+    let service = TokenBrokerService::new(Arc::clone(&state), clock.clone());
 
+    // NOT_SERVING until every credential's first fetch is done, or
+    // warm_start_timeout: a slow identity service delays readiness only so long.
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
-    health.set_service_status("", ServingStatus::Serving).await;
+    set_overall(&health, ServingStatus::NotServing).await;
+    let mut credential_health = CredentialHealth::new(health.clone());
+    credential_health.follow(&state.load().broker).await;
+    let ready = tokio::spawn({
+        let (state, health, bound) = (
+            Arc::clone(&state),
+            health.clone(),
+            config.server.warm_start_timeout,
+        );
+        async move {
+            let broker = state.load_full();
+            if tokio::time::timeout(bound, broker.broker.warmed())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    ?bound,
+                    "first Bearer tokens not all fetched in time; serving anyway"
+                );
+            }
+            set_overall(&health, ServingStatus::Serving).await;
+        }
+    });
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -82,38 +130,50 @@ pub async fn serve(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let incoming = LimitedIncoming {
+        inner: TcpIncoming::from(listener).with_nodelay(Some(true)),
+        gate: Arc::new(Semaphore::new(config.server.max_connections)),
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_nodelay(true)
+        .max_concurrent_streams(config.server.max_concurrent_streams)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(broker_service);
-    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpIncoming::from(listener),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    tracing::info!(addr = %local, credentials = config.credentials.len(), callers = config.callers.len(), "payroc-broker serving");
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(
+        addr = %local,
+        credentials = config.credentials.len(),
+        callers = config.callers.len(),
+        "payroc-broker serving"
+    );
 
-    tokio::select! {
-        finished = &mut server => {
-            // The server stopped on its own: that is an error worth exiting on.
-            return finished.map_err(|e| ServeError::Transport(panic_to_error(e)))?.map_err(ServeError::Transport);
+    let server_config = config.server.clone();
+    let mut reloads = std::pin::pin!(reloads);
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
+    loop {
+        tokio::select! {
+            finished = &mut server => {
+                // The server stopped on its own: that is an error worth exiting on.
+                ready.abort();
+                return finished.map_err(|e| ServeError::Transport(panic_to_error(e)))?.map_err(ServeError::Transport);
+            }
+            () = &mut shutdown => break,
+            Some(next) = reloads.next() => {
+                reload(&state, &next, &server_config, &clock, &entropy, &mut credential_health).await;
+            }
         }
-        () = shutdown => {}
     }
 
     tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: health NOT_SERVING, draining in-flight RPCs");
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    ready.abort();
+    set_overall(&health, ServingStatus::NotServing).await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
         Ok(result) => result
@@ -124,8 +184,201 @@ pub async fn serve(
             server.abort();
         }
     }
+    credential_health.stop();
     tracing::info!("payroc-broker stopped");
     Ok(())
+}
+
+async fn reload(
+    state: &ArcSwap<State>,
+    next: &Config,
+    server: &crate::config::ServerConfig,
+    clock: &Clock,
+    entropy: &SharedEntropy,
+    credential_health: &mut CredentialHealth,
+) {
+    let current = state.load_full();
+    let broker = match Broker::new(
+        next,
+        clock.clone(),
+        Arc::clone(entropy),
+        Some(&current.broker),
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: cannot build the Payroc HTTP client; the old configuration keeps serving");
+            return;
+        }
+    };
+    let kept = broker
+        .credentials()
+        .iter()
+        .filter(|c| {
+            current
+                .broker
+                .credentials()
+                .iter()
+                .any(|o| Arc::ptr_eq(o, c))
+        })
+        .count();
+    if next.server != *server {
+        tracing::warn!("[server] settings changed; they take effect at the next restart");
+    }
+    credential_health.follow(&broker).await;
+    state.store(Arc::new(State {
+        broker,
+        callers: Callers::from_config(&next.callers),
+    }));
+    tracing::info!(
+        credentials = next.credentials.len(),
+        kept_tokens = kept,
+        callers = next.callers.len(),
+        "configuration reloaded"
+    );
+}
+
+async fn set_overall(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Mirrors each credential's token health into the health service.
+struct CredentialHealth {
+    reporter: HealthReporter,
+    followers: HashMap<String, JoinHandle<()>>,
+}
+
+impl CredentialHealth {
+    fn new(reporter: HealthReporter) -> Self {
+        Self {
+            reporter,
+            followers: HashMap::new(),
+        }
+    }
+
+    /// Follows `broker`'s credentials: new ones are added, removed ones cleared.
+    async fn follow(&mut self, broker: &Broker) {
+        let mut next = HashMap::new();
+        for c in broker.credentials() {
+            let name = credential_service_name(&c.name);
+            if let Some(old) = self.followers.remove(&name) {
+                old.abort();
+            }
+            let mut rx = c.health();
+            let reporter = self.reporter.clone();
+            let service = name.clone();
+            next.insert(
+                name,
+                tokio::spawn(async move {
+                    loop {
+                        let status = match *rx.borrow_and_update() {
+                            TokenHealth::Usable => ServingStatus::Serving,
+                            TokenHealth::Starting | TokenHealth::Unusable => {
+                                ServingStatus::NotServing
+                            }
+                        };
+                        reporter.set_service_status(&service, status).await;
+                        if rx.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                }),
+            );
+        }
+        for (name, follower) in self.followers.drain() {
+            follower.abort();
+            self.reporter.clear_service_status(&name).await;
+        }
+        self.followers = next;
+    }
+
+    fn stop(&mut self) {
+        for (_, f) in self.followers.drain() {
+            f.abort();
+        }
+    }
+}
+
+/// Accepts connections while fewer than `gate`'s permits are open; beyond
+/// that, closes new ones at once (the client sees UNAVAILABLE and can go to
+/// another replica) instead of letting them pile up.
+struct LimitedIncoming {
+    inner: TcpIncoming,
+    gate: Arc<Semaphore>,
+}
+
+impl Stream for LimitedIncoming {
+    type Item = io::Result<LimitedConn>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match std::task::ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                Some(Ok(stream)) => match Arc::clone(&self.gate).try_acquire_owned() {
+                    Ok(permit) => {
+                        return Poll::Ready(Some(Ok(LimitedConn {
+                            stream,
+                            _permit: permit,
+                        })));
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = ?stream.peer_addr().ok(), "connection limit reached; closing a new connection");
+                        drop(stream);
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+/// A connection holding one permit of the connection limit.
+struct LimitedConn {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedConn {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 fn panic_to_error(e: tokio::task::JoinError) -> tonic::transport::Error {

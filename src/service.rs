@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -29,21 +30,23 @@ fn deadline_margin(timeout: Duration) -> Duration {
     (timeout / 20).clamp(Duration::from_millis(2), Duration::from_millis(100))
 }
 
+/// What every RPC reads: swapped whole on reload, so an RPC sees one
+/// consistent configuration from start to end.
+pub struct State {
+    pub broker: Broker,
+    pub callers: Callers,
+}
+
 /// The gRPC service. Cheap to clone: state is behind `Arc`.
 #[derive(Clone)]
 pub struct TokenBrokerService {
-    broker: Arc<Broker>,
-    callers: Arc<Callers>,
+    state: Arc<ArcSwap<State>>,
     clock: Clock,
 }
 
 impl TokenBrokerService {
-    pub fn new(broker: Arc<Broker>, callers: Arc<Callers>, clock: Clock) -> Self {
-        Self {
-            broker,
-            callers,
-            clock,
-        }
+    pub fn new(state: Arc<ArcSwap<State>>, clock: Clock) -> Self {
+        Self { state, clock }
     }
 
     async fn bearer(
@@ -51,7 +54,8 @@ impl TokenBrokerService {
         req: Request<GetBearerTokenRequest>,
     ) -> Result<GetBearerTokenResponse, BrokerError> {
         let deadline = deadline(&req, &self.clock);
-        let caller = self.callers.authenticate(req.metadata())?;
+        let state = self.state.load_full();
+        let caller = state.callers.authenticate(req.metadata())?;
         let msg = req.get_ref();
         let mut bad = Vec::new();
         check_terminal(&msg.processing_terminal_id, &mut bad);
@@ -77,7 +81,10 @@ impl TokenBrokerService {
         }
         let terminal = msg.processing_terminal_id.as_str();
         caller.authorize(Rpc::GetBearerToken, terminal)?;
-        let grant = self.broker.bearer(terminal, min_validity, deadline).await?;
+        let grant = state
+            .broker
+            .bearer(terminal, min_validity, deadline)
+            .await?;
         tracing::info!(
             rpc = "GetBearerToken",
             caller = caller.name(),
@@ -100,7 +107,8 @@ impl TokenBrokerService {
         req: Request<CreateSessionRequest>,
     ) -> Result<CreateSessionResponse, BrokerError> {
         let deadline = deadline(&req, &self.clock);
-        let caller = self.callers.authenticate(req.metadata())?;
+        let state = self.state.load_full();
+        let caller = state.callers.authenticate(req.metadata())?;
         let msg = req.into_inner();
         let mut bad = Vec::new();
         check_terminal(&msg.processing_terminal_id, &mut bad);
@@ -160,20 +168,20 @@ impl TokenBrokerService {
         };
         caller.authorize(Rpc::CreateSession, &msg.processing_terminal_id)?;
         // Unknown terminals fail before a key is generated or a token fetched.
-        self.broker.credential(&msg.processing_terminal_id)?;
+        state.broker.credential(&msg.processing_terminal_id)?;
 
         let request = SessionRequest {
             processing_terminal_id: msg.processing_terminal_id,
             scenario,
             lib_version: if msg.lib_version.is_empty() {
-                self.broker.lib_version.clone()
+                state.broker.lib_version.clone()
             } else {
                 msg.lib_version
             },
             secure_token_id: Some(msg.secure_token_id).filter(|s| !s.is_empty()),
-            idempotency_key: idempotency_key.unwrap_or_else(|| self.broker.new_idempotency_key()),
+            idempotency_key: idempotency_key.unwrap_or_else(|| state.broker.new_idempotency_key()),
         };
-        let grant = self.broker.session(request, deadline).await?;
+        let grant = state.broker.session(request, deadline).await?;
         tracing::info!(
             rpc = "CreateSession",
             caller = caller.name(),

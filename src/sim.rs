@@ -357,6 +357,15 @@ impl SimPayroc {
         lock(&self.inner.sim.books).stats
     }
 
+    /// Identity requests that presented `api_key`, faulted ones included.
+    pub fn identity_requests(&self, api_key: &str) -> u64 {
+        lock(&self.inner.sim.books)
+            .identity_by_key
+            .get(api_key)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn sessions(&self) -> Vec<SessionRecord> {
         lock(&self.inner.sim.books).sessions.clone()
     }
@@ -390,6 +399,8 @@ struct Sim {
 #[derive(Default)]
 struct Books {
     stats: SimStats,
+    /// Identity requests per presented `x-api-key` (absent header: "").
+    identity_by_key: HashMap<String, u64>,
     sessions: Vec<SessionRecord>,
     tokens: HashMap<String, IssuedToken>,
     /// (account, Idempotency-Key) -> the request it was first used with.
@@ -420,7 +431,12 @@ impl StoredSession {
 }
 
 async fn authorize(State(sim): State<Arc<Sim>>, headers: HeaderMap) -> Response {
-    lock(&sim.books).stats.identity_requests += 1;
+    {
+        let mut books = lock(&sim.books);
+        books.stats.identity_requests += 1;
+        let key = header_lossy(&headers, "x-api-key").unwrap_or_default();
+        *books.identity_by_key.entry(key).or_default() += 1;
+    }
     let (fault, delay) = sim.faults.take(SimEndpoint::Identity);
     tokio::time::sleep(delay).await;
     match fault {

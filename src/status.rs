@@ -50,17 +50,28 @@ impl From<BrokerError> for Status {
                 humantime::format_duration(requested),
                 humantime::format_duration(lifetime)
             )),
-            BrokerError::Upstream(u) => upstream(u, false),
-            BrokerError::SessionUnauthorizedAfterRefresh(u) => upstream(u, true),
+            BrokerError::Upstream(u) => upstream(u, false, None),
+            BrokerError::UpstreamBackingOff { error, retry_in } => {
+                let hint = error.is_retryable().then_some(retry_in);
+                upstream(error, false, hint)
+            }
+            BrokerError::SessionUnauthorizedAfterRefresh(u) => upstream(u, true, None),
             BrokerError::DeadlineExceeded => {
                 Status::deadline_exceeded("the deadline ran out before Payroc answered")
             }
+            BrokerError::Overloaded(msg) => Status::resource_exhausted(msg),
             BrokerError::Internal(msg) => Status::internal(msg),
         }
     }
 }
 
-fn upstream(e: UpstreamError, after_refresh: bool) -> Status {
+/// `retry_hint`: when the broker itself will next try (negative caching),
+/// used for `RetryInfo` when Payroc gave no `Retry-After`.
+fn upstream(
+    e: UpstreamError,
+    after_refresh: bool,
+    retry_hint: Option<std::time::Duration>,
+) -> Status {
     let message = if after_refresh {
         format!("{e}, even with a freshly fetched Bearer token")
     } else {
@@ -79,7 +90,12 @@ fn upstream(e: UpstreamError, after_refresh: bool) -> Status {
             UpstreamError::DeadlineExceeded => Code::DeadlineExceeded,
             UpstreamError::Malformed { .. } | UpstreamError::Status { .. } => Code::Internal,
         };
-        return Status::new(code, message);
+        return match retry_hint {
+            Some(wait) => {
+                Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(wait)))
+            }
+            None => Status::new(code, message),
+        };
     };
 
     let code = match (status, endpoint) {
@@ -130,7 +146,7 @@ fn upstream(e: UpstreamError, after_refresh: bool) -> Status {
         None => "UPSTREAM_ERROR".to_owned(),
     };
     details.set_error_info(reason, PAYROC_DOMAIN, metadata);
-    if let Some(wait) = retry_after {
+    if let Some(wait) = retry_after.or(retry_hint) {
         details.set_retry_info(Some(wait));
     }
     Status::with_error_details(code, message, details)

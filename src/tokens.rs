@@ -1,25 +1,36 @@
 //! Bearer tokens, cached per credential and shared by every caller.
 //!
-//! Policy on top of [`SingleFlight`]: a token is served while it has at least
-//! the requested validity left; inside the refresh window
-//! (`refresh_before_expiry`, clamped to half the token's lifetime) it is still
-//! served while one background refresh runs; a failed refresh leaves it in
-//! place. Only when no cached token is good enough does a caller wait, and
-//! then on the one shared identity request.
+//! Policy on top of [`SingleFlight`]:
+//!
+//! - A token is served while it has at least the requested validity left. The
+//!   hit path is one atomic load and a comparison: no lock, no allocation.
+//! - Each credential has a background refresher. It fetches the first token at
+//!   start-up (warm start: spread out, bounded concurrency) and renews it at a
+//!   random point in the first half of the refresh window (`refresh_before_expiry`,
+//!   clamped to half the lifetime), so credentials and replicas started
+//!   together do not refresh in the same second, and no caller waits on an
+//!   identity request while a valid token is cached.
+//! - A failed fetch leaves the cached token in place; the refresher retries
+//!   with exponential backoff and jitter until it succeeds.
+//! - With no usable token after a failure, callers fail fast with the last
+//!   error and the time of the next attempt (negative caching): the identity
+//!   service sees one fetch per credential per backoff step, however many
+//!   callers there are.
+//! - Only the miss path waits, and then on the one shared identity request.
 
 use std::{
     collections::HashMap,
     future::Future,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use secrecy::SecretString;
-use tokio::time::Instant;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::{sync::watch, task::AbortHandle, time::Instant};
 
 use crate::{
-    cell::{FlightError, SingleFlight},
-    clock::Clock,
+    cell::{Flight, FlightError, SingleFlight},
+    clock::{Clock, SharedEntropy},
     config::CredentialConfig,
     payroc::{IdentityToken, PayrocClient, UpstreamError},
 };
@@ -34,7 +45,7 @@ pub struct BearerToken {
     pub expires_at_wall: SystemTime,
     /// The full lifetime Payroc granted (`expires_in`).
     pub lifetime: Duration,
-    /// From here on, a background refresh is started on use.
+    /// When the background refresher renews it (jittered).
     pub refresh_at: Instant,
 }
 
@@ -50,6 +61,12 @@ impl BearerToken {
 pub enum TokenError {
     /// The identity request failed.
     Upstream(UpstreamError),
+    /// A recent identity request failed and the next is not due yet: the
+    /// caller gets that failure at once, and when to try again.
+    BackingOff {
+        error: UpstreamError,
+        retry_in: Duration,
+    },
     /// No token Payroc issues lives as long as the caller asked.
     OutOfRange {
         requested: Duration,
@@ -59,6 +76,15 @@ pub enum TokenError {
     DeadlineExceeded,
     /// The refresh task died (a bug, or shutdown).
     Aborted,
+}
+
+/// Whether a credential holds a usable token (one above the floor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenHealth {
+    /// The first fetch has not finished yet.
+    Starting,
+    Usable,
+    Unusable,
 }
 
 /// Where tokens come from: Payroc's identity service in production, a
@@ -76,7 +102,7 @@ impl TokenSource for Arc<PayrocClient> {
         api_key: SecretString,
     ) -> impl Future<Output = Result<IdentityToken, UpstreamError>> + Send + 'static {
         let client = Arc::clone(self);
-        // No deadline: the load is shared, so no one caller's deadline may cut
+        // No deadline: the fetch is shared, so no one caller's deadline may cut
         // it short. Attempts and request_timeout bound it; callers stop
         // waiting at their own deadlines.
         async move { client.fetch_bearer(&api_key, None).await }
@@ -84,36 +110,97 @@ impl TokenSource for Arc<PayrocClient> {
 }
 
 /// Timing policy of the cache.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenPolicy {
     pub refresh_before_expiry: Duration,
+    /// A token with less than this left is not usable (health, refresher).
+    pub floor: Duration,
+    /// Wait after the first failed fetch; doubles per consecutive failure.
+    pub failure_backoff: Duration,
+    pub max_failure_backoff: Duration,
 }
 
-/// One credential's token cache.
-pub struct CredentialTokens<S> {
-    pub name: Arc<str>,
+impl TokenPolicy {
+    pub fn new(refresh_before_expiry: Duration, floor: Duration) -> Self {
+        Self {
+            refresh_before_expiry,
+            floor,
+            failure_backoff: Duration::from_secs(1),
+            max_failure_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How a credential's first fetch is scheduled at start-up.
+#[derive(Clone, Default)]
+pub struct WarmStart {
+    /// Waited before the first fetch (spreads credentials out).
+    pub delay: Duration,
+    /// Bounds how many first fetches run at once.
+    pub gate: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// The last failed fetch.
+struct Failure {
+    error: UpstreamError,
+    retry_at: Instant,
+    consecutive: u32,
+}
+
+struct Inner<S> {
+    name: Arc<str>,
     api_key: SecretString,
-    cell: Arc<SingleFlight<BearerToken, UpstreamError>>,
     source: S,
     policy: TokenPolicy,
     clock: Clock,
+    entropy: SharedEntropy,
+    cell: Arc<SingleFlight<BearerToken, UpstreamError>>,
+    /// Locked only off the hit path (misses, fetch outcomes, the refresher).
+    failure: Mutex<Option<Failure>>,
+    health: watch::Sender<TokenHealth>,
 }
 
-impl<S: TokenSource + Clone> CredentialTokens<S> {
-    pub fn new(
+/// One credential's token cache and its background refresher (stopped when
+/// this is dropped).
+pub struct CredentialTokens<S> {
+    pub name: Arc<str>,
+    inner: Arc<Inner<S>>,
+    refresher: AbortHandle,
+}
+
+impl<S> Drop for CredentialTokens<S> {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
+}
+
+impl<S: TokenSource> CredentialTokens<S> {
+    /// Creates the cache and starts its refresher (which makes the first fetch).
+    pub fn spawn(
         name: &str,
         api_key: SecretString,
         source: S,
         policy: TokenPolicy,
         clock: Clock,
+        entropy: SharedEntropy,
+        warm: WarmStart,
     ) -> Self {
-        Self {
+        let inner = Arc::new(Inner {
             name: name.into(),
             api_key,
-            cell: SingleFlight::new(),
             source,
             policy,
             clock,
+            entropy,
+            cell: SingleFlight::new(),
+            failure: Mutex::new(None),
+            health: watch::Sender::new(TokenHealth::Starting),
+        });
+        let refresher = tokio::spawn(refresh_forever(Arc::clone(&inner), warm)).abort_handle();
+        Self {
+            name: Arc::clone(&inner.name),
+            inner,
+            refresher,
         }
     }
 
@@ -124,13 +211,10 @@ impl<S: TokenSource + Clone> CredentialTokens<S> {
         min_validity: Duration,
         deadline: Option<Instant>,
     ) -> Result<Arc<BearerToken>, TokenError> {
-        // Fast path: one atomic load and a comparison.
-        if let Some(tok) = self.cell.current() {
-            let now = self.clock.now();
-            if tok.remaining(now) >= min_validity {
-                if now >= tok.refresh_at {
-                    self.refresh_in_background();
-                }
+        let inner = &*self.inner;
+        // Hit path: one atomic load and a comparison.
+        if let Some(tok) = inner.cell.current() {
+            if tok.remaining(inner.clock.now()) >= min_validity {
                 return Ok(tok);
             }
             if min_validity > tok.lifetime {
@@ -140,7 +224,14 @@ impl<S: TokenSource + Clone> CredentialTokens<S> {
                 });
             }
         }
-        let flight = self.start_load();
+        // Miss. Join a fetch in flight; otherwise fail fast while backing off
+        // from a recent failure; otherwise start a fetch.
+        if !inner.cell.is_loading()
+            && let Some(e) = inner.backing_off()
+        {
+            return Err(e);
+        }
+        let flight = self.inner.load();
         let loaded = match deadline {
             Some(d) => tokio::time::timeout_at(d, flight.wait())
                 .await
@@ -151,7 +242,7 @@ impl<S: TokenSource + Clone> CredentialTokens<S> {
             FlightError::Failed(e) => TokenError::Upstream(e),
             FlightError::Aborted => TokenError::Aborted,
         })?;
-        if tok.remaining(self.clock.now()) >= min_validity {
+        if tok.remaining(inner.clock.now()) >= min_validity {
             Ok(tok)
         } else {
             Err(TokenError::OutOfRange {
@@ -163,7 +254,7 @@ impl<S: TokenSource + Clone> CredentialTokens<S> {
 
     /// Forgets `used` if it is still the cached token (Payroc rejected it).
     pub fn invalidate(&self, used: &Arc<BearerToken>) -> bool {
-        let dropped = self.cell.invalidate(used);
+        let dropped = self.inner.cell.invalidate(used);
         if dropped {
             tracing::info!(credential = %self.name, "Payroc rejected the cached Bearer token; fetching a new one");
         }
@@ -172,47 +263,175 @@ impl<S: TokenSource + Clone> CredentialTokens<S> {
 
     /// Identity requests started so far.
     pub fn loads_started(&self) -> u64 {
-        self.cell.loads_started()
+        self.inner.cell.loads_started()
     }
 
     /// The cached token, whatever its state.
     pub fn cached(&self) -> Option<Arc<BearerToken>> {
-        self.cell.current()
+        self.inner.cell.current()
     }
 
-    fn refresh_in_background(&self) {
-        if !self.cell.is_loading() {
-            drop(self.start_load());
+    /// Follows whether the credential holds a usable token.
+    pub fn health(&self) -> watch::Receiver<TokenHealth> {
+        self.inner.health.subscribe()
+    }
+
+    /// Whether this cache was built for `api_key` (reload keeps it if so).
+    pub fn has_api_key(&self, api_key: &SecretString) -> bool {
+        self.inner.api_key.expose_secret() == api_key.expose_secret()
+    }
+}
+
+impl<S: TokenSource> Inner<S> {
+    fn load(self: &Arc<Self>) -> Flight<BearerToken, UpstreamError> {
+        self.cell.load(|| {
+            let fetch = self.source.fetch(self.api_key.clone());
+            let this = Arc::clone(self);
+            async move {
+                let outcome = fetch.await;
+                this.record(outcome)
+            }
+        })
+    }
+
+    /// Books a fetch's outcome: the failure state, health, and a log line.
+    fn record(
+        &self,
+        outcome: Result<IdentityToken, UpstreamError>,
+    ) -> Result<BearerToken, UpstreamError> {
+        let mut failure = self.failure.lock().expect("poisoned");
+        match outcome {
+            Ok(t) => {
+                *failure = None;
+                let tok = cache_entry(t, &self.policy, &self.clock, &*self.entropy);
+                tracing::info!(credential = %self.name, lifetime = ?tok.lifetime, "fetched a Bearer token");
+                let usable = tok.remaining(self.clock.now()) >= self.policy.floor;
+                self.set_health(if usable {
+                    TokenHealth::Usable
+                } else {
+                    TokenHealth::Unusable
+                });
+                Ok(tok)
+            }
+            Err(error) => {
+                let consecutive = failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+                let wait = self.backoff(consecutive);
+                tracing::warn!(credential = %self.name, %error, consecutive, next_attempt_in = ?wait, "fetching a Bearer token failed");
+                *failure = Some(Failure {
+                    error: error.clone(),
+                    retry_at: self.clock.now() + wait,
+                    consecutive,
+                });
+                self.set_health(if self.usable_now() {
+                    TokenHealth::Usable
+                } else {
+                    TokenHealth::Unusable
+                });
+                Err(error)
+            }
         }
     }
 
-    fn start_load(&self) -> crate::cell::Flight<BearerToken, UpstreamError> {
-        self.cell.load(|| {
-            let fetch = self.source.fetch(self.api_key.clone());
-            let clock = self.clock.clone();
-            let policy = self.policy;
-            let name = Arc::clone(&self.name);
-            async move {
-                match fetch.await {
-                    Ok(t) => {
-                        let tok = cache_entry(t, policy, &clock);
-                        tracing::info!(credential = %name, lifetime = ?tok.lifetime, "fetched a Bearer token");
-                        Ok(tok)
-                    }
-                    Err(e) => {
-                        tracing::warn!(credential = %name, error = %e, "fetching a Bearer token failed");
-                        Err(e)
-                    }
-                }
-            }
+    /// "Equal jitter": half the exponential step, plus up to as much again
+    /// at random. Never near zero, so a failing service is not hammered;
+    /// never in lockstep with other credentials or replicas.
+    fn backoff(&self, consecutive: u32) -> Duration {
+        let step = self
+            .policy
+            .failure_backoff
+            .saturating_mul(1 << (consecutive - 1).min(16))
+            .min(self.policy.max_failure_backoff);
+        step / 2 + self.entropy.jitter(step / 2)
+    }
+
+    fn backing_off(&self) -> Option<TokenError> {
+        let failure = self.failure.lock().expect("poisoned");
+        let f = failure.as_ref()?;
+        let now = self.clock.now();
+        (now < f.retry_at).then(|| TokenError::BackingOff {
+            error: f.error.clone(),
+            retry_in: f.retry_at - now,
         })
+    }
+
+    fn retry_at(&self) -> Option<Instant> {
+        self.failure
+            .lock()
+            .expect("poisoned")
+            .as_ref()
+            .map(|f| f.retry_at)
+    }
+
+    fn usable_now(&self) -> bool {
+        self.cell
+            .current()
+            .is_some_and(|t| t.remaining(self.clock.now()) >= self.policy.floor)
+    }
+
+    fn set_health(&self, h: TokenHealth) {
+        self.health
+            .send_if_modified(|cur| std::mem::replace(cur, h) != h);
+    }
+}
+
+/// The background refresher: warm start, then renew at each token's
+/// `refresh_at`, backing off after failures; also reports the moment a token
+/// stops being usable, so health follows even when nothing can be fetched.
+async fn refresh_forever<S: TokenSource>(inner: Arc<Inner<S>>, warm: WarmStart) {
+    tokio::time::sleep(warm.delay).await;
+    {
+        let _permit = match warm.gate {
+            Some(g) => g.acquire_owned().await.ok(),
+            None => None,
+        };
+        let _ = inner.load().wait().await;
+    }
+    loop {
+        let now = inner.clock.now();
+        let current = inner
+            .cell
+            .current()
+            .filter(|t| t.remaining(now) > Duration::ZERO);
+        if current.is_none() || !inner.usable_now() {
+            inner.set_health(TokenHealth::Unusable);
+        }
+        let mut due = current.as_ref().map_or(now, |t| t.refresh_at);
+        if let Some(retry_at) = inner.retry_at() {
+            due = due.max(retry_at);
+        }
+        // Wake early, without fetching, when the token drops under the floor.
+        let unusable_at = current
+            .as_ref()
+            .and_then(|t| t.expires_at.checked_sub(inner.policy.floor))
+            .filter(|&at| at > now);
+        let wake = unusable_at.map_or(due, |at| at.min(due));
+        if wake > now {
+            tokio::time::sleep_until(wake).await;
+            continue;
+        }
+        match inner.load().wait().await {
+            Ok(tok) if tok.refresh_at > inner.clock.now() => {}
+            // A panicked fetch records no failure, and a token with no time to
+            // spare would be renewed at once: pause instead of spinning.
+            _ if inner.retry_at().is_none_or(|r| r <= inner.clock.now()) => {
+                tokio::time::sleep(inner.policy.failure_backoff).await;
+            }
+            _ => {}
+        }
     }
 }
 
 /// Turns an identity answer into a cache entry. Expiry counts from when the
-/// request was sent; the refresh lead is clamped to half the lifetime so a
-/// short-lived token is not refreshed on every use.
-fn cache_entry(t: IdentityToken, policy: TokenPolicy, clock: &Clock) -> BearerToken {
+/// request was sent. The renewal point is drawn uniformly from the first half
+/// of the refresh window, `[expires - lead, expires - lead/2]`, where the lead
+/// is `refresh_before_expiry` clamped to half the lifetime (so a short-lived
+/// token is not renewed on every use); the second half is left for retries.
+fn cache_entry(
+    t: IdentityToken,
+    policy: &TokenPolicy,
+    clock: &Clock,
+    entropy: &dyn crate::clock::Entropy,
+) -> BearerToken {
     let expires_at = t.requested_at + t.expires_in;
     let lead = policy.refresh_before_expiry.min(t.expires_in / 2);
     BearerToken {
@@ -222,7 +441,7 @@ fn cache_entry(t: IdentityToken, policy: TokenPolicy, clock: &Clock) -> BearerTo
         expires_at,
         expires_at_wall: clock.wall(expires_at),
         lifetime: t.expires_in,
-        refresh_at: expires_at - lead,
+        refresh_at: expires_at - lead + entropy.jitter(lead / 2),
     }
 }
 
@@ -232,13 +451,30 @@ pub struct Tokens<S> {
     by_terminal: HashMap<String, usize>,
 }
 
+/// What building a [`Tokens`] needs besides the credentials.
+pub struct TokensSetup<'a, S> {
+    pub source: S,
+    pub policy: TokenPolicy,
+    pub clock: &'a Clock,
+    pub entropy: &'a SharedEntropy,
+    /// How many first fetches run at once at start-up.
+    pub warm_start_concurrency: usize,
+    /// First fetches are spread at random over this long.
+    pub warm_start_spread: Duration,
+}
+
 impl<S: TokenSource + Clone> Tokens<S> {
+    /// Builds every credential's cache, reusing those in `keep` whose name and
+    /// API key are unchanged (their tokens survive a reload); new ones start
+    /// their first fetch spread out over `warm_start_spread`.
     pub fn new(
         credentials: &[CredentialConfig],
-        source: S,
-        policy: TokenPolicy,
-        clock: &Clock,
+        setup: TokensSetup<'_, S>,
+        keep: Option<&Tokens<S>>,
     ) -> Self {
+        let gate = Arc::new(tokio::sync::Semaphore::new(
+            setup.warm_start_concurrency.max(1),
+        ));
         let mut by_terminal = HashMap::new();
         let credentials = credentials
             .iter()
@@ -247,13 +483,26 @@ impl<S: TokenSource + Clone> Tokens<S> {
                 for t in &c.terminals {
                     by_terminal.insert(t.clone(), i);
                 }
-                Arc::new(CredentialTokens::new(
-                    &c.name,
-                    c.api_key.clone(),
-                    source.clone(),
-                    policy,
-                    clock.clone(),
-                ))
+                let kept = keep.and_then(|k| {
+                    k.credentials
+                        .iter()
+                        .find(|old| *old.name == *c.name && old.has_api_key(&c.api_key))
+                });
+                match kept {
+                    Some(old) => Arc::clone(old),
+                    None => Arc::new(CredentialTokens::spawn(
+                        &c.name,
+                        c.api_key.clone(),
+                        setup.source.clone(),
+                        setup.policy,
+                        setup.clock.clone(),
+                        Arc::clone(setup.entropy),
+                        WarmStart {
+                            delay: setup.entropy.jitter(setup.warm_start_spread),
+                            gate: Some(Arc::clone(&gate)),
+                        },
+                    )),
+                }
             })
             .collect();
         Self {
@@ -272,15 +521,20 @@ impl<S: TokenSource + Clone> Tokens<S> {
     pub fn credentials(&self) -> &[Arc<CredentialTokens<S>>] {
         &self.credentials
     }
+
+    /// Completes once every credential's first fetch has finished (either way).
+    pub async fn warmed(&self) {
+        for c in &self.credentials {
+            let mut h = c.health();
+            let _ = h.wait_for(|h| *h != TokenHealth::Starting).await;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{
-        Mutex,
-        atomic::{AtomicU32, Ordering},
-    };
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A scripted identity service: each fetch pops the next answer (or
     /// repeats the last), after an optional latency, counting calls.
@@ -303,6 +557,17 @@ mod tests {
                 .map(|a| a.map(Duration::from_secs))
                 .collect();
             s
+        }
+        fn then(&self, list: &[Result<u64, u16>]) {
+            *self.0.answers.lock().unwrap() = list
+                .iter()
+                .rev()
+                .map(|a| a.map(Duration::from_secs))
+                .collect();
+        }
+        fn latency(self, d: Duration) -> Self {
+            *self.0.latency.lock().unwrap() = d;
+            self
         }
         fn calls(&self) -> u32 {
             self.0.calls.load(Ordering::SeqCst)
@@ -342,78 +607,127 @@ mod tests {
         }
     }
 
-    fn creds(script: &Script, refresh: u64) -> CredentialTokens<Script> {
-        CredentialTokens::new(
-            "acme",
-            SecretString::from("key"),
-            script.clone(),
-            TokenPolicy {
-                refresh_before_expiry: Duration::from_secs(refresh),
-            },
-            Clock::starting_at(SystemTime::UNIX_EPOCH),
-        )
-    }
-
-    fn secret(t: &BearerToken) -> String {
-        use secrecy::ExposeSecret;
-        t.access_token.expose_secret().to_owned()
+    /// Jitter at a fixed point of its range.
+    struct Fixed(f64);
+    impl crate::clock::Entropy for Fixed {
+        fn uuid_v4(&self) -> uuid::Uuid {
+            uuid::Uuid::nil()
+        }
+        fn fraction(&self) -> f64 {
+            self.0
+        }
     }
 
     const FLOOR: Duration = Duration::from_secs(30);
 
-    /// Lets spawned refresh tasks run to completion (the paused clock
-    /// auto-advances only when every task is idle).
+    fn creds_with(script: &Script, refresh: u64, jitter: f64) -> CredentialTokens<Script> {
+        CredentialTokens::spawn(
+            "acme",
+            SecretString::from("key"),
+            script.clone(),
+            TokenPolicy::new(Duration::from_secs(refresh), FLOOR),
+            Clock::starting_at(SystemTime::UNIX_EPOCH),
+            Arc::new(Fixed(jitter)),
+            WarmStart::default(),
+        )
+    }
+
+    fn creds(script: &Script, refresh: u64) -> CredentialTokens<Script> {
+        creds_with(script, refresh, 0.0)
+    }
+
+    fn secret(t: &BearerToken) -> String {
+        t.access_token.expose_secret().to_owned()
+    }
+
+    /// Lets spawned tasks run until they block (the paused clock only
+    /// auto-advances when every task is idle, so this does not move time).
     async fn settle() {
-        for _ in 0..10 {
+        for _ in 0..20 {
             tokio::task::yield_now().await;
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_cached_token_is_shared_until_the_refresh_window() {
-        let script = Script::answers(&[Ok(3600)]);
-        let c = creds(&script, 300);
-        let t0 = c.bearer(FLOOR, None).await.unwrap();
-        assert_eq!(secret(&t0), "token-0");
-        assert_eq!(t0.scopes, ["a", "b"]);
-        tokio::time::advance(Duration::from_secs(3000)).await;
-        let again = c.bearer(FLOOR, None).await.unwrap();
-        assert!(Arc::ptr_eq(&t0, &again));
-        assert_eq!(script.calls(), 1);
-        assert_eq!(
-            t0.expires_at_wall,
-            SystemTime::UNIX_EPOCH + Duration::from_secs(3600)
-        );
+    /// Moves the paused clock forward, letting due timers and tasks run.
+    async fn advance(secs: u64) {
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        settle().await;
     }
 
     #[tokio::test(start_paused = true)]
-    async fn refresh_ahead_serves_the_old_token_while_fetching_a_new_one() {
+    async fn warm_start_fetches_before_anyone_asks() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds(&script, 300);
+        settle().await;
+        assert_eq!(script.calls(), 1);
+        assert_eq!(*c.health().borrow(), TokenHealth::Usable);
+        let t = c.bearer(FLOOR, None).await.unwrap();
+        assert_eq!(secret(&t), "token-0");
+        assert_eq!(t.scopes, ["a", "b"]);
+        assert_eq!(
+            t.expires_at_wall,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(3600)
+        );
+        assert_eq!(script.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_is_renewed_in_the_background_inside_the_window() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds_with(&script, 300, 1.0);
+        let t0 = c.bearer(FLOOR, None).await.unwrap();
+        // jitter 1.0: renewal at expires - lead/2 = 3450 s.
+        assert_eq!(t0.refresh_at, t0.expires_at - Duration::from_secs(150));
+        advance(3449).await;
+        assert_eq!(script.calls(), 1);
+        assert!(Arc::ptr_eq(&t0, &c.bearer(FLOOR, None).await.unwrap()));
+        advance(1).await;
+        assert_eq!(script.calls(), 2, "renewed with nobody asking");
+        assert_eq!(secret(&c.bearer(FLOOR, None).await.unwrap()), "token-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_points_are_spread_over_the_first_half_of_the_window() {
+        for (jitter, expect) in [(0.0, 300), (0.5, 225), (0.999, 150)] {
+            let script = Script::answers(&[Ok(3600)]);
+            let c = creds_with(&script, 300, jitter);
+            let t = c.bearer(FLOOR, None).await.unwrap();
+            let lead = t.expires_at - t.refresh_at;
+            assert!(
+                lead.as_secs().abs_diff(expect) <= 1,
+                "jitter {jitter}: {lead:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_are_served_the_old_token_while_the_renewal_is_slow() {
         let script = Script::answers(&[Ok(3600)]);
         let c = creds(&script, 300);
         c.bearer(FLOOR, None).await.unwrap();
-        tokio::time::advance(Duration::from_secs(3301)).await; // inside the 5 min window
-        let during = c.bearer(FLOOR, None).await.unwrap();
-        assert_eq!(
-            secret(&during),
-            "token-0",
-            "no caller waits while a valid token is cached"
-        );
-        settle().await;
+        *script.0.latency.lock().unwrap() = Duration::from_secs(20);
+        advance(3300).await; // the renewal starts and takes 20 s
         assert_eq!(script.calls(), 2);
-        let after = c.bearer(FLOOR, None).await.unwrap();
-        assert_eq!(secret(&after), "token-1");
+        let during = tokio::time::timeout(Duration::ZERO, c.bearer(FLOOR, None)).await;
+        assert_eq!(secret(&during.expect("no waiting").unwrap()), "token-0");
+        advance(20).await;
+        assert_eq!(secret(&c.bearer(FLOOR, None).await.unwrap()), "token-1");
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_floor_is_never_undercut() {
         let script = Script::answers(&[Ok(3600)]);
-        // refresh lead shorter than the floor: the floor still wins.
+        // A refresh lead shorter than the floor: the floor still wins.
         let c = creds(&script, 10);
         c.bearer(FLOOR, None).await.unwrap();
+        script.then(&[Err(503)]); // and renewal keeps failing
         tokio::time::advance(Duration::from_secs(3600 - 29)).await;
-        let t = c.bearer(FLOOR, None).await.unwrap();
-        assert_eq!(secret(&t), "token-1", "29 s left is under the 30 s floor");
-        assert!(t.remaining(Instant::now()) >= FLOOR);
+        let e = c.bearer(FLOOR, None).await.err().unwrap();
+        assert!(
+            matches!(e, TokenError::Upstream(_) | TokenError::BackingOff { .. }),
+            "{e:?}"
+        );
+        assert_eq!(*c.health().borrow(), TokenHealth::Unusable);
     }
 
     #[tokio::test(start_paused = true)]
@@ -421,7 +735,7 @@ mod tests {
         let script = Script::answers(&[Ok(3600)]);
         let c = creds(&script, 300);
         c.bearer(FLOOR, None).await.unwrap();
-        tokio::time::advance(Duration::from_secs(1200)).await;
+        advance(1200).await;
         // 40 min left; asking for 50 min fetches a fresh one.
         let t = c.bearer(Duration::from_secs(3000), None).await.unwrap();
         assert_eq!(secret(&t), "token-1");
@@ -441,16 +755,15 @@ mod tests {
         let c = creds(&script, 300); // 5 min lead on a 2 min token
         let t = c.bearer(Duration::ZERO, None).await.unwrap();
         assert_eq!(t.refresh_at, t.expires_at - Duration::from_secs(60));
-        tokio::time::advance(Duration::from_secs(30)).await;
-        c.bearer(Duration::ZERO, None).await.unwrap();
-        settle().await;
-        assert_eq!(script.calls(), 1, "not refreshed on every use");
+        advance(59).await;
+        assert_eq!(script.calls(), 1, "not renewed before its time");
+        advance(1).await;
+        assert_eq!(script.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_thousand_waiters_cause_one_identity_request() {
-        let script = Script::answers(&[Ok(3600)]);
-        *script.0.latency.lock().unwrap() = Duration::from_millis(200);
+        let script = Script::answers(&[Ok(3600)]).latency(Duration::from_millis(200));
         let c = Arc::new(creds(&script, 300));
         let mut tasks = Vec::new();
         for _ in 0..1000 {
@@ -467,35 +780,67 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failed_refresh_keeps_serving_the_valid_token() {
-        let script = Script::answers(&[Ok(3600), Err(503)]);
-        let c = creds(&script, 300);
-        c.bearer(FLOOR, None).await.unwrap();
-        tokio::time::advance(Duration::from_secs(3400)).await;
+    async fn a_failed_refresh_keeps_serving_the_valid_token_and_retries_with_backoff() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds_with(&script, 300, 0.0);
         let t = c.bearer(FLOOR, None).await.unwrap();
-        settle().await;
-        assert_eq!(script.calls(), 2, "the refresh was attempted");
-        let still = c.bearer(FLOOR, None).await.unwrap();
+        script.then(&[Err(503)]);
+        // Identity down from the renewal point (3300 s) for 200 s.
+        advance(3300).await;
+        let mut attempts = vec![script.calls()];
+        for _ in 0..200 {
+            advance(1).await;
+            let still = c.bearer(FLOOR, None).await.unwrap();
+            assert!(
+                Arc::ptr_eq(&t, &still),
+                "every caller still gets the valid token"
+            );
+            attempts.push(script.calls());
+        }
+        assert_eq!(*c.health().borrow(), TokenHealth::Usable);
+        // Backoff 0.5, 1, 2, 4, 8, 15, 15, ... s (equal jitter at 0): about
+        // 17 attempts in 200 s, not 200.
+        let failed = script.calls() - 1;
         assert!(
-            Arc::ptr_eq(&t, &still),
-            "the failure did not evict the valid token"
+            (10..=20).contains(&failed),
+            "{failed} attempts in 200 s: {attempts:?}"
         );
-        // Past the floor the token is no longer served, and the failure shows.
-        tokio::time::advance(Duration::from_secs(180)).await;
-        let e = c.bearer(FLOOR, None).await.err().unwrap();
-        assert!(
-            matches!(
-                e,
-                TokenError::Upstream(UpstreamError::Status { status: 503, .. })
-            ),
-            "{e:?}"
+        script.then(&[Ok(3600)]);
+        advance(16).await;
+        assert_ne!(
+            secret(&c.bearer(FLOOR, None).await.unwrap()),
+            "token-0",
+            "recovered"
         );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn waiters_give_up_at_their_deadline_but_the_load_goes_on() {
-        let script = Script::answers(&[Ok(3600)]);
-        *script.0.latency.lock().unwrap() = Duration::from_secs(5);
+    async fn with_no_usable_token_callers_fail_fast_and_do_not_storm() {
+        let script = Script::answers(&[Err(503)]);
+        let c = Arc::new(creds(&script, 300));
+        settle().await;
+        assert_eq!(script.calls(), 1, "the warm start failed");
+        assert_eq!(*c.health().borrow(), TokenHealth::Unusable);
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let c = Arc::clone(&c);
+            tasks.push(tokio::spawn(async move { c.bearer(FLOOR, None).await }));
+        }
+        for t in tasks {
+            match t.await.unwrap() {
+                Err(TokenError::BackingOff { error, retry_in }) => {
+                    assert_eq!(error.status(), Some(503));
+                    assert!(retry_in <= Duration::from_secs(1), "{retry_in:?}");
+                }
+                other => panic!("expected a fast failure, got {:?}", other.map(|_| ())),
+            }
+        }
+        assert_eq!(script.calls(), 1, "100 callers, no extra identity request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_give_up_at_their_deadline_but_the_fetch_goes_on() {
+        let script = Script::answers(&[Ok(3600)]).latency(Duration::from_secs(5));
         let c = creds(&script, 300);
         let e = c
             .bearer(FLOOR, Some(Instant::now() + Duration::from_secs(1)))
@@ -505,7 +850,11 @@ mod tests {
         assert!(matches!(e, TokenError::DeadlineExceeded), "{e:?}");
         let t = c.bearer(FLOOR, None).await.unwrap();
         assert_eq!(secret(&t), "token-0");
-        assert_eq!(script.calls(), 1, "the second caller joined the first load");
+        assert_eq!(
+            script.calls(),
+            1,
+            "the second caller joined the first fetch"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -522,5 +871,79 @@ mod tests {
             "a late 401 on the old token keeps the new one"
         );
         assert_eq!(script.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_cache_stops_its_refresher() {
+        let script = Script::answers(&[Ok(120)]);
+        let c = creds(&script, 300);
+        settle().await;
+        drop(c);
+        advance(3600).await;
+        assert_eq!(script.calls(), 1);
+    }
+
+    fn config(name: &str, key: &str, terminals: &[&str]) -> CredentialConfig {
+        CredentialConfig {
+            name: name.into(),
+            api_key: SecretString::from(key.to_owned()),
+            terminals: terminals.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    fn setup<'a>(
+        script: &Script,
+        clock: &'a Clock,
+        entropy: &'a SharedEntropy,
+        spread: u64,
+    ) -> TokensSetup<'a, Script> {
+        TokensSetup {
+            source: script.clone(),
+            policy: TokenPolicy::new(Duration::from_secs(300), FLOOR),
+            clock,
+            entropy,
+            warm_start_concurrency: 2,
+            warm_start_spread: Duration::from_secs(spread),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warm_start_is_spread_out_and_reload_keeps_unchanged_credentials() {
+        let script = Script::answers(&[Ok(3600)]);
+        let clock = Clock::starting_at(SystemTime::UNIX_EPOCH);
+        let entropy: SharedEntropy = Arc::new(crate::clock::OsEntropy);
+        let creds: Vec<_> = (0..6)
+            .map(|i| config(&format!("c{i}"), &format!("k{i}"), &[&format!("100{i}")]))
+            .collect();
+        let tokens = Tokens::new(&creds, setup(&script, &clock, &entropy, 10), None);
+        settle().await;
+        assert!(script.calls() < 6, "first fetches are spread over 10 s");
+        tokio::time::timeout(Duration::from_secs(11), tokens.warmed())
+            .await
+            .expect("warm within the spread");
+        assert_eq!(script.calls(), 6);
+
+        // Reload: c0 unchanged, c1 with a rotated key, c2..c5 removed, c6 new.
+        let next = vec![
+            config("c0", "k0", &["1000", "2000"]),
+            config("c1", "k1-rotated", &["1001"]),
+            config("c6", "k6", &["1006"]),
+        ];
+        let old_c0 = tokens.for_terminal("1000").unwrap().cached().unwrap();
+        let reloaded = Tokens::new(&next, setup(&script, &clock, &entropy, 0), Some(&tokens));
+        drop(tokens);
+        settle().await;
+        assert_eq!(
+            script.calls(),
+            8,
+            "only the rotated and the new credential fetch"
+        );
+        let kept = reloaded.for_terminal("2000").unwrap().cached().unwrap();
+        assert!(
+            Arc::ptr_eq(&old_c0, &kept),
+            "c0's token survived the reload"
+        );
+        assert!(reloaded.for_terminal("1002").is_none());
+        assert_eq!(&*reloaded.for_terminal("1006").unwrap().name, "c6");
     }
 }

@@ -50,16 +50,20 @@ async fn one_token_per_credential_is_shared_by_callers_and_terminals() {
     let a = h.bearer("1234001").await.unwrap();
     let b = h.bearer("1234002").await.unwrap();
     assert_eq!(a.access_token, b.access_token);
-    assert_eq!(h.sim.stats().identity_requests, 1);
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 1);
     let other = h.bearer("5678001").await.unwrap();
     assert_eq!(other.credential, "globex");
     assert_ne!(other.access_token, a.access_token);
-    assert_eq!(h.sim.stats().identity_requests, 2);
+    assert_eq!(h.sim.identity_requests(KEY_GLOBEX), 1);
 }
 
 #[tokio::test]
 async fn concurrent_callers_cause_one_identity_request() {
-    let h = Harness::start().await;
+    let h = Harness::with(Options {
+        cold: true,
+        ..Options::default()
+    })
+    .await;
     h.sim
         .faults()
         .set_latency(SimEndpoint::Identity, Duration::from_millis(200));
@@ -75,7 +79,7 @@ async fn concurrent_callers_cause_one_identity_request() {
     for r in results {
         assert_eq!(r.unwrap().access_token, first);
     }
-    assert_eq!(h.sim.stats().identity_requests, 1);
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 1);
 }
 
 #[tokio::test]
@@ -105,7 +109,11 @@ async fn min_validity_longer_than_a_token_lives_is_out_of_range() {
         .await
         .unwrap_err();
     expect_code(e, Code::OutOfRange);
-    assert_eq!(h.sim.stats().identity_requests, 1);
+    assert_eq!(
+        h.sim.identity_requests(KEY_ACME),
+        1,
+        "the warm start's fetch only"
+    );
     // Within the lifetime it is served.
     c.get_bearer_token(GetBearerTokenRequest {
         processing_terminal_id: "1234001".into(),
@@ -120,7 +128,11 @@ async fn min_validity_longer_than_a_token_lives_is_out_of_range() {
 
 #[tokio::test]
 async fn a_short_lived_token_is_replaced_when_min_validity_demands() {
-    let h = Harness::start().await;
+    let h = Harness::with(Options {
+        cold: true,
+        ..Options::default()
+    })
+    .await;
     h.sim.set_token_lifetime(Duration::from_secs(40));
     let first = h.bearer("1234001").await.unwrap();
     // 40 s lifetime: the 30 s floor is met, but a full 40 s no longer is (the
@@ -140,12 +152,13 @@ async fn a_short_lived_token_is_replaced_when_min_validity_demands() {
         .unwrap()
         .into_inner();
     assert_ne!(r.access_token, first.access_token);
-    assert_eq!(h.sim.stats().identity_requests, 2);
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 2);
 }
 
 #[tokio::test]
 async fn bearer_request_fields_are_validated() {
     let h = Harness::start().await;
+    let before = h.sim.stats();
     let e = h
         .client
         .clone()
@@ -168,20 +181,20 @@ async fn bearer_request_fields_are_validated() {
     assert_eq!(violated_fields(&d), ["processing_terminal_id"]);
     let e = h.bearer(&"1".repeat(51)).await.unwrap_err();
     expect_code(e, Code::InvalidArgument);
-    assert_eq!(h.sim.stats().identity_requests, 0);
+    assert_eq!(h.sim.stats(), before, "Payroc was not asked");
 }
 
 #[tokio::test]
 async fn an_unknown_terminal_is_not_found() {
     let h = Harness::start().await;
+    let before = h.sim.stats();
     let (s, _) = expect_code(h.bearer("9999999").await.unwrap_err(), Code::NotFound);
     assert!(s.message().contains("9999999"), "{}", s.message());
     expect_code(
         h.session(payment("9999999")).await.unwrap_err(),
         Code::NotFound,
     );
-    assert_eq!(h.sim.stats().identity_requests, 0);
-    assert_eq!(h.sim.stats().session_requests, 0);
+    assert_eq!(h.sim.stats(), before, "Payroc was not asked");
 }
 
 #[tokio::test]
@@ -196,13 +209,20 @@ async fn a_rejected_api_key_is_failed_precondition() {
     assert_eq!(info.reason, "NOT_AUTHORIZED");
     assert_eq!(info.metadata.get("status").map(String::as_str), Some("401"));
     assert!(!s.message().contains("revoked-api-key"), "{}", s.message());
-    // Not retried: the key will not get better.
-    assert_eq!(h.sim.stats().identity_requests, 1);
+    // Not retried within a fetch (the key will not get better); the RPC got
+    // the warm start's failure at once rather than asking again.
+    let asked = h.sim.identity_requests(KEY_REVOKED);
+    assert!(asked <= 2, "{asked}");
+    assert!(d.retry_info().is_none(), "no point retrying soon");
 }
 
 #[tokio::test]
 async fn identity_forbidden_is_failed_precondition() {
-    let h = Harness::start().await;
+    let h = Harness::with(Options {
+        cold: true,
+        ..Options::default()
+    })
+    .await;
     h.sim
         .faults()
         .push(SimEndpoint::Identity, Fault::status(403), 1);
@@ -215,32 +235,52 @@ async fn identity_forbidden_is_failed_precondition() {
 
 #[tokio::test]
 async fn identity_outages_are_retried_then_unavailable() {
-    let h = Harness::start().await;
+    let cold = Options {
+        cold: true,
+        ..Options::default()
+    };
+    let h = Harness::with(cold.clone()).await;
     h.sim
         .faults()
         .push(SimEndpoint::Identity, Fault::status(503), 2);
     h.bearer("1234001").await.unwrap();
-    assert_eq!(h.sim.stats().identity_requests, 3);
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 3);
 
-    let h = Harness::start().await;
+    let h = Harness::with(cold).await;
     h.sim
         .faults()
         .always(SimEndpoint::Identity, Some(Fault::status(503)));
     let (_, d) = expect_code(h.bearer("1234001").await.unwrap_err(), Code::Unavailable);
     assert_eq!(d.error_info().unwrap().reason, "API_ERROR");
-    assert_eq!(h.sim.stats().identity_requests, 3, "max_attempts = 3");
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 3, "max_attempts = 3");
+    // The next caller fails fast, told when the broker will try again.
+    let (_, d) = expect_code(h.bearer("1234002").await.unwrap_err(), Code::Unavailable);
+    let wait = d.retry_info().and_then(|r| r.retry_delay);
+    assert!(
+        wait.is_some_and(|w| w <= Duration::from_secs(1)),
+        "{wait:?}"
+    );
+    assert_eq!(
+        h.sim.identity_requests(KEY_ACME),
+        3,
+        "no new identity request while backing off"
+    );
 }
 
 #[tokio::test]
 async fn malformed_identity_answers_are_internal() {
-    let h = Harness::start().await;
+    let h = Harness::with(Options {
+        cold: true,
+        ..Options::default()
+    })
+    .await;
     h.sim
         .faults()
         .push(SimEndpoint::Identity, Fault::malformed(), 1);
     let (s, _) = expect_code(h.bearer("1234001").await.unwrap_err(), Code::Internal);
     assert!(s.message().contains("malformed"), "{}", s.message());
-    // The broker is still fine.
-    h.bearer("1234001").await.unwrap();
+    // The broker is still fine: another credential works.
+    h.bearer("5678001").await.unwrap();
 }
 
 // ---- CreateSession -----------------------------------------------------------
@@ -334,6 +374,7 @@ async fn a_repeated_idempotency_key_replays_the_session() {
 #[tokio::test]
 async fn session_request_fields_are_validated_together() {
     let h = Harness::start().await;
+    let before = h.sim.stats();
     let e = h
         .session(CreateSessionRequest {
             processing_terminal_id: "123".into(),
@@ -370,8 +411,7 @@ async fn session_request_fields_are_validated_together() {
         Code::InvalidArgument,
     );
     assert_eq!(violated_fields(&d), ["idempotency_key"]);
-    assert_eq!(h.sim.stats().session_requests, 0);
-    assert_eq!(h.sim.stats().identity_requests, 0);
+    assert_eq!(h.sim.stats(), before, "Payroc was not asked");
 }
 
 #[tokio::test]
@@ -394,7 +434,7 @@ async fn a_revoked_bearer_token_is_refreshed_once_and_the_session_retried() {
         Some(r.idempotency_key.as_str())
     );
     assert_ne!(sent[0].authorization_token, sent[1].authorization_token);
-    assert_eq!(h.sim.stats().identity_requests, 2);
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 2);
     // The broker now hands out the new token.
     let after = h.bearer("1234001").await.unwrap();
     assert_ne!(after.access_token, before.access_token);
@@ -414,7 +454,7 @@ async fn many_concurrent_401s_cause_one_refresh() {
         r.unwrap();
     }
     assert_eq!(
-        h.sim.stats().identity_requests,
+        h.sim.identity_requests(KEY_ACME),
         2,
         "one initial fetch, one refresh"
     );
@@ -434,7 +474,7 @@ async fn a_second_401_after_the_refresh_is_failed_precondition() {
     assert!(s.message().contains("freshly fetched"), "{}", s.message());
     assert_eq!(d.error_info().unwrap().reason, "NOT_AUTHORIZED");
     assert_eq!(h.sim.stats().session_requests, 2, "retried exactly once");
-    assert_eq!(h.sim.stats().identity_requests, 2);
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 2);
 }
 
 #[tokio::test]
@@ -576,7 +616,11 @@ async fn a_slow_payroc_gives_deadline_exceeded_on_time() {
     expect_code(e, Code::DeadlineExceeded);
 
     // Waiting on a slow identity fetch is bounded the same way.
-    let h = Harness::start().await;
+    let h = Harness::with(Options {
+        cold: true,
+        ..Options::default()
+    })
+    .await;
     h.sim
         .faults()
         .set_latency(SimEndpoint::Identity, Duration::from_secs(5));
@@ -593,6 +637,7 @@ async fn a_slow_payroc_gives_deadline_exceeded_on_time() {
 async fn upstream_timeouts_are_unavailable() {
     let h = Harness::with(Options {
         payroc: "max_attempts = 1",
+        cold: true,
         ..Options::default()
     })
     .await;
@@ -614,6 +659,11 @@ async fn a_dead_payroc_is_unavailable() {
         }
         tokio::task::yield_now().await;
     }
-    let (s, _) = expect_code(h.bearer("1234001").await.unwrap_err(), Code::Unavailable);
+    let (s, _) = expect_code(
+        h.session(payment("1234001")).await.unwrap_err(),
+        Code::Unavailable,
+    );
     assert!(s.message().contains("could not reach"), "{}", s.message());
+    // The cached Bearer token is still served: that needs no Payroc.
+    h.bearer("1234001").await.unwrap();
 }

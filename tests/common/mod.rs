@@ -15,8 +15,16 @@ use payroc_broker::{
     server::{self, ServeError},
     sim::{SimAccount, SimConfig, SimPayroc},
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Code, Status, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_types::{ErrorDetails, StatusExt};
 
 pub const KEY_ACME: &str = "acme-api-key-0f3b9c2e71";
@@ -31,7 +39,14 @@ pub struct Options {
     pub payroc: &'static str,
     /// `[[callers]]` tables (empty: open mode).
     pub callers: &'static str,
+    /// Extra `[[credentials]]` tables.
+    pub credentials: &'static str,
+    /// No warm start: first tokens are fetched on demand (the first fetches
+    /// are put off by up to a day), for tests of the on-demand path.
+    pub cold: bool,
 }
+
+pub const KEY_REVOKED: &str = "revoked-api-key-000000";
 
 /// Standard setup:
 /// - Payroc account A (KEY_ACME) covers 1234001, 1234002.
@@ -47,6 +62,7 @@ pub struct Harness {
     pub channel: Channel,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), ServeError>>>,
+    reload: mpsc::Sender<Config>,
 }
 
 impl Harness {
@@ -67,57 +83,22 @@ impl Harness {
         ))
         .await
         .expect("simulator starts");
-        let text = format!(
-            r#"
-            [server]
-            shutdown_grace = "5s"
-            [payroc]
-            identity_url = "{identity}"
-            api_url = "{api}"
-            request_timeout = "2s"
-            {extra}
-            [[credentials]]
-            name = "acme"
-            api_key_env = "KEY_ACME"
-            terminals = ["1234001", "1234002", "5678002", "4444001"]
-            [[credentials]]
-            name = "globex"
-            api_key_env = "KEY_GLOBEX"
-            terminals = ["5678001"]
-            [[credentials]]
-            name = "revoked"
-            api_key_env = "KEY_REVOKED"
-            terminals = ["7777001"]
-            {callers}
-            "#,
-            identity = sim.identity_url(),
-            api = sim.api_url(),
-            extra = opts.payroc,
-            callers = opts.callers,
-        );
-        let env = |name: &str| {
-            Some(
-                match name {
-                    "KEY_ACME" => KEY_ACME,
-                    "KEY_GLOBEX" => KEY_GLOBEX,
-                    "KEY_REVOKED" => "revoked-api-key-000000",
-                    "CALLER_WEB" => CALLER_WEB,
-                    "CALLER_OPS" => CALLER_OPS,
-                    _ => return None,
-                }
-                .to_owned(),
-            )
-        };
-        let config = Config::parse(&text, Path::new("test.toml"), Path::new("."), &env)
-            .unwrap_or_else(|e| panic!("test config is valid:\n{e}"));
-
+        let config = config_for(&sim, &opts);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (reload, reloads) = mpsc::channel::<Config>(1);
         let server = tokio::spawn(async move {
-            server::serve(listener, &config, clock, entropy, async {
-                let _ = stopped.await;
-            })
+            server::serve(
+                listener,
+                &config,
+                clock,
+                entropy,
+                async {
+                    let _ = stopped.await;
+                },
+                ReceiverStream::new(reloads),
+            )
             .await
         });
         let channel = Channel::from_shared(format!("http://{addr}"))
@@ -125,6 +106,10 @@ impl Harness {
             .connect()
             .await
             .expect("broker accepts connections");
+        if !opts.cold {
+            // Ready once warm: every credential's first fetch is done.
+            wait_for_health(&channel, "", ServingStatus::Serving).await;
+        }
         Harness {
             sim,
             addr,
@@ -132,7 +117,14 @@ impl Harness {
             channel,
             stop: Some(stop),
             server: Some(server),
+            reload,
         }
+    }
+
+    /// Applies a new configuration (the standard one with `opts`), as SIGHUP
+    /// would after validating the file.
+    pub async fn reload(&self, opts: &Options) {
+        self.reload.send(config_for(&self.sim, opts)).await.unwrap();
     }
 
     /// Begins graceful shutdown, as SIGTERM would.
@@ -182,6 +174,85 @@ impl Drop for Harness {
     fn drop(&mut self) {
         self.begin_shutdown();
     }
+}
+
+/// The standard configuration (see [`Harness`]) pointing at `sim`.
+pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
+    let text = format!(
+        r#"
+        [server]
+        shutdown_grace = "5s"
+        warm_start_timeout = "{warm_timeout}"
+        [payroc]
+        identity_url = "{identity}"
+        api_url = "{api}"
+        request_timeout = "2s"
+        warm_start_spread = "{spread}"
+        {extra}
+        [[credentials]]
+        name = "acme"
+        api_key_env = "KEY_ACME"
+        terminals = ["1234001", "1234002", "5678002", "4444001"]
+        [[credentials]]
+        name = "globex"
+        api_key_env = "KEY_GLOBEX"
+        terminals = ["5678001"]
+        [[credentials]]
+        name = "revoked"
+        api_key_env = "KEY_REVOKED"
+        terminals = ["7777001"]
+        {credentials}
+        {callers}
+        "#,
+        identity = sim.identity_url(),
+        api = sim.api_url(),
+        extra = opts.payroc,
+        callers = opts.callers,
+        credentials = opts.credentials,
+        spread = if opts.cold { "24h" } else { "0s" },
+        warm_timeout = if opts.cold { "0s" } else { "10s" },
+    );
+    let env = |name: &str| {
+        Some(
+            match name {
+                "KEY_ACME" => KEY_ACME,
+                "KEY_GLOBEX" => KEY_GLOBEX,
+                "KEY_REVOKED" => KEY_REVOKED,
+                "CALLER_WEB" => CALLER_WEB,
+                "CALLER_OPS" => CALLER_OPS,
+                _ => return None,
+            }
+            .to_owned(),
+        )
+    };
+    Config::parse(&text, Path::new("test.toml"), Path::new("."), &env)
+        .unwrap_or_else(|e| panic!("test config is valid:\n{e}"))
+}
+
+/// Waits (at most 10 s) until the health service reports `status` for `service`.
+pub async fn wait_for_health(channel: &Channel, service: &str, status: ServingStatus) {
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(r)) = watch.next().await {
+            if r.status() == status {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        seen,
+        Ok(true),
+        "health of {service:?} never became {status:?}"
+    );
 }
 
 /// A CreateSession request for a terminal with the payment scenario.
