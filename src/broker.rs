@@ -74,7 +74,12 @@ impl Broker {
             &config.credentials,
             TokensSetup {
                 source: Arc::clone(&client),
-                policy: TokenPolicy::new(p.refresh_before_expiry, p.min_token_validity),
+                policy: TokenPolicy {
+                    refresh_before_expiry: p.refresh_before_expiry,
+                    floor: p.min_token_validity,
+                    failure_backoff: p.identity_backoff,
+                    max_failure_backoff: p.identity_max_backoff,
+                },
                 clock: &clock,
                 entropy: &entropy,
                 warm_start_concurrency: p.warm_start_concurrency,

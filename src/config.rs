@@ -88,6 +88,10 @@ pub struct PayrocConfig {
     pub warm_start_concurrency: usize,
     /// First identity fetches are spread at random over this long.
     pub warm_start_spread: Duration,
+    /// Wait after a failed identity fetch before the next; doubles with
+    /// each consecutive failure up to `identity_max_backoff`.
+    pub identity_backoff: Duration,
+    pub identity_max_backoff: Duration,
 }
 
 /// One Payroc API key and the terminals it serves.
@@ -226,12 +230,12 @@ impl Config {
             problems,
         };
         let raw: RawConfig = {
-            let de =
-                toml::Deserializer::parse(text).map_err(|e| fail(vec![toml_problem("", &e)]))?;
+            let de = toml::Deserializer::parse(text)
+                .map_err(|e| fail(vec![toml_problem("", &e, text)]))?;
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let key = e.path().to_string();
                 let key = if key == "." { String::new() } else { key };
-                fail(vec![toml_problem(&key, e.inner())])
+                fail(vec![toml_problem(&key, e.inner(), text)])
             })?
         };
         let mut v = Validator {
@@ -248,8 +252,23 @@ impl Config {
     }
 }
 
-fn toml_problem(key: &str, e: &toml::de::Error) -> Problem {
-    let reason = e.message().trim_end().to_owned();
+/// A TOML error as one line: the message, and where it is when the key path
+/// alone does not say (syntax errors, duplicate keys).
+fn toml_problem(key: &str, e: &toml::de::Error, text: &str) -> Problem {
+    let mut reason = e.message().trim_end().to_owned();
+    if let Some(span) = e.span().filter(|_| key.is_empty()) {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let snippet: String = text[span.start.min(text.len())..span.end.min(text.len())]
+            .chars()
+            .take(60)
+            .collect();
+        reason = format!("line {line}, column {column}: {reason}");
+        if !snippet.trim().is_empty() {
+            reason.push_str(&format!(" (`{}`)", snippet.trim()));
+        }
+    }
     Problem {
         key: key.to_owned(),
         reason,
@@ -297,6 +316,8 @@ struct RawPayroc {
     max_concurrent_sessions: Option<usize>,
     warm_start_concurrency: Option<usize>,
     warm_start_spread: Option<String>,
+    identity_backoff: Option<String>,
+    identity_max_backoff: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -336,6 +357,8 @@ pub mod defaults {
     pub const MAX_CONCURRENT_SESSIONS: usize = 64;
     pub const WARM_START_CONCURRENCY: usize = 4;
     pub const WARM_START_SPREAD: Duration = Duration::from_secs(2);
+    pub const IDENTITY_BACKOFF: Duration = Duration::from_secs(1);
+    pub const IDENTITY_MAX_BACKOFF: Duration = Duration::from_secs(30);
 }
 
 struct Validator<'a> {
@@ -491,6 +514,25 @@ impl Validator<'_> {
             raw.warm_start_spread,
             defaults::WARM_START_SPREAD,
         );
+        let identity_backoff = self.duration(
+            "payroc.identity_backoff",
+            raw.identity_backoff,
+            defaults::IDENTITY_BACKOFF,
+        );
+        let identity_max_backoff = self.duration(
+            "payroc.identity_max_backoff",
+            raw.identity_max_backoff,
+            defaults::IDENTITY_MAX_BACKOFF,
+        );
+        if identity_backoff.is_zero() {
+            self.problem("payroc.identity_backoff", "must be longer than zero");
+        }
+        if identity_max_backoff < identity_backoff {
+            self.problem(
+                "payroc.identity_max_backoff",
+                "must not be shorter than identity_backoff",
+            );
+        }
         PayrocConfig {
             environment,
             identity_url,
@@ -504,6 +546,8 @@ impl Validator<'_> {
             max_concurrent_sessions,
             warm_start_concurrency,
             warm_start_spread,
+            identity_backoff,
+            identity_max_backoff,
         }
     }
 
@@ -1042,7 +1086,12 @@ mod tests {
     #[test]
     fn syntax_errors_name_the_file() {
         let p = problems("[server\nlisten = 1");
-        assert!(p[0].starts_with("broker.toml: "), "{p:?}");
+        assert!(p[0].starts_with("broker.toml: line 1, column "), "{p:?}");
+        let p = problems("[server]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"");
+        assert!(
+            p[0].starts_with("broker.toml: line 3, column 1: duplicate key (`listen`)"),
+            "{p:?}"
+        );
         let p = problems("[server]\nlisten = 5");
         assert!(
             p[0].starts_with("broker.toml: server.listen: invalid type"),

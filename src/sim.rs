@@ -276,6 +276,8 @@ pub struct SessionRecord {
     pub body: String,
     /// 0 while unanswered (or if the client went away first).
     pub status: u16,
+    /// When it arrived, on the simulator's clock.
+    pub received_at: Instant,
 }
 
 /// A running simulator. Cloning is cheap; the server stops on
@@ -468,6 +470,7 @@ async fn create_session(
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default(),
             status: 0,
+            received_at: sim.config.clock.now(),
         });
         books.sessions.len() - 1
     };
@@ -1004,6 +1007,7 @@ mod tests {
             authorization_token: Some(token),
             body: BODY.to_owned(),
             status: 201,
+            received_at: sim.sessions()[0].received_at,
         };
         assert_eq!(sim.sessions(), [record]);
     }

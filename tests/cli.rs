@@ -261,3 +261,148 @@ async fn serve_runs_a_real_config_and_stops_cleanly_on_sigint() {
     signal(&child.0, "-INT");
     assert_eq!(exit_code(child).await, Some(0));
 }
+
+/// Every line of a child's pipe, as it comes.
+fn lines_of(
+    pipe: impl std::io::Read + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_with(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> String {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(l) = lines.recv().await {
+            if l.contains(needle) {
+                return Some(l);
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("the broker never logged `{needle}`"))
+}
+
+#[tokio::test]
+async fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
+    let sim = SimPayroc::start(SimConfig::new(
+        Clock::system(),
+        Arc::new(OsEntropy),
+        vec![
+            SimAccount::new("hup-key-acme-123456", &["1234001"]),
+            SimAccount::new("hup-key-globex-123456", &["5678001"]),
+        ],
+    ))
+    .await
+    .unwrap();
+    let base = format!(
+        "[payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n[[credentials]]\nname = \"acme\"\n\
+         api_key_env = \"HUP_ACME\"\nterminals = [\"1234001\"]\n",
+        sim.identity_url(),
+        sim.api_url()
+    );
+    let path = temp_config("hup.toml", &base);
+    let mut child = broker()
+        .args([
+            "serve",
+            "--allow-unauthenticated",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&path)
+        .env("HUP_ACME", "hup-key-acme-123456")
+        .env("HUP_GLOBEX", "hup-key-globex-123456")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = lines_of(child.stderr.take().unwrap());
+    let child = Running(child);
+    let line = next_with(&mut lines, "payroc-broker serving").await;
+    let addr: SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let ask = |t: &str| GetBearerTokenRequest {
+        processing_terminal_id: t.into(),
+        min_validity: None,
+    };
+    let acme = c
+        .get_bearer_token(ask("1234001"))
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    assert_eq!(
+        c.get_bearer_token(ask("5678001")).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+
+    // A new credential.
+    std::fs::write(
+        &path,
+        format!("{base}[[credentials]]\nname = \"globex\"\napi_key_env = \"HUP_GLOBEX\"\nterminals = [\"5678001\"]\n"),
+    )
+    .unwrap();
+    signal(&child.0, "-HUP");
+    next_with(&mut lines, "configuration reloaded").await;
+    assert_eq!(
+        c.get_bearer_token(ask("5678001"))
+            .await
+            .unwrap()
+            .into_inner()
+            .credential,
+        "globex"
+    );
+    assert_eq!(
+        c.get_bearer_token(ask("1234001"))
+            .await
+            .unwrap()
+            .into_inner()
+            .access_token,
+        acme,
+        "token kept"
+    );
+
+    // A broken file: refused, named, and the running configuration stays.
+    std::fs::write(&path, base.replace("HUP_ACME", "HUP_MISSING")).unwrap();
+    signal(&child.0, "-HUP");
+    let refused = next_with(&mut lines, "reload refused").await;
+    assert!(refused.contains("credentials[0].api_key_env"), "{refused}");
+    assert!(refused.contains("HUP_MISSING"), "{refused}");
+    assert_eq!(
+        c.get_bearer_token(ask("5678001"))
+            .await
+            .unwrap()
+            .into_inner()
+            .credential,
+        "globex"
+    );
+
+    signal(&child.0, "-TERM");
+    assert_eq!(exit_code(child).await, Some(0));
+}

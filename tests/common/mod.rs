@@ -13,7 +13,7 @@ use payroc_broker::{
         token_broker_client::TokenBrokerClient,
     },
     server::{self, ServeError},
-    sim::{SimAccount, SimConfig, SimPayroc},
+    sim::{SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
 use tokio::{
     net::TcpListener,
@@ -44,9 +44,21 @@ pub struct Options {
     /// No warm start: first tokens are fetched on demand (the first fetches
     /// are put off by up to a day), for tests of the on-demand path.
     pub cold: bool,
+    /// Extra lines in `[server]`.
+    pub server: &'static str,
+    /// `expires_in` of the simulator's tokens in seconds (0: Payroc's 3600).
+    pub token_lifetime: u64,
+    /// Serve `globex` with its rotated key (KEY_GLOBEX_NEW).
+    pub rotate_globex: bool,
+    /// Leave out the `revoked` credential.
+    pub drop_revoked: bool,
+    /// Latency of the simulator's identity service from the start, in ms.
+    pub identity_latency_ms: u64,
 }
 
 pub const KEY_REVOKED: &str = "revoked-api-key-000000";
+/// globex's rotated key; Payroc accepts both.
+pub const KEY_GLOBEX_NEW: &str = "globex-api-key-rotated-77e1";
 
 /// Standard setup:
 /// - Payroc account A (KEY_ACME) covers 1234001, 1234002.
@@ -73,16 +85,25 @@ impl Harness {
     pub async fn with(opts: Options) -> Harness {
         let clock = Clock::system();
         let entropy: SharedEntropy = Arc::new(OsEntropy);
-        let sim = SimPayroc::start(SimConfig::new(
+        let mut sim_config = SimConfig::new(
             clock.clone(),
             Arc::clone(&entropy),
             vec![
                 SimAccount::new(KEY_ACME, &["1234001", "1234002"]),
                 SimAccount::new(KEY_GLOBEX, &["5678001", "5678002"]),
+                SimAccount::new(KEY_GLOBEX_NEW, &["5678001", "5678002"]),
             ],
-        ))
-        .await
-        .expect("simulator starts");
+        );
+        if opts.token_lifetime > 0 {
+            sim_config.token_lifetime = Duration::from_secs(opts.token_lifetime);
+        }
+        let sim = SimPayroc::start(sim_config)
+            .await
+            .expect("simulator starts");
+        sim.faults().set_latency(
+            SimEndpoint::Identity,
+            Duration::from_millis(opts.identity_latency_ms),
+        );
         let config = config_for(&sim, &opts);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -182,7 +203,8 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
         r#"
         [server]
         shutdown_grace = "5s"
-        warm_start_timeout = "{warm_timeout}"
+        {warm_start_timeout}
+        {server}
         [payroc]
         identity_url = "{identity}"
         api_url = "{api}"
@@ -195,12 +217,9 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
         terminals = ["1234001", "1234002", "5678002", "4444001"]
         [[credentials]]
         name = "globex"
-        api_key_env = "KEY_GLOBEX"
+        api_key_env = "{globex_key}"
         terminals = ["5678001"]
-        [[credentials]]
-        name = "revoked"
-        api_key_env = "KEY_REVOKED"
-        terminals = ["7777001"]
+        {revoked}
         {credentials}
         {callers}
         "#,
@@ -209,14 +228,32 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
         extra = opts.payroc,
         callers = opts.callers,
         credentials = opts.credentials,
+        server = opts.server,
+        globex_key = if opts.rotate_globex {
+            "KEY_GLOBEX_NEW"
+        } else {
+            "KEY_GLOBEX"
+        },
+        revoked = if opts.drop_revoked {
+            ""
+        } else {
+            "[[credentials]]\nname = \"revoked\"\napi_key_env = \"KEY_REVOKED\"\nterminals = [\"7777001\"]"
+        },
         spread = if opts.cold { "24h" } else { "0s" },
-        warm_timeout = if opts.cold { "0s" } else { "10s" },
+        warm_start_timeout = if opts.server.contains("warm_start_timeout") {
+            ""
+        } else if opts.cold {
+            "warm_start_timeout = \"0s\""
+        } else {
+            "warm_start_timeout = \"10s\""
+        },
     );
     let env = |name: &str| {
         Some(
             match name {
                 "KEY_ACME" => KEY_ACME,
                 "KEY_GLOBEX" => KEY_GLOBEX,
+                "KEY_GLOBEX_NEW" => KEY_GLOBEX_NEW,
                 "KEY_REVOKED" => KEY_REVOKED,
                 "CALLER_WEB" => CALLER_WEB,
                 "CALLER_OPS" => CALLER_OPS,
@@ -278,4 +315,32 @@ pub fn violated_fields(details: &ErrorDetails) -> Vec<String> {
         .bad_request()
         .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
         .unwrap_or_default()
+}
+
+/// Polls `check` until it holds, failing after 10 s. Each check is a real
+/// exchange with the server, which paces the loop.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The health status of `service`, or the gRPC code when there is none.
+pub async fn health_of(channel: &Channel, service: &str) -> Result<ServingStatus, Code> {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status())
+        .map_err(|s| s.code())
 }

@@ -1,0 +1,440 @@
+//! Fault injection: the broker riding out a misbehaving Payroc, against the
+//! simulated Payroc on loopback with short token lifetimes and real time.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use common::*;
+use payroc_broker::{
+    proto::GetBearerTokenRequest,
+    sim::{Fault, SimEndpoint},
+};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+#[tokio::test]
+async fn an_identity_outage_while_a_token_is_valid_fails_no_rpc() {
+    // 4 s tokens, renewed 1 to 2 s before expiry; single-attempt fetches
+    // retried every 100 to 200 ms; a token is usable down to 200 ms.
+    let h = Harness::with(Options {
+        token_lifetime: 4,
+        payroc: r#"refresh_before_expiry = "2s"
+            min_token_validity = "200ms"
+            max_attempts = 1
+            identity_backoff = "100ms"
+            identity_max_backoff = "200ms""#,
+        ..Options::default()
+    })
+    .await;
+    let first = h.bearer("1234001").await.unwrap().access_token;
+    h.sim
+        .faults()
+        .always(SimEndpoint::Identity, Some(Fault::status(503)));
+
+    let (mut rpcs, mut failures) = (0u64, Vec::new());
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut rpcs_during_outage = None;
+    let mut attempts_during_outage = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "no renewal after the outage"
+        );
+        rpcs += 2;
+        let b = h.bearer("1234001").await;
+        let s = h.session(payment("1234002")).await;
+        for e in [b.as_ref().err(), s.as_ref().err()].into_iter().flatten() {
+            failures.push(format!("{:?}: {}", e.code(), e.message()));
+        }
+        match rpcs_during_outage {
+            // The outage lasts until three renewal attempts have failed...
+            None if h.sim.identity_requests(KEY_ACME) >= 4 => {
+                attempts_during_outage = h.sim.identity_requests(KEY_ACME) - 1;
+                rpcs_during_outage = Some(rpcs);
+                h.sim.faults().always(SimEndpoint::Identity, None);
+            }
+            // ...then Payroc recovers and the refresher catches up.
+            Some(_) if b.is_ok_and(|b| b.access_token != first) => break,
+            _ => {}
+        }
+        tokio::task::yield_now().await;
+    }
+    let rpcs_during_outage = rpcs_during_outage.unwrap();
+
+    assert_eq!(failures, Vec::<String>::new(), "no RPC failed");
+    assert!(
+        rpcs_during_outage >= 20,
+        "{rpcs_during_outage} RPCs during the outage"
+    );
+    assert!(
+        attempts_during_outage <= 4,
+        "{attempts_during_outage} identity attempts during the outage"
+    );
+}
+
+#[tokio::test]
+async fn with_identity_down_and_no_token_callers_fail_fast_without_a_storm() {
+    let h = Harness::with(Options {
+        cold: true,
+        ..Options::default()
+    })
+    .await;
+    h.sim
+        .faults()
+        .always(SimEndpoint::Identity, Some(Fault::status(503)));
+    let calls = (0..100).map(|_| h.bearer("1234001"));
+    let results = futures_util::future::join_all(calls).await;
+    for r in results {
+        let (_, d) = expect_code(r.unwrap_err(), Code::Unavailable);
+        assert_eq!(d.error_info().unwrap().reason, "API_ERROR");
+    }
+    assert_eq!(
+        h.sim.identity_requests(KEY_ACME),
+        3,
+        "one fetch of max_attempts = 3, shared by 100 callers"
+    );
+    // Callers arriving now are answered from the negative cache, with a hint.
+    for _ in 0..50 {
+        let (_, d) = expect_code(h.bearer("1234002").await.unwrap_err(), Code::Unavailable);
+        assert!(d.retry_info().is_some());
+    }
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 3);
+}
+
+#[tokio::test]
+async fn rate_limited_sessions_wait_as_retry_after_says() {
+    let h = Harness::start().await;
+    h.sim.faults().push(
+        SimEndpoint::Sessions,
+        Fault::status(429).with_retry_after("1"),
+        1,
+    );
+    let r = h.session(payment("1234001")).await.unwrap();
+    let sent = h.sim.sessions();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].status, 429);
+    assert!(
+        sent.iter()
+            .all(|s| s.idempotency_key.as_deref() == Some(r.idempotency_key.as_str()))
+    );
+    assert_eq!(sent[0].body, sent[1].body);
+    let waited = sent[1].received_at - sent[0].received_at;
+    assert!(
+        waited >= Duration::from_secs(1),
+        "retried after {waited:?}, before Retry-After"
+    );
+}
+
+#[tokio::test]
+async fn broken_answers_give_clean_errors_and_the_broker_stays_up() {
+    let h = Harness::with(Options {
+        cold: true,
+        ..Options::default()
+    })
+    .await;
+    // Identity: a connection reset on every attempt.
+    h.sim
+        .faults()
+        .always(SimEndpoint::Identity, Some(Fault::reset()));
+    let (s, _) = expect_code(h.bearer("1234001").await.unwrap_err(), Code::Unavailable);
+    assert!(s.message().contains("could not reach"), "{}", s.message());
+    h.sim.faults().clear();
+    // Sessions: malformed JSON, then resets on every attempt.
+    h.bearer("5678001").await.unwrap();
+    h.sim
+        .faults()
+        .push(SimEndpoint::Sessions, Fault::malformed(), 1);
+    expect_code(
+        h.session(payment("5678001")).await.unwrap_err(),
+        Code::Internal,
+    );
+    h.sim
+        .faults()
+        .always(SimEndpoint::Sessions, Some(Fault::reset()));
+    expect_code(
+        h.session(payment("5678001")).await.unwrap_err(),
+        Code::Unavailable,
+    );
+    let keys: Vec<_> = h.sim.sessions()[1..]
+        .iter()
+        .map(|s| s.idempotency_key.clone())
+        .collect();
+    assert_eq!(keys.len(), 3);
+    assert!(
+        keys.iter().all(|k| *k == keys[0]),
+        "one Idempotency-Key for all attempts"
+    );
+    h.sim.faults().clear();
+    // Still serving.
+    assert_eq!(health_of(&h.channel, "").await, Ok(ServingStatus::Serving));
+    h.session(payment("5678001")).await.unwrap();
+}
+
+#[tokio::test]
+async fn sessions_beyond_the_bulkhead_are_shed() {
+    let h = Harness::with(Options {
+        payroc: "max_concurrent_sessions = 2",
+        ..Options::default()
+    })
+    .await;
+    h.sim
+        .faults()
+        .set_latency(SimEndpoint::Sessions, Duration::from_millis(500));
+    let calls = (0..6).map(|_| h.session(payment("1234001")));
+    let results = futures_util::future::join_all(calls).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let shed: Vec<_> = results
+        .into_iter()
+        .filter_map(Result::err)
+        .map(|e| expect_code(e, Code::ResourceExhausted).0)
+        .collect();
+    assert_eq!(ok, 2);
+    assert_eq!(shed.len(), 4);
+    assert!(
+        shed[0].message().contains("already in flight"),
+        "{}",
+        shed[0].message()
+    );
+    assert_eq!(
+        h.sim.stats().session_requests,
+        2,
+        "shed requests never reached Payroc"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed() {
+    let h = Harness::with(Options {
+        server: "max_connections = 2",
+        ..Options::default()
+    })
+    .await;
+    let connect = || async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", h.addr))
+            .unwrap()
+            .connect()
+            .await?;
+        let mut c =
+            payroc_broker::proto::token_broker_client::TokenBrokerClient::new(channel.clone());
+        c.get_bearer_token(GetBearerTokenRequest {
+            processing_terminal_id: "1234001".into(),
+            min_validity: None,
+        })
+        .await
+        .map_err(|s| Box::new(s) as Box<dyn std::error::Error + Send + Sync>)?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(channel)
+    };
+    let second = connect()
+        .await
+        .expect("the second connection is within the limit");
+    assert!(connect().await.is_err(), "the third is closed");
+    drop(second);
+    eventually("a freed connection slot", || async {
+        connect().await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_slow_identity_service_delays_serving_only_up_to_the_bound() {
+    let h = Harness::with(Options {
+        server: r#"warm_start_timeout = "300ms""#,
+        identity_latency_ms: 1500, // under request_timeout (2 s)
+        ..Options::default()
+    })
+    .await;
+    // The harness saw SERVING; no token has arrived yet.
+    assert_eq!(health_of(&h.channel, "").await, Ok(ServingStatus::Serving));
+    assert_eq!(
+        health_of(&h.channel, "payroc.broker.v1.TokenBroker/acme").await,
+        Ok(ServingStatus::NotServing)
+    );
+    let mut req = tonic::Request::new(GetBearerTokenRequest {
+        processing_terminal_id: "1234001".into(),
+        min_validity: None,
+    });
+    req.set_timeout(Duration::from_millis(500));
+    let e = h.client.clone().get_bearer_token(req).await.unwrap_err();
+    expect_code(e, Code::DeadlineExceeded);
+    wait_for_health(
+        &h.channel,
+        "payroc.broker.v1.TokenBroker/acme",
+        ServingStatus::Serving,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn each_credential_has_its_own_health_entry() {
+    let h = Harness::with(Options {
+        token_lifetime: 2,
+        payroc: r#"refresh_before_expiry = "1s"
+            min_token_validity = "200ms"
+            max_attempts = 1
+            identity_backoff = "100ms"
+            identity_max_backoff = "200ms""#,
+        ..Options::default()
+    })
+    .await;
+    let svc = |c: &str| format!("payroc.broker.v1.TokenBroker/{c}");
+    assert_eq!(
+        health_of(&h.channel, &svc("acme")).await,
+        Ok(ServingStatus::Serving)
+    );
+    assert_eq!(
+        health_of(&h.channel, &svc("globex")).await,
+        Ok(ServingStatus::Serving)
+    );
+    // Payroc rejects revoked's key: that credential alone is down.
+    wait_for_health(&h.channel, &svc("revoked"), ServingStatus::NotServing).await;
+    assert_eq!(health_of(&h.channel, "").await, Ok(ServingStatus::Serving));
+
+    // Identity down: tokens run out, and health says so, per credential.
+    h.sim
+        .faults()
+        .always(SimEndpoint::Identity, Some(Fault::status(503)));
+    wait_for_health(&h.channel, &svc("acme"), ServingStatus::NotServing).await;
+    assert_eq!(
+        health_of(&h.channel, "").await,
+        Ok(ServingStatus::Serving),
+        "the service itself is up"
+    );
+    h.sim.faults().always(SimEndpoint::Identity, None);
+    wait_for_health(&h.channel, &svc("acme"), ServingStatus::Serving).await;
+}
+
+#[tokio::test]
+async fn reload_rotates_adds_and_removes_credentials_and_keeps_the_rest() {
+    let h = Harness::start().await;
+    let acme = h.bearer("1234001").await.unwrap().access_token;
+    let globex = h.bearer("5678001").await.unwrap().access_token;
+    h.bearer("9990001").await.unwrap_err();
+
+    let next = Options {
+        rotate_globex: true,
+        drop_revoked: true,
+        credentials: r#"
+            [[credentials]]
+            name = "initech"
+            api_key_env = "KEY_GLOBEX"
+            terminals = ["9990001"]"#,
+        ..Options::default()
+    };
+    h.reload(&next).await;
+    eventually("the new credential", || async {
+        h.bearer("9990001").await.is_ok()
+    })
+    .await;
+
+    assert_eq!(
+        h.bearer("1234001").await.unwrap().access_token,
+        acme,
+        "unchanged: token kept"
+    );
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 1);
+    let rotated = h.bearer("5678001").await.unwrap();
+    assert_ne!(rotated.access_token, globex, "rotated key: new token");
+    assert_eq!(h.sim.identity_requests(KEY_GLOBEX_NEW), 1);
+    expect_code(h.bearer("7777001").await.unwrap_err(), Code::NotFound);
+    assert_eq!(
+        health_of(&h.channel, "payroc.broker.v1.TokenBroker/revoked").await,
+        Err(Code::NotFound),
+        "a removed credential's health entry is gone"
+    );
+    wait_for_health(
+        &h.channel,
+        "payroc.broker.v1.TokenBroker/initech",
+        ServingStatus::Serving,
+    )
+    .await;
+
+    // Callers take effect too.
+    h.reload(&Options {
+        callers: r#"
+            [[callers]]
+            name = "web"
+            token_env = "CALLER_WEB"
+            terminals = ["*"]
+            rpcs = ["*"]"#,
+        ..next
+    })
+    .await;
+    eventually("caller authentication", || async {
+        h.bearer("1234001")
+            .await
+            .is_err_and(|e| e.code() == Code::Unauthenticated)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reload_under_load_fails_no_rpc() {
+    let h = Arc::new(Harness::start().await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for i in 0..8 {
+        let (h, stop, done) = (Arc::clone(&h), Arc::clone(&stop), Arc::clone(&done));
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = if i % 2 == 0 {
+                    h.bearer("1234001").await.map(drop)
+                } else {
+                    h.session(payment("1234002")).await.map(drop)
+                };
+                if let Err(e) = r {
+                    failures.push(format!("{:?}: {}", e.code(), e.message()));
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        }));
+    }
+    let variants = [
+        Options {
+            rotate_globex: true,
+            ..Options::default()
+        },
+        Options {
+            drop_revoked: true,
+            ..Options::default()
+        },
+        Options {
+            credentials: r#"
+                [[credentials]]
+                name = "initech"
+                api_key_env = "KEY_GLOBEX"
+                terminals = ["9990001"]"#,
+            ..Options::default()
+        },
+    ];
+    for round in 0..9 {
+        let before = done.load(Ordering::Relaxed);
+        h.reload(&variants[round % variants.len()]).await;
+        // Let real traffic flow through each configuration.
+        eventually("traffic after a reload", || async {
+            done.load(Ordering::Relaxed) >= before + 50
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    assert_eq!(failures, Vec::<String>::new());
+    assert!(done.load(Ordering::Relaxed) >= 450);
+    assert_eq!(
+        h.sim.identity_requests(KEY_ACME),
+        1,
+        "acme's token survived every reload"
+    );
+}
