@@ -379,12 +379,15 @@ impl<S: TokenSource> Inner<S> {
 /// stops being usable, so health follows even when nothing can be fetched.
 async fn refresh_forever<S: TokenSource>(inner: Arc<Inner<S>>, warm: WarmStart) {
     tokio::time::sleep(warm.delay).await;
-    {
+    // A caller may have fetched the first token on demand meanwhile.
+    if inner.cell.current().is_none() {
         let _permit = match warm.gate {
             Some(g) => g.acquire_owned().await.ok(),
             None => None,
         };
-        let _ = inner.load().wait().await;
+        if inner.cell.current().is_none() {
+            let _ = inner.load().wait().await;
+        }
     }
     loop {
         let now = inner.clock.now();
@@ -668,6 +671,26 @@ mod tests {
             t.expires_at_wall,
             SystemTime::UNIX_EPOCH + Duration::from_secs(3600)
         );
+        assert_eq!(script.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_before_the_warm_start_makes_its_fetch_unneeded() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = CredentialTokens::spawn(
+            "acme",
+            SecretString::from("key"),
+            script.clone(),
+            TokenPolicy::new(Duration::from_secs(300), FLOOR),
+            Clock::starting_at(SystemTime::UNIX_EPOCH),
+            Arc::new(Fixed(0.0)),
+            WarmStart {
+                delay: Duration::from_secs(2),
+                gate: None,
+            },
+        );
+        c.bearer(FLOOR, None).await.unwrap();
+        advance(3).await;
         assert_eq!(script.calls(), 1);
     }
 
