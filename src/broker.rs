@@ -33,6 +33,20 @@ pub struct SessionGrant {
     pub lib_version: String,
 }
 
+/// The `[payroc]` settings a token cache fetches and schedules with; the
+/// others (API URL, libVersion, limits) do not touch Bearer tokens.
+fn identity_settings(p: &PayrocConfig) -> impl PartialEq + use<> {
+    (
+        p.identity_url.clone(),
+        p.request_timeout,
+        p.max_attempts,
+        p.refresh_before_expiry,
+        p.min_token_validity,
+        p.identity_backoff,
+        p.identity_max_backoff,
+    )
+}
+
 /// Shared state behind every RPC. A reload builds a new one (keeping the
 /// token caches of unchanged credentials) and swaps it in; RPCs in flight
 /// finish on the one they started with.
@@ -41,7 +55,7 @@ pub struct Broker {
     client: Arc<PayrocClient>,
     payroc: PayrocConfig,
     /// Bulkhead: session requests in flight towards Payroc.
-    sessions_gate: Semaphore,
+    sessions_gate: Arc<Semaphore>,
     /// Default `libVersion` for CreateSession.
     pub lib_version: String,
     /// Validity a token must have left when the caller names none.
@@ -51,15 +65,23 @@ pub struct Broker {
 
 impl Broker {
     /// Builds the broker for `config`. With `previous` (a reload), credentials
-    /// whose name and API key are unchanged keep their cached tokens, as long
-    /// as the `[payroc]` section is unchanged too (other URLs or timeouts call
-    /// for fresh tokens from a fresh client).
+    /// whose name and API key are unchanged keep their cached tokens, unless
+    /// a setting they fetch with changed (identity URL, timeouts, refresh
+    /// timing): a new libVersion or API URL keeps every token.
     pub fn new(
         config: &Config,
         clock: Clock,
         entropy: SharedEntropy,
         previous: Option<&Broker>,
     ) -> Result<Self, reqwest::Error> {
+        // Token caches survive when what they fetch with is unchanged; the
+        // HTTP client, when nothing in [payroc] changed; the session bulkhead,
+        // when its limit did not (a new one would admit a second full load
+        // beside the requests still holding the old one).
+        let same_identity =
+            previous.filter(|p| identity_settings(&p.payroc) == identity_settings(&config.payroc));
+        let same_gate = previous
+            .filter(|p| p.payroc.max_concurrent_sessions == config.payroc.max_concurrent_sessions);
         let previous = previous.filter(|p| p.payroc == config.payroc);
         let client = match previous {
             Some(p) => Arc::clone(&p.client),
@@ -85,13 +107,16 @@ impl Broker {
                 warm_start_concurrency: p.warm_start_concurrency,
                 warm_start_spread: p.warm_start_spread,
             },
-            previous.map(|p| &p.tokens),
+            same_identity.map(|p| &p.tokens),
         );
         Ok(Self {
             tokens,
             client,
             payroc: config.payroc.clone(),
-            sessions_gate: Semaphore::new(p.max_concurrent_sessions),
+            sessions_gate: match same_gate {
+                Some(prev) => Arc::clone(&prev.sessions_gate),
+                None => Arc::new(Semaphore::new(p.max_concurrent_sessions)),
+            },
             lib_version: p.lib_version.clone(),
             floor: p.min_token_validity,
             entropy,

@@ -146,7 +146,9 @@ fn upstream(
         None => "UPSTREAM_ERROR".to_owned(),
     };
     details.set_error_info(reason, PAYROC_DOMAIN, metadata);
-    if let Some(wait) = retry_after.or(retry_hint) {
+    // The broker's own next attempt (negative cache) is fresher than a
+    // Retry-After received earlier.
+    if let Some(wait) = retry_hint.or(retry_after) {
         details.set_retry_info(Some(wait));
     }
     Status::with_error_details(code, message, details)

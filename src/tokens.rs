@@ -158,6 +158,9 @@ struct Inner<S> {
     /// Locked only off the hit path (misses, fetch outcomes, the refresher).
     failure: Mutex<Option<Failure>>,
     health: watch::Sender<TokenHealth>,
+    /// Wakes the refresher when its plan changed: the token was dropped, or a
+    /// fetch failed and set a new retry time.
+    replan: tokio::sync::Notify,
 }
 
 /// One credential's token cache and its background refresher (stopped when
@@ -195,6 +198,7 @@ impl<S: TokenSource> CredentialTokens<S> {
             cell: SingleFlight::new(),
             failure: Mutex::new(None),
             health: watch::Sender::new(TokenHealth::Starting),
+            replan: tokio::sync::Notify::new(),
         });
         let refresher = tokio::spawn(refresh_forever(Arc::clone(&inner), warm)).abort_handle();
         Self {
@@ -217,7 +221,7 @@ impl<S: TokenSource> CredentialTokens<S> {
             if tok.remaining(inner.clock.now()) >= min_validity {
                 return Ok(tok);
             }
-            if min_validity > tok.lifetime {
+            if !satisfiable(min_validity, tok.lifetime) {
                 return Err(TokenError::OutOfRange {
                     requested: min_validity,
                     lifetime: tok.lifetime,
@@ -256,6 +260,7 @@ impl<S: TokenSource> CredentialTokens<S> {
     pub fn invalidate(&self, used: &Arc<BearerToken>) -> bool {
         let dropped = self.inner.cell.invalidate(used);
         if dropped {
+            self.inner.replan.notify_one();
             tracing::info!(credential = %self.name, "Payroc rejected the cached Bearer token; fetching a new one");
         }
         dropped
@@ -315,7 +320,15 @@ impl<S: TokenSource> Inner<S> {
             }
             Err(error) => {
                 let consecutive = failure.as_ref().map_or(0, |f| f.consecutive) + 1;
-                let wait = self.backoff(consecutive);
+                // Payroc's Retry-After, when it gave one, is a floor: coming
+                // back sooner only earns another 429.
+                let retry_after = match &error {
+                    UpstreamError::Status { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                let wait = self
+                    .backoff(consecutive)
+                    .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
                 tracing::warn!(credential = %self.name, %error, consecutive, next_attempt_in = ?wait, "fetching a Bearer token failed");
                 *failure = Some(Failure {
                     error: error.clone(),
@@ -327,6 +340,7 @@ impl<S: TokenSource> Inner<S> {
                 } else {
                     TokenHealth::Unusable
                 });
+                self.replan.notify_one();
                 Err(error)
             }
         }
@@ -409,7 +423,10 @@ async fn refresh_forever<S: TokenSource>(inner: Arc<Inner<S>>, warm: WarmStart) 
             .filter(|&at| at > now);
         let wake = unusable_at.map_or(due, |at| at.min(due));
         if wake > now {
-            tokio::time::sleep_until(wake).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                () = inner.replan.notified() => {}
+            }
             continue;
         }
         match inner.load().wait().await {
@@ -424,11 +441,30 @@ async fn refresh_forever<S: TokenSource>(inner: Arc<Inner<S>>, warm: WarmStart) 
     }
 }
 
+/// Whether a fresh token of `lifetime` can have `min_validity` left when it
+/// arrives: the fetch itself takes time, so asking for (nearly) the whole
+/// lifetime can never be met, and must not make every call refetch.
+fn satisfiable(min_validity: Duration, lifetime: Duration) -> bool {
+    min_validity + FETCH_ALLOWANCE <= lifetime
+}
+
+/// The part of a token's lifetime that a fetch may use up.
+const FETCH_ALLOWANCE: Duration = Duration::from_secs(1);
+
+/// The longest `Retry-After` from the identity service the refresher honours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10 * 60);
+
 /// Turns an identity answer into a cache entry. Expiry counts from when the
-/// request was sent. The renewal point is drawn uniformly from the first half
-/// of the refresh window, `[expires - lead, expires - lead/2]`, where the lead
-/// is `refresh_before_expiry` clamped to half the lifetime (so a short-lived
-/// token is not renewed on every use); the second half is left for retries.
+/// request was sent.
+///
+/// Renewal: the lead is `refresh_before_expiry`, or half the lifetime when the
+/// configured lead is not shorter than the lifetime (the contract's clamp).
+/// The renewal point is drawn uniformly from `[expires - lead - spread,
+/// expires - lead]`, so renewals never come later than configured yet
+/// credentials and replicas do not renew in lockstep; the spread is a quarter
+/// of the lead or of the time before it, whichever is shorter. It is also
+/// never later than the moment the token drops under the floor, so callers
+/// never wait for a renewal.
 fn cache_entry(
     t: IdentityToken,
     policy: &TokenPolicy,
@@ -436,7 +472,18 @@ fn cache_entry(
     entropy: &dyn crate::clock::Entropy,
 ) -> BearerToken {
     let expires_at = t.requested_at + t.expires_in;
-    let lead = policy.refresh_before_expiry.min(t.expires_in / 2);
+    let lead = if policy.refresh_before_expiry >= t.expires_in {
+        t.expires_in / 2
+    } else {
+        policy.refresh_before_expiry
+    };
+    let latest = (expires_at - lead).min(
+        expires_at
+            .checked_sub(policy.floor)
+            .unwrap_or(t.requested_at),
+    );
+    let spread = lead.min(latest.saturating_duration_since(t.requested_at)) / 4;
+    let refresh_at = (latest - entropy.jitter(spread)).max(t.requested_at);
     BearerToken {
         access_token: t.access_token,
         token_type: t.token_type,
@@ -444,7 +491,7 @@ fn cache_entry(
         expires_at,
         expires_at_wall: clock.wall(expires_at),
         lifetime: t.expires_in,
-        refresh_at: expires_at - lead + entropy.jitter(lead / 2),
+        refresh_at,
     }
 }
 
@@ -603,7 +650,8 @@ mod tests {
                         endpoint: crate::payroc::Endpoint::Identity,
                         status,
                         problem: None,
-                        retry_after: None,
+                        // The script's 429s say: come back in 30 s.
+                        retry_after: (status == 429).then_some(Duration::from_secs(30)),
                     }),
                 }
             }
@@ -699,9 +747,9 @@ mod tests {
         let script = Script::answers(&[Ok(3600)]);
         let c = creds_with(&script, 300, 1.0);
         let t0 = c.bearer(FLOOR, None).await.unwrap();
-        // jitter 1.0: renewal at expires - lead/2 = 3450 s.
-        assert_eq!(t0.refresh_at, t0.expires_at - Duration::from_secs(150));
-        advance(3449).await;
+        // jitter 1.0: renewal at expires - lead - lead/4 = 3225 s.
+        assert_eq!(t0.refresh_at, t0.expires_at - Duration::from_secs(375));
+        advance(3224).await;
         assert_eq!(script.calls(), 1);
         assert!(Arc::ptr_eq(&t0, &c.bearer(FLOOR, None).await.unwrap()));
         advance(1).await;
@@ -710,8 +758,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn renewal_points_are_spread_over_the_first_half_of_the_window() {
-        for (jitter, expect) in [(0.0, 300), (0.5, 225), (0.999, 150)] {
+    async fn renewal_points_are_spread_out_before_the_configured_lead() {
+        // Never later than the configured lead (300 s), spread over a quarter
+        // of it before.
+        for (jitter, expect) in [(0.0, 300), (0.5, 337), (0.999, 375)] {
             let script = Script::answers(&[Ok(3600)]);
             let c = creds_with(&script, 300, jitter);
             let t = c.bearer(FLOOR, None).await.unwrap();
@@ -720,6 +770,7 @@ mod tests {
                 lead.as_secs().abs_diff(expect) <= 1,
                 "jitter {jitter}: {lead:?}"
             );
+            assert!(lead >= Duration::from_secs(300));
         }
     }
 
@@ -780,6 +831,89 @@ mod tests {
         assert_eq!(t.refresh_at, t.expires_at - Duration::from_secs(60));
         advance(59).await;
         assert_eq!(script.calls(), 1, "not renewed before its time");
+        advance(1).await;
+        assert_eq!(script.calls(), 2);
+
+        // A lead shorter than the lifetime is taken as configured, even when
+        // it is more than half.
+        let script = Script::answers(&[Ok(120)]);
+        let c = creds(&script, 100);
+        let t = c.bearer(Duration::ZERO, None).await.unwrap();
+        assert_eq!(t.refresh_at, t.expires_at - Duration::from_secs(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_happens_before_the_token_drops_under_the_floor() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds(&script, 10); // lead 10 s, floor 30 s
+        let t = c.bearer(FLOOR, None).await.unwrap();
+        assert_eq!(t.refresh_at, t.expires_at - FLOOR);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_min_validity_no_fresh_token_can_meet_is_refused_without_fetching() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds(&script, 300);
+        c.bearer(FLOOR, None).await.unwrap();
+        advance(1).await; // 3599 s left: not enough for any of these
+        for secs in [3600.0, 3599.5, 7200.0] {
+            let e = c
+                .bearer(Duration::from_secs_f64(secs), None)
+                .await
+                .err()
+                .unwrap();
+            assert!(matches!(e, TokenError::OutOfRange { .. }), "{secs}: {e:?}");
+        }
+        assert_eq!(
+            script.calls(),
+            1,
+            "no fetch for a request that cannot be met"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_token_is_refetched_in_the_background_with_backoff() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds(&script, 300);
+        let t = c.bearer(FLOOR, None).await.unwrap();
+        script.then(&[Err(503)]);
+        assert!(c.invalidate(&t));
+        for _ in 0..10 {
+            advance(1).await;
+        }
+        let calls = script.calls();
+        assert!(
+            (3..=10).contains(&calls),
+            "retried in the background, backing off: {calls}"
+        );
+        assert_eq!(*c.health().borrow(), TokenHealth::Unusable);
+        script.then(&[Ok(3600)]);
+        for _ in 0..20 {
+            advance(1).await;
+        }
+        assert_eq!(*c.health().borrow(), TokenHealth::Usable);
+        assert!(c.cached().is_some(), "recovered with no caller asking");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_retry_after_is_honoured_by_the_negative_cache() {
+        let script = Script::answers(&[Err(429)]);
+        let c = creds(&script, 300);
+        settle().await;
+        assert_eq!(script.calls(), 1);
+        match c.bearer(FLOOR, None).await {
+            Err(TokenError::BackingOff { error, retry_in }) => {
+                assert_eq!(error.status(), Some(429));
+                assert_eq!(
+                    retry_in,
+                    Duration::from_secs(30),
+                    "Payroc's Retry-After, not our 0.5 s"
+                );
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        advance(29).await;
+        assert_eq!(script.calls(), 1, "not before Retry-After");
         advance(1).await;
         assert_eq!(script.calls(), 2);
     }

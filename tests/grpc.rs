@@ -127,32 +127,30 @@ async fn min_validity_longer_than_a_token_lives_is_out_of_range() {
 }
 
 #[tokio::test]
-async fn a_short_lived_token_is_replaced_when_min_validity_demands() {
-    let h = Harness::with(Options {
-        cold: true,
-        ..Options::default()
-    })
-    .await;
-    h.sim.set_token_lifetime(Duration::from_secs(40));
-    let first = h.bearer("1234001").await.unwrap();
-    // 40 s lifetime: the 30 s floor is met, but a full 40 s no longer is (the
-    // clock has moved since the fetch), though a fresh token could meet it.
-    h.sim.set_token_lifetime(Duration::from_secs(3600));
-    let r = h
-        .client
-        .clone()
-        .get_bearer_token(GetBearerTokenRequest {
-            processing_terminal_id: "1234001".into(),
-            min_validity: Some(prost_types::Duration {
-                seconds: 40,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_ne!(r.access_token, first.access_token);
-    assert_eq!(h.sim.identity_requests(KEY_ACME), 2);
+async fn min_validity_of_a_whole_lifetime_is_out_of_range_without_refetching() {
+    // No fresh token can still have its whole lifetime left when it arrives:
+    // asking for it must not make every call fetch a new one.
+    let h = Harness::start().await;
+    for _ in 0..5 {
+        let e = h
+            .client
+            .clone()
+            .get_bearer_token(GetBearerTokenRequest {
+                processing_terminal_id: "1234001".into(),
+                min_validity: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .unwrap_err();
+        expect_code(e, Code::OutOfRange);
+    }
+    assert_eq!(
+        h.sim.identity_requests(KEY_ACME),
+        1,
+        "the warm start's fetch only"
+    );
 }
 
 #[tokio::test]
@@ -599,6 +597,42 @@ async fn rate_limits_are_resource_exhausted_with_retry_info() {
     );
     assert_eq!(d.retry_info().unwrap().retry_delay, Some(Duration::ZERO));
     assert_eq!(h.sim.stats().session_requests, 4);
+}
+
+#[tokio::test]
+async fn an_identity_rate_limit_past_the_deadline_is_resource_exhausted() {
+    let h = Harness::with(Options {
+        cold: true,
+        ..Options::default()
+    })
+    .await;
+    h.sim.faults().push(
+        SimEndpoint::Identity,
+        Fault::status(429).with_retry_after("30"),
+        1,
+    );
+    let mut req = tonic::Request::new(GetBearerTokenRequest {
+        processing_terminal_id: "1234001".into(),
+        min_validity: None,
+    });
+    req.set_timeout(Duration::from_secs(5));
+    let e = h.client.clone().get_bearer_token(req).await.unwrap_err();
+    let (_, d) = expect_code(e, Code::ResourceExhausted);
+    assert_eq!(
+        d.retry_info().unwrap().retry_delay,
+        Some(Duration::from_secs(30))
+    );
+    // Later callers are told the remaining wait, and Payroc is left alone.
+    let (_, d) = expect_code(
+        h.bearer("1234002").await.unwrap_err(),
+        Code::ResourceExhausted,
+    );
+    let wait = d.retry_info().unwrap().retry_delay.unwrap();
+    assert!(
+        wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+        "{wait:?}"
+    );
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 1);
 }
 
 #[tokio::test]

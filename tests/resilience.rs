@@ -21,11 +21,11 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test]
 async fn an_identity_outage_while_a_token_is_valid_fails_no_rpc() {
-    // 4 s tokens, renewed 1 to 2 s before expiry; single-attempt fetches
-    // retried every 100 to 200 ms; a token is usable down to 200 ms.
+    // 6 s tokens renewed 3 to 3.75 s before expiry; single-attempt fetches
+    // retried after 50 ms to 200 ms; a token is usable down to 200 ms.
     let h = Harness::with(Options {
-        token_lifetime: 4,
-        payroc: r#"refresh_before_expiry = "2s"
+        token_lifetime: 6,
+        payroc: r#"refresh_before_expiry = "3s"
             min_token_validity = "200ms"
             max_attempts = 1
             identity_backoff = "100ms"
@@ -38,10 +38,13 @@ async fn an_identity_outage_while_a_token_is_valid_fails_no_rpc() {
         .faults()
         .always(SimEndpoint::Identity, Some(Fault::status(503)));
 
+    // The outage lasts one second from the first failed renewal, then Payroc
+    // recovers and the refresher catches up; callers keep calling throughout.
+    const OUTAGE: Duration = Duration::from_secs(1);
     let (mut rpcs, mut failures) = (0u64, Vec::new());
     let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut rpcs_during_outage = None;
-    let mut attempts_during_outage = 0;
+    let mut outage_started = None;
+    let mut outage = None; // (RPCs, identity attempts) during the outage
     loop {
         assert!(
             tokio::time::Instant::now() < give_up,
@@ -53,29 +56,32 @@ async fn an_identity_outage_while_a_token_is_valid_fails_no_rpc() {
         for e in [b.as_ref().err(), s.as_ref().err()].into_iter().flatten() {
             failures.push(format!("{:?}: {}", e.code(), e.message()));
         }
-        match rpcs_during_outage {
-            // The outage lasts until three renewal attempts have failed...
-            None if h.sim.identity_requests(KEY_ACME) >= 4 => {
-                attempts_during_outage = h.sim.identity_requests(KEY_ACME) - 1;
-                rpcs_during_outage = Some(rpcs);
+        let attempts = h.sim.identity_requests(KEY_ACME) - 1;
+        match (outage_started, outage) {
+            (None, _) if attempts >= 1 => {
+                outage_started = Some((tokio::time::Instant::now(), rpcs))
+            }
+            (Some((at, rpcs_before)), None) if at.elapsed() >= OUTAGE => {
+                outage = Some((rpcs - rpcs_before, attempts));
                 h.sim.faults().always(SimEndpoint::Identity, None);
             }
-            // ...then Payroc recovers and the refresher catches up.
-            Some(_) if b.is_ok_and(|b| b.access_token != first) => break,
+            (_, Some(_)) if b.is_ok_and(|b| b.access_token != first) => break,
             _ => {}
         }
         tokio::task::yield_now().await;
     }
-    let rpcs_during_outage = rpcs_during_outage.unwrap();
+    let (rpcs_during_outage, attempts_during_outage) = outage.unwrap();
 
     assert_eq!(failures, Vec::<String>::new(), "no RPC failed");
     assert!(
         rpcs_during_outage >= 20,
         "{rpcs_during_outage} RPCs during the outage"
     );
+    // Backoff 50-100 ms, then 100-200 ms: about 6 to 12 attempts in a second,
+    // not one per RPC.
     assert!(
-        attempts_during_outage <= 4,
-        "{attempts_during_outage} identity attempts during the outage"
+        (3..=13).contains(&attempts_during_outage),
+        "{attempts_during_outage} identity attempts in the 1 s outage, for {rpcs_during_outage} RPCs"
     );
 }
 
@@ -354,6 +360,25 @@ async fn reload_rotates_adds_and_removes_credentials_and_keeps_the_rest() {
         ServingStatus::Serving,
     )
     .await;
+
+    // A new libVersion changes sessions, not tokens.
+    h.reload(&Options {
+        payroc: r#"lib_version = "1.7.0.261471""#,
+        ..next.clone()
+    })
+    .await;
+    eventually("the new libVersion", || async {
+        h.session(payment("1234001"))
+            .await
+            .is_ok_and(|s| s.lib_version == "1.7.0.261471")
+    })
+    .await;
+    assert_eq!(
+        h.bearer("1234001").await.unwrap().access_token,
+        acme,
+        "token kept"
+    );
+    assert_eq!(h.sim.identity_requests(KEY_ACME), 1);
 
     // Callers take effect too.
     h.reload(&Options {

@@ -233,13 +233,35 @@ async fn shutdown_turns_health_not_serving_and_lets_in_flight_rpcs_finish() {
 }
 
 #[tokio::test]
-async fn after_shutdown_new_connections_are_refused() {
-    let h = Harness::start().await;
+async fn during_the_grace_period_new_rpcs_are_refused() {
+    let mut h = Harness::start().await;
+    h.sim
+        .faults()
+        .set_latency(SimEndpoint::Sessions, Duration::from_millis(1500)); // < request_timeout
+    let in_flight = tokio::spawn({
+        let mut c = h.client.clone();
+        async move { c.create_session(payment("1234001")).await }
+    });
+    while h.sim.stats().session_requests == 0 {
+        tokio::task::yield_now().await;
+    }
     let addr = h.addr;
-    h.shutdown().await.unwrap();
-    let e = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+    h.begin_shutdown();
+    // Neither the open connection nor a new one takes new RPCs...
+    eventually("new RPCs refused", || async {
+        h.bearer("1234001").await.is_err()
+    })
+    .await;
+    let fresh = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await;
-    assert!(e.is_err(), "the listener is closed");
+    assert!(fresh.is_err(), "the listener is closed");
+    // ...while the RPC already in flight still completes.
+    assert!(!in_flight.is_finished());
+    in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight RPC finished");
+    h.shutdown().await.unwrap();
 }

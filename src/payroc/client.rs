@@ -88,6 +88,10 @@ pub struct PayrocClient {
     api_url: Url,
     request_timeout: Duration,
     retry: RetryPolicy,
+    /// As `retry`, but a long Retry-After ends the fetch at once: the fetch
+    /// is shared, so sleeping in it would hold every waiter past its
+    /// deadline; the token cache's backoff honours the wait instead.
+    identity_retry: RetryPolicy,
     clock: Clock,
     entropy: SharedEntropy,
 }
@@ -113,6 +117,10 @@ impl PayrocClient {
             api_url: config.api_url.clone(),
             request_timeout: config.request_timeout,
             retry: RetryPolicy::new(config.max_attempts),
+            identity_retry: RetryPolicy {
+                max_retry_after: Duration::from_secs(2),
+                ..RetryPolicy::new(config.max_attempts)
+            },
             clock,
             entropy,
         })
@@ -163,7 +171,7 @@ impl PayrocClient {
         deadline: Option<Instant>,
     ) -> Result<IdentityToken, UpstreamError> {
         retry::run(
-            &self.retry,
+            &self.identity_retry,
             &self.clock,
             &*self.entropy,
             self.request_timeout,

@@ -96,9 +96,13 @@ where
         let Some(wait) = policy.delay_after(n, &err, entropy) else {
             return Err(err);
         };
-        // A retry that would start at or after the deadline is not started:
-        // the caller gets the real upstream error, not a vague timeout.
-        if deadline.is_some_and(|d| clock.now() + wait >= d) {
+        // A retry that could not finish before the deadline is not started:
+        // the caller gets the real upstream error, not a vague timeout, and
+        // Payroc is spared a request nobody will wait for. "Could not finish"
+        // is judged by a minimum useful attempt: a quarter of
+        // request_timeout, at most 250 ms.
+        let min_attempt = (request_timeout / 4).min(Duration::from_millis(250));
+        if deadline.is_some_and(|d| clock.now() + wait + min_attempt > d) {
             return Err(err);
         }
         tracing::debug!(%endpoint, attempt = n, ?wait, error = %err, "retrying Payroc request");
@@ -209,6 +213,36 @@ mod tests {
         assert!(
             clock.now() < deadline,
             "gave up at once instead of sleeping"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_with_too_little_time_left_is_not_started() {
+        let clock = Clock::starting_at(std::time::UNIX_EPOCH);
+        let calls = AtomicU32::new(0);
+        // 503 after 2.95 s of a 3 s deadline: 50 ms would be left.
+        let deadline = clock.now() + Duration::from_secs(3);
+        let r: Result<(), _> = run(
+            &RetryPolicy::new(3),
+            &clock,
+            &Fixed(0.0),
+            Duration::from_secs(10),
+            Some(deadline),
+            Endpoint::Sessions,
+            |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(2950)).await;
+                    Err(status(503, None))
+                }
+            },
+        )
+        .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            r.unwrap_err().status(),
+            Some(503),
+            "UNAVAILABLE, not DEADLINE_EXCEEDED"
         );
     }
 
