@@ -5,11 +5,11 @@
 //! - A token is served while it has at least the requested validity left. The
 //!   hit path is one atomic load and a comparison: no lock, no allocation.
 //! - Each credential has a background refresher. It fetches the first token at
-//!   start-up (warm start: spread out, bounded concurrency) and renews it at a
-//!   random point in the first half of the refresh window (`refresh_before_expiry`,
-//!   clamped to half the lifetime), so credentials and replicas started
-//!   together do not refresh in the same second, and no caller waits on an
-//!   identity request while a valid token is cached.
+//!   start-up (warm start: spread out, bounded concurrency) and renews it a
+//!   random moment before `refresh_before_expiry` is left (see
+//!   `cache_entry`), so credentials and replicas started together do not
+//!   refresh in the same second, and no caller waits on an identity request
+//!   while a valid token is cached.
 //! - A failed fetch leaves the cached token in place; the refresher retries
 //!   with exponential backoff and jitter until it succeeds.
 //! - With no usable token after a failure, callers fail fast with the last
