@@ -85,45 +85,21 @@ async fn concurrent_callers_cause_one_identity_request() {
 #[tokio::test]
 async fn min_validity_longer_than_a_token_lives_is_out_of_range() {
     let h = Harness::start().await;
-    let mut c = h.client.clone();
-    let e = c
-        .get_bearer_token(GetBearerTokenRequest {
-            processing_terminal_id: "1234001".into(),
-            min_validity: Some(prost_types::Duration {
-                seconds: 7200,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap_err();
-    expect_code(e, Code::OutOfRange);
-    // One fetch to learn the lifetime; a second ask needs none.
-    let e = c
-        .get_bearer_token(GetBearerTokenRequest {
-            processing_terminal_id: "1234001".into(),
-            min_validity: Some(prost_types::Duration {
-                seconds: 3601,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap_err();
-    expect_code(e, Code::OutOfRange);
+    expect_code(
+        h.bearer_min("1234001", 7200).await.unwrap_err(),
+        Code::OutOfRange,
+    );
+    expect_code(
+        h.bearer_min("1234001", 3601).await.unwrap_err(),
+        Code::OutOfRange,
+    );
     assert_eq!(
         h.sim.identity_requests(KEY_ACME),
         1,
         "the warm start's fetch only"
     );
     // Within the lifetime it is served.
-    c.get_bearer_token(GetBearerTokenRequest {
-        processing_terminal_id: "1234001".into(),
-        min_validity: Some(prost_types::Duration {
-            seconds: 600,
-            nanos: 0,
-        }),
-    })
-    .await
-    .unwrap();
+    h.bearer_min("1234001", 600).await.unwrap();
 }
 
 #[tokio::test]
@@ -132,19 +108,10 @@ async fn min_validity_of_a_whole_lifetime_is_out_of_range_without_refetching() {
     // asking for it must not make every call fetch a new one.
     let h = Harness::start().await;
     for _ in 0..5 {
-        let e = h
-            .client
-            .clone()
-            .get_bearer_token(GetBearerTokenRequest {
-                processing_terminal_id: "1234001".into(),
-                min_validity: Some(prost_types::Duration {
-                    seconds: 3600,
-                    nanos: 0,
-                }),
-            })
-            .await
-            .unwrap_err();
-        expect_code(e, Code::OutOfRange);
+        expect_code(
+            h.bearer_min("1234001", 3600).await.unwrap_err(),
+            Code::OutOfRange,
+        );
     }
     assert_eq!(
         h.sim.identity_requests(KEY_ACME),

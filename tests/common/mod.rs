@@ -179,6 +179,22 @@ impl Harness {
             .map(tonic::Response::into_inner)
     }
 
+    /// GetBearerToken with `min_validity` in whole seconds.
+    pub async fn bearer_min(
+        &self,
+        terminal: &str,
+        seconds: i64,
+    ) -> Result<payroc_broker::proto::GetBearerTokenResponse, Status> {
+        self.client
+            .clone()
+            .get_bearer_token(GetBearerTokenRequest {
+                processing_terminal_id: terminal.into(),
+                min_validity: Some(prost_types::Duration { seconds, nanos: 0 }),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn session(
         &self,
         req: CreateSessionRequest,
