@@ -131,9 +131,13 @@ async fn noop_server(response: GetBearerTokenResponse) -> SocketAddr {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_nodelay(true)
+            .max_concurrent_streams(256)
             .add_service(svc)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+            .serve_with_incoming(
+                // As the broker's server does (the builder's tcp_nodelay only
+                // applies to listeners it binds itself).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
     );
     addr
 }
