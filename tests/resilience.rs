@@ -463,3 +463,42 @@ async fn reload_under_load_fails_no_rpc() {
         "acme's token survived every reload"
     );
 }
+
+#[tokio::test]
+async fn a_reload_keeps_the_session_bulkhead_full() {
+    let opts = Options {
+        payroc: "max_concurrent_sessions = 2",
+        ..Options::default()
+    };
+    let h = Arc::new(Harness::with(opts.clone()).await);
+    h.sim
+        .faults()
+        .set_latency(SimEndpoint::Sessions, Duration::from_millis(1500)); // < request_timeout
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let h = Arc::clone(&h);
+            tokio::spawn(async move { h.session(payment("1234001")).await })
+        })
+        .collect();
+    while h.sim.stats().session_requests < 2 {
+        tokio::task::yield_now().await;
+    }
+    // Same limit, one more credential (to see when the reload has landed).
+    h.reload(&Options {
+        credentials: r#"
+            [[credentials]]
+            name = "initech"
+            api_key_env = "KEY_GLOBEX"
+            terminals = ["9990001"]"#,
+        ..opts
+    })
+    .await;
+    eventually("the reload", || async { h.bearer("9990001").await.is_ok() }).await;
+    // The two requests admitted before the reload still count.
+    let e = h.session(payment("1234001")).await.unwrap_err();
+    expect_code(e, Code::ResourceExhausted);
+    for t in in_flight {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(h.sim.stats().session_requests, 2);
+}
