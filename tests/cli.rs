@@ -126,6 +126,16 @@ fn serve_refuses_to_run_open_without_the_flag() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-unauthenticated"));
 }
 
+/// The address in the broker's "payroc-broker serving addr=..." log line.
+fn serving_addr(line: &str) -> SocketAddr {
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next());
+    addr.and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
 /// Kills the child if a test fails half-way.
 struct Running(Child);
 impl Drop for Running {
@@ -247,15 +257,7 @@ async fn serve_runs_a_real_config_and_stops_cleanly_on_sigint() {
     let stderr = child.stderr.take().unwrap();
     let child = Running(child);
     let line = line_with(stderr, "payroc-broker serving").await;
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = serving_addr(&line);
     assert_eq!(call(addr).await, "acme");
     assert_eq!(sim.stats().identity_requests, 1);
     signal(&child.0, "-INT");
@@ -335,15 +337,7 @@ async fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
     let mut lines = lines_of(child.stderr.take().unwrap());
     let child = Running(child);
     let line = next_with(&mut lines, "payroc-broker serving").await;
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = serving_addr(&line);
     let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

@@ -12,8 +12,17 @@ use payroc_broker::{
 };
 use tonic::Code;
 
-fn to_system(t: prost_types::Timestamp) -> SystemTime {
-    SystemTime::try_from(t).unwrap()
+/// Asserts `t` lies more than `after` and at most `until` seconds from now.
+#[track_caller]
+fn assert_expires_within(t: prost_types::Timestamp, after: u64, until: u64) {
+    let left = SystemTime::try_from(t)
+        .unwrap()
+        .duration_since(now())
+        .unwrap();
+    assert!(
+        left > Duration::from_secs(after) && left <= Duration::from_secs(until),
+        "{left:?}"
+    );
 }
 
 #[allow(clippy::disallowed_methods)] // tests compare against the real wall clock
@@ -35,13 +44,7 @@ async fn bearer_token_has_every_field() {
     assert_eq!(r.token_type, "Bearer");
     assert_eq!(r.credential, "acme");
     assert_eq!(r.scopes, ["hosted_fields", "payments"]);
-    let left = to_system(r.expires_at.unwrap())
-        .duration_since(now())
-        .unwrap();
-    assert!(
-        left > Duration::from_secs(3590) && left <= Duration::from_secs(3600),
-        "{left:?}"
-    );
+    assert_expires_within(r.expires_at.unwrap(), 3590, 3600);
 }
 
 #[tokio::test]
@@ -59,11 +62,7 @@ async fn one_token_per_credential_is_shared_by_callers_and_terminals() {
 
 #[tokio::test]
 async fn concurrent_callers_cause_one_identity_request() {
-    let h = Harness::with(Options {
-        cold: true,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::cold().await;
     h.sim
         .faults()
         .set_latency(SimEndpoint::Identity, Duration::from_millis(200));
@@ -183,11 +182,7 @@ async fn a_rejected_api_key_is_failed_precondition() {
 
 #[tokio::test]
 async fn identity_forbidden_is_failed_precondition() {
-    let h = Harness::with(Options {
-        cold: true,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::cold().await;
     h.sim
         .faults()
         .push(SimEndpoint::Identity, Fault::status(403), 1);
@@ -200,18 +195,14 @@ async fn identity_forbidden_is_failed_precondition() {
 
 #[tokio::test]
 async fn identity_outages_are_retried_then_unavailable() {
-    let cold = Options {
-        cold: true,
-        ..Options::default()
-    };
-    let h = Harness::with(cold.clone()).await;
+    let h = Harness::cold().await;
     h.sim
         .faults()
         .push(SimEndpoint::Identity, Fault::status(503), 2);
     h.bearer("1234001").await.unwrap();
     assert_eq!(h.sim.identity_requests(KEY_ACME), 3);
 
-    let h = Harness::with(cold).await;
+    let h = Harness::cold().await;
     h.sim
         .faults()
         .always(SimEndpoint::Identity, Some(Fault::status(503)));
@@ -234,11 +225,7 @@ async fn identity_outages_are_retried_then_unavailable() {
 
 #[tokio::test]
 async fn malformed_identity_answers_are_internal() {
-    let h = Harness::with(Options {
-        cold: true,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::cold().await;
     h.sim
         .faults()
         .push(SimEndpoint::Identity, Fault::malformed(), 1);
@@ -259,13 +246,7 @@ async fn a_session_is_created_as_payroc_documents() {
     assert_eq!(r.lib_version, "1.7.0.261457", "the configured default");
     let key = uuid::Uuid::parse_str(&r.idempotency_key).unwrap();
     assert_eq!(key.get_version_num(), 4);
-    let left = to_system(r.expires_at.unwrap())
-        .duration_since(now())
-        .unwrap();
-    assert!(
-        left > Duration::from_secs(590) && left <= Duration::from_secs(600),
-        "{left:?}"
-    );
+    assert_expires_within(r.expires_at.unwrap(), 590, 600);
 
     let sent = h.sim.sessions();
     assert_eq!(sent.len(), 1);
@@ -312,13 +293,7 @@ async fn a_missing_expires_at_falls_back_to_ten_minutes() {
     let h = Harness::start().await;
     h.sim.faults().omit_expires_at(true);
     let r = h.session(payment("1234001")).await.unwrap();
-    let left = to_system(r.expires_at.unwrap())
-        .duration_since(now())
-        .unwrap();
-    assert!(
-        left > Duration::from_secs(590) && left <= Duration::from_secs(600),
-        "{left:?}"
-    );
+    assert_expires_within(r.expires_at.unwrap(), 590, 600);
 }
 
 #[tokio::test]
@@ -568,11 +543,7 @@ async fn rate_limits_are_resource_exhausted_with_retry_info() {
 
 #[tokio::test]
 async fn an_identity_rate_limit_past_the_deadline_is_resource_exhausted() {
-    let h = Harness::with(Options {
-        cold: true,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::cold().await;
     h.sim.faults().push(
         SimEndpoint::Identity,
         Fault::status(429).with_retry_after("30"),
@@ -617,11 +588,7 @@ async fn a_slow_payroc_gives_deadline_exceeded_on_time() {
     expect_code(e, Code::DeadlineExceeded);
 
     // Waiting on a slow identity fetch is bounded the same way.
-    let h = Harness::with(Options {
-        cold: true,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::cold().await;
     h.sim
         .faults()
         .set_latency(SimEndpoint::Identity, Duration::from_secs(5));

@@ -19,17 +19,27 @@ use payroc_broker::{
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
+/// Short-lived-token timing: single-attempt fetches retried after 50 to
+/// 200 ms, tokens usable down to 200 ms, renewed `refresh_before_expiry`
+/// (minus up to a quarter) before expiry.
+const FAST_REFRESH_3S: &str = r#"refresh_before_expiry = "3s"
+    min_token_validity = "200ms"
+    max_attempts = 1
+    identity_backoff = "100ms"
+    identity_max_backoff = "200ms""#;
+const FAST_REFRESH_1S: &str = r#"refresh_before_expiry = "1s"
+    min_token_validity = "200ms"
+    max_attempts = 1
+    identity_backoff = "100ms"
+    identity_max_backoff = "200ms""#;
+
 #[tokio::test]
 async fn an_identity_outage_while_a_token_is_valid_fails_no_rpc() {
     // 6 s tokens renewed 3 to 3.75 s before expiry; single-attempt fetches
     // retried after 50 ms to 200 ms; a token is usable down to 200 ms.
     let h = Harness::with(Options {
         token_lifetime: 6,
-        payroc: r#"refresh_before_expiry = "3s"
-            min_token_validity = "200ms"
-            max_attempts = 1
-            identity_backoff = "100ms"
-            identity_max_backoff = "200ms""#,
+        payroc: FAST_REFRESH_3S,
         ..Options::default()
     })
     .await;
@@ -87,11 +97,7 @@ async fn an_identity_outage_while_a_token_is_valid_fails_no_rpc() {
 
 #[tokio::test]
 async fn with_identity_down_and_no_token_callers_fail_fast_without_a_storm() {
-    let h = Harness::with(Options {
-        cold: true,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::cold().await;
     h.sim
         .faults()
         .always(SimEndpoint::Identity, Some(Fault::status(503)));
@@ -140,11 +146,7 @@ async fn rate_limited_sessions_wait_as_retry_after_says() {
 
 #[tokio::test]
 async fn broken_answers_give_clean_errors_and_the_broker_stays_up() {
-    let h = Harness::with(Options {
-        cold: true,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::cold().await;
     // Identity: a connection reset on every attempt.
     h.sim
         .faults()
@@ -281,11 +283,7 @@ async fn a_slow_identity_service_delays_serving_only_up_to_the_bound() {
 async fn each_credential_has_its_own_health_entry() {
     let h = Harness::with(Options {
         token_lifetime: 2,
-        payroc: r#"refresh_before_expiry = "1s"
-            min_token_validity = "200ms"
-            max_attempts = 1
-            identity_backoff = "100ms"
-            identity_max_backoff = "200ms""#,
+        payroc: FAST_REFRESH_1S,
         ..Options::default()
     })
     .await;

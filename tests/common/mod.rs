@@ -82,6 +82,15 @@ impl Harness {
         Self::with(Options::default()).await
     }
 
+    /// No warm start: first tokens are fetched on demand.
+    pub async fn cold() -> Harness {
+        Self::with(Options {
+            cold: true,
+            ..Options::default()
+        })
+        .await
+    }
+
     pub async fn with(opts: Options) -> Harness {
         let clock = Clock::system();
         let entropy: SharedEntropy = Arc::new(OsEntropy);
