@@ -133,7 +133,8 @@ where
         prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, seen))
     }
 
-    /// Replaces the value directly (tests, warm starts).
+    /// Replaces the value directly, bypassing any load (tests only).
+    #[cfg(test)]
     pub fn set(&self, value: T) {
         self.current.store(Some(Arc::new(value)));
     }

@@ -49,18 +49,6 @@ impl Clock {
             None => self.origin_wall - (self.origin - at),
         }
     }
-
-    /// The monotonic instant of a wall-clock time (saturating at "now" for
-    /// times before the clock's origin, which only ever means "already past").
-    pub fn instant_of(&self, wall: SystemTime) -> Instant {
-        match wall.duration_since(self.origin_wall) {
-            Ok(ahead) => self.origin + ahead,
-            Err(before) => self
-                .origin
-                .checked_sub(before.duration())
-                .unwrap_or(self.origin),
-        }
-    }
 }
 
 /// A source of randomness: Idempotency-Keys and jitter.
@@ -107,10 +95,6 @@ mod tests {
         tokio::time::advance(Duration::from_secs(90)).await;
         assert_eq!(clock.wall(clock.now()), start + Duration::from_secs(90));
         assert_eq!(clock.wall(t0), start);
-        assert_eq!(
-            clock.instant_of(start + Duration::from_secs(30)),
-            t0 + Duration::from_secs(30)
-        );
     }
 
     #[test]
