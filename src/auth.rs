@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
 
 use crate::{
-    config::{CallerConfig, Rpc, sha256},
+    config::{CallerConfig, CallerIdentity, Rpc, sha256},
     error::BrokerError,
 };
 
@@ -69,7 +69,10 @@ impl Callers {
         // which (or whether) one did.
         let mut found: Option<&CallerConfig> = None;
         for c in known {
-            let eq: bool = c.token_sha256.ct_eq(&presented).into();
+            let CallerIdentity::TokenSha256(hash) = &c.identity else {
+                continue;
+            };
+            let eq: bool = hash.ct_eq(&presented).into();
             if eq {
                 found = Some(c);
             }
@@ -119,13 +122,15 @@ mod tests {
         Callers::Known(vec![
             CallerConfig {
                 name: "web".into(),
-                token_sha256: sha256(b"web-token"),
+                identity: CallerIdentity::TokenSha256(sha256(b"web-token")),
+                rate_limit: None,
                 terminals: Allow::Only(vec!["1234001".into()]),
                 rpcs: Allow::Only(vec![Rpc::CreateSession]),
             },
             CallerConfig {
                 name: "ops".into(),
-                token_sha256: sha256(b"ops-token"),
+                identity: CallerIdentity::TokenSha256(sha256(b"ops-token")),
+                rate_limit: None,
                 terminals: Allow::All,
                 rpcs: Allow::All,
             },

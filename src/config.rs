@@ -54,6 +54,83 @@ pub struct Config {
     pub payroc: PayrocConfig,
     pub credentials: Vec<CredentialConfig>,
     pub callers: Vec<CallerConfig>,
+    pub ext_authz: ExtAuthzConfig,
+}
+
+/// `[ext_authz]`: Envoy's `envoy.service.auth.v3.Authorization/Check` on the gRPC port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtAuthzConfig {
+    pub enabled: bool,
+}
+
+/// `[server.tls]`: the gRPC port speaks only TLS. Paths are absolute once parsed
+/// (relative ones are resolved against the configuration file's directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// When set, client certificates are asked for and verified against it.
+    pub client_ca_file: Option<PathBuf>,
+    /// A handshake without a valid client certificate fails.
+    pub require_client_cert: bool,
+}
+
+/// Whose forwarded identity header the broker believes (from `trusted_proxies` only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedIdentity {
+    #[default]
+    None,
+    /// Envoy/Istio `x-forwarded-client-cert`: `URI=` of its last element.
+    Xfcc,
+    /// Linkerd `l5d-client-id`.
+    L5dClientId,
+}
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// An IP network in CIDR form (`10.0.0.0/8`, `::1/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` lies inside the network. IPv4-mapped IPv6 addresses
+    /// (`::ffff:10.0.0.1`) count as their IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(self.prefix.min(32));
+                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u32::from(self.prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +144,26 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Concurrent RPCs per HTTP/2 connection.
     pub max_concurrent_streams: u32,
+    /// `[server.tls]`; `None`: plaintext h2c.
+    pub tls: Option<TlsConfig>,
+    pub forwarded_identity: ForwardedIdentity,
+    /// Peers whose forwarded identity header is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    pub log_format: LogFormat,
+    /// Prometheus `/metrics` listener; `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The TLS handshake and the HTTP/2 preface must be done within this.
+    pub handshake_timeout: Duration,
+    /// A connection with no open stream for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections are closed gracefully (GOAWAY) after this long.
+    pub max_connection_age: Duration,
+    /// Open connections per remote IP address; more are closed at once.
+    pub max_connections_per_peer: usize,
+    /// A whole request, body included, must arrive within this.
+    pub request_timeout: Duration,
+    /// RPCs in flight server-wide; more are refused with RESOURCE_EXHAUSTED.
+    pub max_in_flight_requests: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +189,9 @@ pub struct PayrocConfig {
     /// each consecutive failure up to `identity_max_backoff`.
     pub identity_backoff: Duration,
     pub identity_max_backoff: Duration,
+    /// Session requests of one caller in flight at once: each caller's fair
+    /// share of `max_concurrent_sessions`.
+    pub max_concurrent_sessions_per_caller: usize,
 }
 
 /// One Payroc API key and the terminals it serves.
@@ -107,6 +207,9 @@ pub struct CredentialConfig {
 pub enum Rpc {
     GetBearerToken,
     CreateSession,
+    WatchBearerToken,
+    /// `envoy.service.auth.v3.Authorization/Check`.
+    ExtAuthz,
 }
 
 impl Rpc {
@@ -114,6 +217,8 @@ impl Rpc {
         match name {
             "GetBearerToken" => Some(Rpc::GetBearerToken),
             "CreateSession" => Some(Rpc::CreateSession),
+            "WatchBearerToken" => Some(Rpc::WatchBearerToken),
+            "ExtAuthz" => Some(Rpc::ExtAuthz),
             _ => None,
         }
     }
@@ -122,6 +227,8 @@ impl Rpc {
         match self {
             Rpc::GetBearerToken => "GetBearerToken",
             Rpc::CreateSession => "CreateSession",
+            Rpc::WatchBearerToken => "WatchBearerToken",
+            Rpc::ExtAuthz => "ExtAuthz",
         }
     }
 }
@@ -146,17 +253,51 @@ impl<T: PartialEq> Allow<T> {
 #[derive(Clone)]
 pub struct CallerConfig {
     pub name: String,
-    /// SHA-256 of the caller's token; the token itself is never kept.
-    pub token_sha256: [u8; 32],
+    /// How the caller proves who it is.
+    pub identity: CallerIdentity,
     pub terminals: Allow<String>,
     pub rpcs: Allow<Rpc>,
+    /// Token bucket; `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// How a caller is recognised: exactly one per caller.
+#[derive(Clone, PartialEq, Eq)]
+pub enum CallerIdentity {
+    /// SHA-256 of the caller's bearer token; the token itself is never kept.
+    TokenSha256([u8; 32]),
+    /// URI SAN of a verified client certificate, or a trusted forwarded identity.
+    SpiffeId(String),
+    /// DNS SAN of a verified client certificate, or Linkerd's `l5d-client-id`.
+    DnsName(String),
+}
+
+impl fmt::Debug for CallerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallerIdentity::TokenSha256(_) => f.write_str("TokenSha256(<redacted>)"),
+            CallerIdentity::SpiffeId(id) => f.debug_tuple("SpiffeId").field(id).finish(),
+            CallerIdentity::DnsName(n) => f.debug_tuple("DnsName").field(n).finish(),
+        }
+    }
+}
+
+/// `rate_limit = "50/s"` with `burst = 100`: a token bucket refilled with
+/// `count` tokens every `per`, holding at most `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
 }
 
 impl fmt::Debug for CallerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CallerConfig")
             .field("name", &self.name)
+            .field("identity", &self.identity)
             .field("terminals", &self.terminals)
+            .field("rate_limit", &self.rate_limit)
             .field("rpcs", &self.rpcs)
             .finish_non_exhaustive()
     }
@@ -345,6 +486,13 @@ struct RawCaller {
 pub mod defaults {
     use std::time::Duration;
     pub const LISTEN: &str = "127.0.0.1:50051";
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+    pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+    pub const SERVER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MAX_IN_FLIGHT_REQUESTS: usize = 4096;
+    pub const MAX_CONCURRENT_SESSIONS_PER_CALLER: usize = 16;
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
     pub const LIB_VERSION: &str = "1.7.0.261457";
     pub const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
@@ -389,6 +537,7 @@ impl Validator<'_> {
             payroc,
             credentials,
             callers,
+            ext_authz: ExtAuthzConfig::default(),
         }
     }
 
@@ -428,6 +577,17 @@ impl Validator<'_> {
             warm_start_timeout,
             max_connections,
             max_concurrent_streams,
+            tls: None,
+            forwarded_identity: ForwardedIdentity::None,
+            trusted_proxies: Vec::new(),
+            log_format: LogFormat::Text,
+            metrics_listen: None,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_connection_age: defaults::MAX_CONNECTION_AGE,
+            max_connections_per_peer: defaults::MAX_CONNECTIONS_PER_PEER,
+            request_timeout: defaults::SERVER_REQUEST_TIMEOUT,
+            max_in_flight_requests: defaults::MAX_IN_FLIGHT_REQUESTS,
         }
     }
 
@@ -548,6 +708,7 @@ impl Validator<'_> {
             warm_start_spread,
             identity_backoff,
             identity_max_backoff,
+            max_concurrent_sessions_per_caller: defaults::MAX_CONCURRENT_SESSIONS_PER_CALLER,
         }
     }
 
@@ -760,9 +921,10 @@ impl Validator<'_> {
             });
             out.push(CallerConfig {
                 name: c.name,
-                token_sha256: token_sha256.unwrap_or([0; 32]),
+                identity: CallerIdentity::TokenSha256(token_sha256.unwrap_or([0; 32])),
                 terminals,
                 rpcs,
+                rate_limit: None,
             });
         }
         out
@@ -899,7 +1061,10 @@ mod tests {
         assert_eq!(c.payroc.min_token_validity, Duration::from_secs(30));
         assert_eq!(c.payroc.lib_version, defaults::LIB_VERSION);
         assert_eq!(c.credentials[0].api_key.expose_secret(), "acme-secret-key");
-        assert_eq!(c.callers[0].token_sha256, sha256(b"caller-secret"));
+        assert_eq!(
+            c.callers[0].identity,
+            CallerIdentity::TokenSha256(sha256(b"caller-secret"))
+        );
         assert_eq!(c.callers[0].terminals, Allow::Only(vec!["1234001".into()]));
         assert_eq!(c.callers[0].rpcs, Allow::Only(vec![Rpc::CreateSession]));
         assert_eq!(c.callers[1].rpcs, Allow::All);
