@@ -29,6 +29,8 @@ pub mod cell;
 pub mod clock;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod payroc;
 pub mod proto;
 pub mod sandbox;

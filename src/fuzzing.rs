@@ -1,0 +1,101 @@
+//! Fuzz harnesses, shared by the cargo-fuzz targets in `fuzz/` and by
+//! `tests/fuzz_corpus.rs`, which replays the committed seed corpus on every
+//! `cargo test` so CI covers what the fuzzers found.
+//!
+//! Each harness takes arbitrary bytes, runs one parser of untrusted input, and
+//! asserts the invariants the rest of the broker relies on. A panic is a
+//! finding. Not part of the API: hidden from docs.
+
+use std::path::Path;
+
+use tonic::Status;
+
+use crate::{
+    config::Config,
+    error::BrokerError,
+    payroc::{Endpoint, Problem, UpstreamError},
+};
+
+/// A secret that a hostile Payroc might echo back; it must never survive
+/// redaction into a status.
+const ECHOED_SECRET: &str = "sk_fuzz_SECRET_api_key_0123456789";
+
+/// Problem documents from Payroc: parse, derive the ErrorInfo reason, redact,
+/// and map to a gRPC status with rich details.
+///
+/// The first byte picks the content type and the status code; the rest is the
+/// body.
+pub fn problem_document(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    let content_type = match selector % 4 {
+        0 => None,
+        1 => Some("application/problem+json"),
+        2 => Some("application/json; charset=utf-8"),
+        _ => Some("text/html"),
+    };
+    let Some(mut problem) = Problem::parse(content_type, body) else {
+        return;
+    };
+    let reason = problem.reason();
+    assert!(
+        reason.len() >= 3
+            && reason.len() <= 63
+            && reason.starts_with(|c: char| c.is_ascii_uppercase())
+            && !reason.ends_with('_')
+            && reason
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
+        "reason {reason:?} does not fit google.rpc.ErrorInfo.reason"
+    );
+    problem.redact(ECHOED_SECRET);
+    const STATUSES: [u16; 12] = [400, 401, 403, 404, 406, 409, 413, 415, 429, 500, 502, 503];
+    let status = STATUSES[usize::from(selector >> 2) % STATUSES.len()];
+    let endpoint = if selector & 0x80 == 0 {
+        Endpoint::Identity
+    } else {
+        Endpoint::Sessions
+    };
+    let status: Status = BrokerError::Upstream(UpstreamError::Status {
+        endpoint,
+        status,
+        problem: Some(Box::new(problem)),
+        retry_after: None,
+    })
+    .into();
+    assert!(
+        !status.message().contains(ECHOED_SECRET),
+        "an echoed secret reached the status message"
+    );
+    assert!(
+        !String::from_utf8_lossy(status.details()).contains(ECHOED_SECRET),
+        "an echoed secret reached the status details"
+    );
+}
+
+/// The configuration file: arbitrary TOML must give a configuration or
+/// problems naming keys, never a panic, and never echo a secret's value.
+pub fn config_file(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let env = |name: &str| (name == "FUZZ_KEY").then(|| ECHOED_SECRET.to_owned());
+    match Config::parse(
+        text,
+        Path::new("fuzz.toml"),
+        Path::new("/nonexistent"),
+        &env,
+    ) {
+        Ok(config) => {
+            assert!(!format!("{config:?}").contains(ECHOED_SECRET));
+        }
+        Err(e) => {
+            assert!(!e.problems.is_empty(), "an error without a problem");
+            assert!(
+                !e.to_string().contains(ECHOED_SECRET),
+                "a secret reached a configuration error"
+            );
+        }
+    }
+}
