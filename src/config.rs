@@ -429,6 +429,15 @@ struct RawConfig {
     credentials: Vec<RawCredential>,
     #[serde(default)]
     callers: Vec<RawCaller>,
+    #[serde(default)]
+    ext_authz: RawExtAuthz,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawExtAuthz {
+    #[serde(default)]
+    enabled: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -439,6 +448,27 @@ struct RawServer {
     warm_start_timeout: Option<String>,
     max_connections: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    tls: Option<RawTls>,
+    forwarded_identity: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+    log_format: Option<String>,
+    metrics_listen: Option<String>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connection_age: Option<String>,
+    max_connections_per_peer: Option<usize>,
+    request_timeout: Option<String>,
+    max_in_flight_requests: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    require_client_cert: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -459,6 +489,7 @@ struct RawPayroc {
     warm_start_spread: Option<String>,
     identity_backoff: Option<String>,
     identity_max_backoff: Option<String>,
+    max_concurrent_sessions_per_caller: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -476,8 +507,12 @@ struct RawCaller {
     name: String,
     token_env: Option<String>,
     token_sha256: Option<String>,
+    spiffe_id: Option<String>,
+    dns_name: Option<String>,
     terminals: Vec<String>,
     rpcs: Vec<String>,
+    rate_limit: Option<String>,
+    burst: Option<u32>,
 }
 
 // ---- validation ----------------------------------------------------------
@@ -507,7 +542,29 @@ pub mod defaults {
     pub const WARM_START_SPREAD: Duration = Duration::from_secs(2);
     pub const IDENTITY_BACKOFF: Duration = Duration::from_secs(1);
     pub const IDENTITY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+    /// Loopback only: a sidecar proxy in the same pod or on the same host.
+    pub fn trusted_proxies() -> Vec<super::IpNet> {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        vec![
+            super::IpNet {
+                addr: Ipv4Addr::new(127, 0, 0, 0).into(),
+                prefix: 8,
+            },
+            super::IpNet {
+                addr: Ipv6Addr::LOCALHOST.into(),
+                prefix: 128,
+            },
+        ]
+    }
 }
+
+/// Certificate chains and CA bundles larger than this are refused (a full
+/// public CA bundle is about 250 KiB).
+const MAX_CERT_FILE_BYTES: u64 = 1024 * 1024;
+/// Private keys and API keys larger than this are refused (an RSA-4096 PEM
+/// key is about 3.3 KiB).
+const MAX_KEY_FILE_BYTES: u64 = 16 * 1024;
 
 struct Validator<'a> {
     problems: Vec<Problem>,
@@ -537,7 +594,9 @@ impl Validator<'_> {
             payroc,
             credentials,
             callers,
-            ext_authz: ExtAuthzConfig::default(),
+            ext_authz: ExtAuthzConfig {
+                enabled: raw.ext_authz.enabled,
+            },
         }
     }
 
@@ -571,24 +630,138 @@ impl Validator<'_> {
         if max_concurrent_streams == 0 {
             self.problem("server.max_concurrent_streams", "must be at least 1");
         }
+        let tls = raw.tls.map(|t| self.tls(t));
+        let forwarded_identity = match raw.forwarded_identity.as_deref() {
+            None | Some("none") => ForwardedIdentity::None,
+            Some("xfcc") => ForwardedIdentity::Xfcc,
+            Some("l5d-client-id") => ForwardedIdentity::L5dClientId,
+            Some(other) => {
+                self.problem(
+                    "server.forwarded_identity",
+                    format!("`{other}` is not one of \"none\", \"xfcc\", \"l5d-client-id\""),
+                );
+                ForwardedIdentity::None
+            }
+        };
+        let trusted_proxies = match raw.trusted_proxies {
+            None => defaults::trusted_proxies(),
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for (i, text) in list.iter().enumerate() {
+                    match parse_ip_net(text) {
+                        Ok(net) => out.push(net),
+                        Err(reason) => self.problem(format!("server.trusted_proxies[{i}]"), reason),
+                    }
+                }
+                out
+            }
+        };
+        let log_format = match raw.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.problem(
+                    "server.log_format",
+                    format!("`{other}` is neither \"text\" nor \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
+        let metrics_listen = raw.metrics_listen.and_then(|text| match text.parse() {
+            Ok(addr) if addr == listen => {
+                self.problem(
+                    "server.metrics_listen",
+                    format!("`{text}` is the gRPC address (server.listen); use another port"),
+                );
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                self.problem(
+                    "server.metrics_listen",
+                    format!("`{text}` is not an address like 127.0.0.1:9464 ({e})"),
+                );
+                None
+            }
+        });
+        let handshake_timeout = self.nonzero_duration(
+            "server.handshake_timeout",
+            raw.handshake_timeout,
+            defaults::HANDSHAKE_TIMEOUT,
+        );
+        let idle_timeout = self.nonzero_duration(
+            "server.idle_timeout",
+            raw.idle_timeout,
+            defaults::IDLE_TIMEOUT,
+        );
+        let max_connection_age = self.nonzero_duration(
+            "server.max_connection_age",
+            raw.max_connection_age,
+            defaults::MAX_CONNECTION_AGE,
+        );
+        let request_timeout = self.nonzero_duration(
+            "server.request_timeout",
+            raw.request_timeout,
+            defaults::SERVER_REQUEST_TIMEOUT,
+        );
+        let max_connections_per_peer = self.positive(
+            "server.max_connections_per_peer",
+            raw.max_connections_per_peer,
+            defaults::MAX_CONNECTIONS_PER_PEER,
+        );
+        let max_in_flight_requests = self.positive(
+            "server.max_in_flight_requests",
+            raw.max_in_flight_requests,
+            defaults::MAX_IN_FLIGHT_REQUESTS,
+        );
         ServerConfig {
             listen,
             shutdown_grace,
             warm_start_timeout,
             max_connections,
             max_concurrent_streams,
-            tls: None,
-            forwarded_identity: ForwardedIdentity::None,
-            trusted_proxies: Vec::new(),
-            log_format: LogFormat::Text,
-            metrics_listen: None,
-            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
-            idle_timeout: defaults::IDLE_TIMEOUT,
-            max_connection_age: defaults::MAX_CONNECTION_AGE,
-            max_connections_per_peer: defaults::MAX_CONNECTIONS_PER_PEER,
-            request_timeout: defaults::SERVER_REQUEST_TIMEOUT,
-            max_in_flight_requests: defaults::MAX_IN_FLIGHT_REQUESTS,
+            tls,
+            forwarded_identity,
+            trusted_proxies,
+            log_format,
+            metrics_listen,
+            handshake_timeout,
+            idle_timeout,
+            max_connection_age,
+            max_connections_per_peer,
+            request_timeout,
+            max_in_flight_requests,
         }
+    }
+
+    /// `[server.tls]`: paths made absolute, and each file checked to be a
+    /// readable regular file of sane size now rather than at the first handshake.
+    fn tls(&mut self, raw: RawTls) -> TlsConfig {
+        let cert_file = self.tls_file("server.tls.cert_file", &raw.cert_file, MAX_CERT_FILE_BYTES);
+        let key_file = self.tls_file("server.tls.key_file", &raw.key_file, MAX_KEY_FILE_BYTES);
+        let client_ca_file = raw
+            .client_ca_file
+            .map(|p| self.tls_file("server.tls.client_ca_file", &p, MAX_CERT_FILE_BYTES));
+        if raw.require_client_cert && client_ca_file.is_none() {
+            self.problem(
+                "server.tls.require_client_cert",
+                "needs server.tls.client_ca_file to verify client certificates against",
+            );
+        }
+        TlsConfig {
+            cert_file,
+            key_file,
+            client_ca_file,
+            require_client_cert: raw.require_client_cert,
+        }
+    }
+
+    fn tls_file(&mut self, key: &str, path: &Path, cap: u64) -> PathBuf {
+        let full = absolute(self.base_dir, path);
+        if let Err(reason) = check_regular_file(&full, cap) {
+            self.problem(key, reason);
+        }
+        full
     }
 
     fn payroc(&mut self, raw: RawPayroc) -> PayrocConfig {
@@ -664,6 +837,11 @@ impl Validator<'_> {
             raw.max_concurrent_sessions,
             defaults::MAX_CONCURRENT_SESSIONS,
         );
+        let max_concurrent_sessions_per_caller = self.positive(
+            "payroc.max_concurrent_sessions_per_caller",
+            raw.max_concurrent_sessions_per_caller,
+            defaults::MAX_CONCURRENT_SESSIONS_PER_CALLER,
+        );
         let warm_start_concurrency = self.positive(
             "payroc.warm_start_concurrency",
             raw.warm_start_concurrency,
@@ -708,7 +886,7 @@ impl Validator<'_> {
             warm_start_spread,
             identity_backoff,
             identity_max_backoff,
-            max_concurrent_sessions_per_caller: defaults::MAX_CONCURRENT_SESSIONS_PER_CALLER,
+            max_concurrent_sessions_per_caller,
         }
     }
 
@@ -721,6 +899,15 @@ impl Validator<'_> {
             Some(n) => n,
             None => default,
         }
+    }
+
+    fn nonzero_duration(&mut self, key: &str, raw: Option<String>, default: Duration) -> Duration {
+        let d = self.duration(key, raw, default);
+        if d.is_zero() {
+            self.problem(key, "must be longer than zero");
+            return default;
+        }
+        d
     }
 
     fn duration(&mut self, key: &str, raw: Option<String>, default: Duration) -> Duration {
@@ -867,6 +1054,7 @@ impl Validator<'_> {
     fn callers(&mut self, raw: Vec<RawCaller>, known: &HashSet<&str>) -> Vec<CallerConfig> {
         let mut names = HashSet::new();
         let mut hashes: HashMap<[u8; 32], String> = HashMap::new();
+        let mut workload_ids: HashMap<(&'static str, String), String> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, c) in raw.into_iter().enumerate() {
             let at = format!("callers[{i}]");
@@ -878,35 +1066,40 @@ impl Validator<'_> {
             } else if !names.insert(c.name.clone()) {
                 self.problem(format!("{at}.name"), format!("`{}` is used twice", c.name));
             }
-            let token_sha256 = match (c.token_env, c.token_sha256) {
-                (Some(var), None) => self
-                    .secret(&at, "token", Some(var), None)
-                    .map(|t| sha256(t.expose_secret().as_bytes())),
-                (None, Some(hex)) => parse_sha256_hex(&hex).or_else(|| {
-                    self.problem(
-                        format!("{at}.token_sha256"),
-                        "must be 64 hexadecimal characters (the SHA-256 of the token)",
-                    );
-                    None
-                }),
-                _ => {
-                    self.problem(
-                        format!("{at}.token_env"),
-                        "set exactly one of token_env and token_sha256",
-                    );
-                    None
+            let identity = self.caller_identity(&at, &c);
+            match &identity {
+                Some(CallerIdentity::TokenSha256(h)) => {
+                    if let Some(other) = hashes.get(h) {
+                        let key = if c.token_env.is_some() {
+                            "token_env"
+                        } else {
+                            "token_sha256"
+                        };
+                        self.problem(
+                            format!("{at}.{key}"),
+                            format!("the same token is already given to caller `{other}`"),
+                        );
+                    } else {
+                        hashes.insert(*h, c.name.clone());
+                    }
                 }
-            };
-            if let Some(h) = token_sha256 {
-                if let Some(other) = hashes.get(&h) {
-                    self.problem(
-                        format!("{at}.token_env"),
-                        format!("the same token is already given to caller `{other}`"),
-                    );
-                } else {
-                    hashes.insert(h, c.name.clone());
+                Some(id @ (CallerIdentity::SpiffeId(s) | CallerIdentity::DnsName(s))) => {
+                    let key = match id {
+                        CallerIdentity::SpiffeId(_) => "spiffe_id",
+                        _ => "dns_name",
+                    };
+                    if let Some(other) = workload_ids.get(&(key, s.clone())) {
+                        self.problem(
+                            format!("{at}.{key}"),
+                            format!("`{s}` is already the identity of caller `{other}`"),
+                        );
+                    } else {
+                        workload_ids.insert((key, s.clone()), c.name.clone());
+                    }
                 }
+                None => {}
             }
+            let rate_limit = self.rate_limit(&at, c.rate_limit.as_deref(), c.burst);
             let terminals = self.allow(&format!("{at}.terminals"), c.terminals, |t| {
                 if known.contains(t.as_str()) {
                     Ok(t)
@@ -916,18 +1109,127 @@ impl Validator<'_> {
             });
             let rpcs = self.allow(&format!("{at}.rpcs"), c.rpcs, |r| {
                 Rpc::from_name(&r).ok_or_else(|| {
-                    format!("`{r}` is not an RPC of TokenBroker (GetBearerToken, CreateSession)")
+                    format!(
+                        "`{r}` is not an RPC name (GetBearerToken, CreateSession, \
+                         WatchBearerToken, ExtAuthz)"
+                    )
                 })
             });
             out.push(CallerConfig {
                 name: c.name,
-                identity: CallerIdentity::TokenSha256(token_sha256.unwrap_or([0; 32])),
+                // Only reached through an error return, which drops it.
+                identity: identity.unwrap_or(CallerIdentity::TokenSha256([0; 32])),
                 terminals,
                 rpcs,
-                rate_limit: None,
+                rate_limit,
             });
         }
         out
+    }
+
+    /// Exactly one of `token_env`, `token_sha256`, `spiffe_id`, `dns_name`.
+    fn caller_identity(&mut self, at: &str, c: &RawCaller) -> Option<CallerIdentity> {
+        let set = [
+            c.token_env.is_some(),
+            c.token_sha256.is_some(),
+            c.spiffe_id.is_some(),
+            c.dns_name.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() != 1 {
+            self.problem(
+                at,
+                "set exactly one of token_env, token_sha256, spiffe_id and dns_name",
+            );
+            return None;
+        }
+        if let Some(var) = &c.token_env {
+            return self
+                .secret(at, "token", Some(var.clone()), None)
+                .map(|t| CallerIdentity::TokenSha256(sha256(t.expose_secret().as_bytes())));
+        }
+        if let Some(hex) = &c.token_sha256 {
+            let parsed = parse_sha256_hex(hex);
+            if parsed.is_none() {
+                self.problem(
+                    format!("{at}.token_sha256"),
+                    "must be 64 hexadecimal characters (the SHA-256 of the token)",
+                );
+            }
+            return parsed.map(CallerIdentity::TokenSha256);
+        }
+        if let Some(id) = &c.spiffe_id {
+            return match check_spiffe_id(id) {
+                Ok(()) => Some(CallerIdentity::SpiffeId(id.clone())),
+                Err(reason) => {
+                    self.problem(format!("{at}.spiffe_id"), reason);
+                    None
+                }
+            };
+        }
+        let name = c.dns_name.as_deref().unwrap_or_default();
+        if is_valid_dns_name(name) {
+            Some(CallerIdentity::DnsName(name.to_owned()))
+        } else {
+            self.problem(
+                format!("{at}.dns_name"),
+                format!(
+                    "`{name}` is not a DNS name (dot-separated labels of 1 to 63 letters, \
+                     digits and inner hyphens; 253 characters at most)"
+                ),
+            );
+            None
+        }
+    }
+
+    /// `rate_limit = "N/s"` or `"N/m"`, `burst` defaulting to the per-second
+    /// rate (at least 1).
+    fn rate_limit(
+        &mut self,
+        at: &str,
+        text: Option<&str>,
+        burst: Option<u32>,
+    ) -> Option<RateLimit> {
+        let Some(text) = text else {
+            if burst.is_some() {
+                self.problem(format!("{at}.burst"), "needs rate_limit");
+            }
+            return None;
+        };
+        let parsed = text.split_once('/').and_then(|(n, unit)| {
+            let per = match unit {
+                "s" => Duration::from_secs(1),
+                "m" => Duration::from_secs(60),
+                _ => return None,
+            };
+            // Digits only: no sign, no spaces.
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            n.parse::<u32>().ok().filter(|n| *n > 0).map(|n| (n, per))
+        });
+        let Some((count, per)) = parsed else {
+            self.problem(
+                format!("{at}.rate_limit"),
+                format!(
+                    "`{text}` is not a rate like \"50/s\" or \"600/m\" (a count of at least 1)"
+                ),
+            );
+            return None;
+        };
+        let per_second = if per == Duration::from_secs(1) {
+            count
+        } else {
+            count / 60
+        };
+        let burst = match burst {
+            Some(0) => {
+                self.problem(format!("{at}.burst"), "must be at least 1");
+                1
+            }
+            Some(b) => b,
+            None => per_second.max(1),
+        };
+        Some(RateLimit { count, per, burst })
     }
 
     fn allow<T>(
@@ -958,6 +1260,135 @@ impl Validator<'_> {
         }
         Allow::Only(out)
     }
+}
+
+/// `path` against the configuration file's directory, unless absolute.
+fn absolute(base_dir: &Path, path: &Path) -> PathBuf {
+    let joined = base_dir.join(path);
+    if joined.is_absolute() {
+        return joined;
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(&joined))
+        .unwrap_or(joined)
+}
+
+/// Checks that `path` is, after following symbolic links, a readable regular
+/// file of at most `cap` bytes. The metadata is looked at before opening, so
+/// a FIFO or a device such as `/dev/zero` is refused without blocking or
+/// reading it.
+fn check_regular_file(path: &Path, cap: u64) -> Result<(), String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("`{shown}` is not a regular file"));
+    }
+    if meta.len() > cap {
+        return Err(format!(
+            "`{shown}` is {} bytes, more than the {cap} allowed",
+            meta.len()
+        ));
+    }
+    std::fs::File::open(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    Ok(())
+}
+
+/// `10.0.0.0/8`, `::1/128`, or a bare address (a single host). Host bits
+/// below the prefix are refused: `10.0.0.1/8` is most likely a typo.
+fn parse_ip_net(text: &str) -> Result<IpNet, String> {
+    let bad = |why: &str| format!("`{text}` is not a network like 10.0.0.0/8 or ::1/128 ({why})");
+    let (addr, prefix) = match text.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| bad("not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) if !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            p.parse::<u8>().map_err(|_| bad("bad prefix length"))?
+        }
+        Some(_) => return Err(bad("bad prefix length")),
+    };
+    if prefix > max {
+        return Err(bad(&format!("the prefix length is at most {max}")));
+    }
+    let net = IpNet { addr, prefix };
+    let network = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(u32::from(32 - prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(u32::from(128 - prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    if network != addr {
+        return Err(format!(
+            "`{text}` has host bits set; the network is {network}/{prefix}"
+        ));
+    }
+    Ok(net)
+}
+
+/// A SPIFFE ID: `spiffe://<trust domain>[/<path>]`, trust domain of lower-case
+/// letters, digits, `.`, `-`, `_`; path segments of letters, digits, `.`, `-`,
+/// `_`, none empty, `.` or `..` (the SPIFFE ID specification).
+fn check_spiffe_id(id: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        format!("`{id}` is not a SPIFFE ID like spiffe://cluster.local/ns/shop/sa/web ({why})")
+    };
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| bad("it must start with spiffe://"))?;
+    if id.len() > 2048 {
+        return Err(bad("longer than 2048 bytes"));
+    }
+    let (domain, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    if domain.is_empty()
+        || !domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
+    {
+        return Err(bad(
+            "the trust domain must be lower-case letters, digits, '.', '-' or '_'",
+        ));
+    }
+    if let Some(path) = path {
+        for segment in path.split('/') {
+            let ok = !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            if !ok {
+                return Err(bad(
+                    "path segments must be non-empty letters, digits, '.', '-' or '_'",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A DNS name as it appears in a certificate's DNS SAN (RFC 1123 host name):
+/// labels of 1..=63 letters, digits and inner hyphens, 253 characters at
+/// most, no trailing dot, no wildcard.
+fn is_valid_dns_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn is_loopback(url: &Url) -> bool {
@@ -1216,7 +1647,7 @@ mod tests {
         assert_eq!(
             p,
             vec![
-                "broker.toml: callers[0].rpcs[0]: `Nope` is not an RPC of TokenBroker (GetBearerToken, CreateSession)"
+                "broker.toml: callers[0].rpcs[0]: `Nope` is not an RPC name (GetBearerToken, CreateSession, WatchBearerToken, ExtAuthz)"
             ]
         );
         let p = problems(&GOOD.replace("terminals = [\"1234001\"]", "terminals = [\"5555555\"]"));
@@ -1262,5 +1693,500 @@ mod tests {
             p[0].starts_with("broker.toml: server.listen: invalid type"),
             "{p:?}"
         );
+    }
+
+    /// A scratch directory removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "payroc-broker-cfg-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn write(&self, name: &str, contents: &[u8]) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, contents).unwrap();
+            path
+        }
+
+        fn parse(&self, text: &str) -> Result<Config, ConfigError> {
+            Config::parse(text, &self.0.join("broker.toml"), &self.0, &env)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// GOOD with `extra` added to its `[server]` table.
+    fn with_server(extra: &str) -> String {
+        GOOD.replace(
+            "listen = \"127.0.0.1:6000\"",
+            &format!("listen = \"127.0.0.1:6000\"\n{extra}"),
+        )
+    }
+
+    /// GOOD with `extra` added to its first caller.
+    fn with_caller(extra: &str) -> String {
+        GOOD.replace(
+            "rpcs = [\"CreateSession\"]",
+            &format!("rpcs = [\"CreateSession\"]\n{extra}"),
+        )
+    }
+
+    #[test]
+    fn part_two_keys_have_their_defaults() {
+        let c = parse(GOOD).unwrap();
+        let s = &c.server;
+        assert_eq!(s.tls, None);
+        assert_eq!(s.forwarded_identity, ForwardedIdentity::None);
+        assert_eq!(
+            s.trusted_proxies
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["127.0.0.0/8", "::1/128"]
+        );
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.metrics_listen, None);
+        assert_eq!(s.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(s.idle_timeout, Duration::from_secs(300));
+        assert_eq!(s.max_connection_age, Duration::from_secs(3600));
+        assert_eq!(s.max_connections_per_peer, 64);
+        assert_eq!(s.request_timeout, Duration::from_secs(30));
+        assert_eq!(s.max_in_flight_requests, 4096);
+        assert_eq!(c.payroc.max_concurrent_sessions_per_caller, 16);
+        assert_eq!(c.ext_authz, ExtAuthzConfig { enabled: false });
+        assert_eq!(c.callers[0].rate_limit, None);
+    }
+
+    #[test]
+    fn server_keys_of_part_two_are_read() {
+        let c = parse(&with_server(
+            r#"forwarded_identity = "xfcc"
+            trusted_proxies = ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]
+            log_format = "json"
+            metrics_listen = "127.0.0.1:9464"
+            handshake_timeout = "2s"
+            idle_timeout = "1m"
+            max_connection_age = "30m"
+            max_connections_per_peer = 8
+            request_timeout = "15s"
+            max_in_flight_requests = 100"#,
+        ))
+        .unwrap();
+        let s = &c.server;
+        assert_eq!(s.forwarded_identity, ForwardedIdentity::Xfcc);
+        assert_eq!(
+            s.trusted_proxies
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/8", "fd00::/8", "192.168.1.7/32"]
+        );
+        assert!(s.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(!s.trusted_proxies[0].contains("11.1.2.3".parse().unwrap()));
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(s.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(s.idle_timeout, Duration::from_secs(60));
+        assert_eq!(s.max_connection_age, Duration::from_secs(1800));
+        assert_eq!(s.max_connections_per_peer, 8);
+        assert_eq!(s.request_timeout, Duration::from_secs(15));
+        assert_eq!(s.max_in_flight_requests, 100);
+
+        let c = parse(&with_server(
+            "forwarded_identity = \"l5d-client-id\"\ntrusted_proxies = []",
+        ))
+        .unwrap();
+        assert_eq!(c.server.forwarded_identity, ForwardedIdentity::L5dClientId);
+        assert!(c.server.trusted_proxies.is_empty());
+        let c = parse(&with_server(
+            "forwarded_identity = \"none\"\nlog_format = \"text\"",
+        ))
+        .unwrap();
+        assert_eq!(c.server.forwarded_identity, ForwardedIdentity::None);
+        assert_eq!(c.server.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn bad_server_keys_of_part_two_are_all_reported() {
+        let p = problems(&with_server(
+            r#"forwarded_identity = "envoy"
+            trusted_proxies = ["10.0.0.1/8", "10.0.0.0/33", "example.com", "::1/+8"]
+            log_format = "xml"
+            metrics_listen = "127.0.0.1:6000"
+            handshake_timeout = "0s"
+            idle_timeout = "forever"
+            max_connection_age = "0s"
+            max_connections_per_peer = 0
+            request_timeout = "0s"
+            max_in_flight_requests = 0"#,
+        ));
+        let keys: Vec<&str> = p
+            .iter()
+            .map(|l| l.split(": ").nth(1).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "server.forwarded_identity",
+                "server.trusted_proxies[0]",
+                "server.trusted_proxies[1]",
+                "server.trusted_proxies[2]",
+                "server.trusted_proxies[3]",
+                "server.log_format",
+                "server.metrics_listen",
+                "server.handshake_timeout",
+                "server.idle_timeout",
+                "server.max_connection_age",
+                "server.request_timeout",
+                "server.max_connections_per_peer",
+                "server.max_in_flight_requests",
+            ],
+            "{p:#?}"
+        );
+        assert!(
+            p[1].contains("host bits set; the network is 10.0.0.0/8"),
+            "{p:?}"
+        );
+        assert!(p[6].contains("is the gRPC address"), "{p:?}");
+        let p = problems(&with_server("metrics_listen = \"nowhere\""));
+        assert!(
+            p[0].starts_with("broker.toml: server.metrics_listen: `nowhere` is not an address"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn payroc_per_caller_session_share_is_read() {
+        let text = GOOD.replace(
+            "refresh_before_expiry = \"2m\"",
+            "refresh_before_expiry = \"2m\"\nmax_concurrent_sessions_per_caller = 3",
+        );
+        assert_eq!(
+            parse(&text)
+                .unwrap()
+                .payroc
+                .max_concurrent_sessions_per_caller,
+            3
+        );
+        let p = problems(&text.replace("= 3", "= 0"));
+        assert_eq!(
+            p,
+            ["broker.toml: payroc.max_concurrent_sessions_per_caller: must be at least 1"]
+        );
+    }
+
+    #[test]
+    fn ext_authz_is_read() {
+        let c = parse(&format!("{GOOD}\n[ext_authz]\nenabled = true")).unwrap();
+        assert!(c.ext_authz.enabled);
+        let c = parse(&format!("{GOOD}\n[ext_authz]")).unwrap();
+        assert!(!c.ext_authz.enabled);
+        let p = problems(&format!("{GOOD}\n[ext_authz]\nenable = true"));
+        assert!(p[0].starts_with("broker.toml: ext_authz"), "{p:?}");
+        assert!(p[0].contains("unknown field `enable`"), "{p:?}");
+    }
+
+    #[test]
+    fn tls_paths_resolve_against_the_config_directory() {
+        let dir = Scratch::new("tls");
+        dir.write("tls/tls.crt", b"-----BEGIN CERTIFICATE-----\n");
+        dir.write("tls/tls.key", b"-----BEGIN PRIVATE KEY-----\n");
+        let ca = dir.write("ca.crt", b"-----BEGIN CERTIFICATE-----\n");
+        let text = format!(
+            "{GOOD}\n[server.tls]\ncert_file = \"tls/tls.crt\"\nkey_file = \"tls/tls.key\"\n\
+             client_ca_file = \"{}\"\nrequire_client_cert = true",
+            ca.display()
+        );
+        let tls = dir.parse(&text).unwrap().server.tls.unwrap();
+        assert_eq!(tls.cert_file, dir.0.join("tls/tls.crt"));
+        assert_eq!(tls.key_file, dir.0.join("tls/tls.key"));
+        assert!(tls.cert_file.is_absolute());
+        assert_eq!(tls.client_ca_file, Some(ca));
+        assert!(tls.require_client_cert);
+
+        let plain = format!(
+            "{GOOD}\n[server.tls]\ncert_file = \"tls/tls.crt\"\nkey_file = \"tls/tls.key\""
+        );
+        let tls = dir.parse(&plain).unwrap().server.tls.unwrap();
+        assert_eq!(tls.client_ca_file, None);
+        assert!(!tls.require_client_cert);
+    }
+
+    #[test]
+    fn tls_files_must_be_readable_regular_files_of_sane_size() {
+        let dir = Scratch::new("tlsbad");
+        dir.write("tls.crt", b"x");
+        dir.write("big.key", &vec![b'k'; 16 * 1024 + 1]);
+        std::fs::create_dir_all(dir.0.join("adir")).unwrap();
+        let text = format!(
+            "{GOOD}\n[server.tls]\ncert_file = \"missing.crt\"\nkey_file = \"big.key\"\n\
+             client_ca_file = \"adir\""
+        );
+        let err = dir.parse(&text).unwrap_err().to_string();
+        let p: Vec<&str> = err.lines().collect();
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(
+            p[0].contains(": server.tls.cert_file: cannot read `"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("missing.crt"), "{p:?}");
+        assert!(p[1].contains(": server.tls.key_file: `"), "{p:?}");
+        assert!(p[1].contains("more than the 16384 allowed"), "{p:?}");
+        assert!(p[2].contains(": server.tls.client_ca_file: `"), "{p:?}");
+        assert!(p[2].ends_with("adir` is not a regular file"), "{p:?}");
+
+        // A device is refused from its metadata, without reading it.
+        let text = format!(
+            "{GOOD}\n[server.tls]\ncert_file = \"tls.crt\"\nkey_file = \"/dev/zero\"\n\
+             require_client_cert = true"
+        );
+        let err = dir.parse(&text).unwrap_err().to_string();
+        let p: Vec<&str> = err.lines().collect();
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].ends_with("server.tls.key_file: `/dev/zero` is not a regular file"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].ends_with("server.tls.require_client_cert: needs server.tls.client_ca_file to verify client certificates against"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn callers_may_be_identified_by_spiffe_id_or_dns_name() {
+        let text = GOOD
+            .replace(
+                "token_env = \"CALLER_TOKEN\"",
+                "spiffe_id = \"spiffe://cluster.local/ns/shop/sa/checkout-web\"",
+            )
+            .replace(
+                "token_sha256 = \"0000000000000000000000000000000000000000000000000000000000000001\"",
+                "dns_name = \"ops.tools.svc\"",
+            );
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.callers[0].identity,
+            CallerIdentity::SpiffeId("spiffe://cluster.local/ns/shop/sa/checkout-web".into())
+        );
+        assert_eq!(
+            c.callers[1].identity,
+            CallerIdentity::DnsName("ops.tools.svc".into())
+        );
+        // Debug shows workload identities (not secret) but never a token digest.
+        let dump = format!("{:?}", c.callers);
+        assert!(dump.contains("spiffe://cluster.local"), "{dump}");
+        parse(&GOOD.replace(
+            "token_env = \"CALLER_TOKEN\"",
+            "spiffe_id = \"spiffe://example.org\"",
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn caller_identities_are_exactly_one_and_well_formed() {
+        let p = problems(&with_caller("dns_name = \"checkout.shop.svc\""));
+        assert_eq!(
+            p,
+            [
+                "broker.toml: callers[0]: set exactly one of token_env, token_sha256, spiffe_id and dns_name"
+            ]
+        );
+        let p = problems(&GOOD.replace("token_env = \"CALLER_TOKEN\"", ""));
+        assert_eq!(
+            p,
+            [
+                "broker.toml: callers[0]: set exactly one of token_env, token_sha256, spiffe_id and dns_name"
+            ]
+        );
+        for bad in [
+            "https://cluster.local/ns/shop",
+            "spiffe://",
+            "spiffe://Cluster.Local/ns",
+            "spiffe://cluster.local/ns//sa",
+            "spiffe://cluster.local/ns/shop/",
+            "spiffe://cluster.local/ns/../sa",
+            "spiffe://cluster.local/ns/shop?x=1",
+            "SPIFFE://cluster.local/ns",
+        ] {
+            let p = problems(&GOOD.replace(
+                "token_env = \"CALLER_TOKEN\"",
+                &format!("spiffe_id = \"{bad}\""),
+            ));
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert!(
+                p[0].starts_with(&format!(
+                    "broker.toml: callers[0].spiffe_id: `{bad}` is not a SPIFFE ID"
+                )),
+                "{p:?}"
+            );
+        }
+        let long_label = "a".repeat(64);
+        let long_name = ["abcdefghi"; 26].join(".");
+        for bad in [
+            "",
+            "-web.shop.svc",
+            "web-.shop.svc",
+            "*.shop.svc",
+            "web..svc",
+            "web.shop.svc.",
+            "web_1.shop.svc",
+            "web shop",
+            long_label.as_str(),
+            long_name.as_str(),
+        ] {
+            let p = problems(&GOOD.replace(
+                "token_env = \"CALLER_TOKEN\"",
+                &format!("dns_name = \"{bad}\""),
+            ));
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert!(
+                p[0].starts_with(&format!(
+                    "broker.toml: callers[0].dns_name: `{bad}` is not a DNS name"
+                )),
+                "{p:?}"
+            );
+        }
+        for good in ["web", "Web-1.shop.svc.cluster.local", &"a".repeat(63)] {
+            parse(&GOOD.replace(
+                "token_env = \"CALLER_TOKEN\"",
+                &format!("dns_name = \"{good}\""),
+            ))
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_workload_identity_belongs_to_one_caller() {
+        let text = GOOD
+            .replace("token_env = \"CALLER_TOKEN\"", "dns_name = \"web.shop.svc\"")
+            .replace(
+                "token_sha256 = \"0000000000000000000000000000000000000000000000000000000000000001\"",
+                "dns_name = \"web.shop.svc\"",
+            );
+        assert_eq!(
+            problems(&text),
+            [
+                "broker.toml: callers[1].dns_name: `web.shop.svc` is already the identity of caller `checkout`"
+            ]
+        );
+        // The same string as a SPIFFE ID and a DNS name are different identities.
+        parse(
+            &GOOD
+                .replace("token_env = \"CALLER_TOKEN\"", "spiffe_id = \"spiffe://a\"")
+                .replace(
+                    "token_sha256 = \"0000000000000000000000000000000000000000000000000000000000000001\"",
+                    "spiffe_id = \"spiffe://b\"",
+                ),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn rate_limits_and_bursts() {
+        let rl = |extra: &str| parse(&with_caller(extra)).unwrap().callers[0].rate_limit;
+        assert_eq!(
+            rl("rate_limit = \"50/s\""),
+            Some(RateLimit {
+                count: 50,
+                per: Duration::from_secs(1),
+                burst: 50
+            })
+        );
+        assert_eq!(
+            rl("rate_limit = \"50/s\"\nburst = 100"),
+            Some(RateLimit {
+                count: 50,
+                per: Duration::from_secs(1),
+                burst: 100
+            })
+        );
+        assert_eq!(
+            rl("rate_limit = \"600/m\""),
+            Some(RateLimit {
+                count: 600,
+                per: Duration::from_secs(60),
+                burst: 10
+            })
+        );
+        // Under one per second: the burst is still at least 1.
+        assert_eq!(
+            rl("rate_limit = \"30/m\""),
+            Some(RateLimit {
+                count: 30,
+                per: Duration::from_secs(60),
+                burst: 1
+            })
+        );
+        for bad in [
+            "50",
+            "0/s",
+            "+5/s",
+            "-5/s",
+            "5/h",
+            "5 /s",
+            "/s",
+            "5/",
+            "99999999999/s",
+            "1.5/s",
+        ] {
+            let p = problems(&with_caller(&format!("rate_limit = \"{bad}\"")));
+            assert_eq!(
+                p,
+                [format!(
+                    "broker.toml: callers[0].rate_limit: `{bad}` is not a rate like \"50/s\" or \"600/m\" (a count of at least 1)"
+                )],
+            );
+        }
+        assert_eq!(
+            problems(&with_caller("rate_limit = \"5/s\"\nburst = 0")),
+            ["broker.toml: callers[0].burst: must be at least 1"]
+        );
+        assert_eq!(
+            problems(&with_caller("burst = 5")),
+            ["broker.toml: callers[0].burst: needs rate_limit"]
+        );
+        let p = problems(&with_caller("burst = -1"));
+        assert!(p[0].starts_with("broker.toml: callers[0].burst: "), "{p:?}");
+    }
+
+    #[test]
+    fn every_rpc_name_is_accepted() {
+        let c = parse(&GOOD.replace(
+            "rpcs = [\"CreateSession\"]",
+            "rpcs = [\"GetBearerToken\", \"CreateSession\", \"WatchBearerToken\", \"ExtAuthz\"]",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.callers[0].rpcs,
+            Allow::Only(vec![
+                Rpc::GetBearerToken,
+                Rpc::CreateSession,
+                Rpc::WatchBearerToken,
+                Rpc::ExtAuthz
+            ])
+        );
+        for rpc in [
+            Rpc::GetBearerToken,
+            Rpc::CreateSession,
+            Rpc::WatchBearerToken,
+            Rpc::ExtAuthz,
+        ] {
+            assert_eq!(Rpc::from_name(rpc.name()), Some(rpc));
+        }
     }
 }
