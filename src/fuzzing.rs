@@ -99,3 +99,64 @@ pub fn config_file(data: &[u8]) {
         }
     }
 }
+
+/// Request validation on wire bytes: the first byte picks the message
+/// (`GetBearerTokenRequest` or `CreateSessionRequest`), the rest is decoded as
+/// protobuf the way tonic would, then validated. Accepted requests must obey
+/// every rule; refused ones must name only real proto fields.
+pub fn request_validation(data: &[u8]) {
+    use prost::Message;
+
+    use crate::{proto, validate};
+
+    let Some((&selector, wire)) = data.split_first() else {
+        return;
+    };
+    let known = |fields: &[crate::error::FieldViolation]| {
+        assert!(!fields.is_empty(), "refused without a field violation");
+        for f in fields {
+            assert!(
+                [
+                    "processing_terminal_id",
+                    "min_validity",
+                    "scenario",
+                    "lib_version",
+                    "secure_token_id",
+                    "idempotency_key"
+                ]
+                .contains(&f.field.as_str()),
+                "unknown field name {:?}",
+                f.field
+            );
+        }
+    };
+    if selector % 2 == 0 {
+        let Ok(msg) = proto::GetBearerTokenRequest::decode(wire) else {
+            return;
+        };
+        match validate::bearer(&msg.processing_terminal_id, msg.min_validity) {
+            Ok(q) => assert!(crate::payroc::is_valid_terminal_id(
+                &q.processing_terminal_id
+            )),
+            Err(fields) => known(&fields),
+        }
+    } else {
+        let Ok(msg) = proto::CreateSessionRequest::decode(wire) else {
+            return;
+        };
+        match validate::session(msg) {
+            Ok(q) => {
+                assert!(crate::payroc::is_valid_terminal_id(
+                    &q.processing_terminal_id
+                ));
+                if let Some(v) = &q.lib_version {
+                    assert!(crate::payroc::is_valid_lib_version(v));
+                }
+                if let Some(k) = q.idempotency_key {
+                    assert_eq!(k.get_version_num(), 4);
+                }
+            }
+            Err(fields) => known(&fields),
+        }
+    }
+}

@@ -15,7 +15,8 @@
 //! | [`tokens`] | per-credential Bearer token cache: refresh-ahead, floor, invalidation |
 //! | [`broker`] | domain logic: terminal -> credential, the 401 refresh-and-retry |
 //! | [`auth`] | caller authentication and allow lists |
-//! | [`service`] | gRPC handlers: validation, proto conversion |
+//! | [`validate`] | request validation: proto messages in, domain values or field violations out |
+//! | [`service`] | gRPC handlers: authenticate, validate, call the broker, proto conversion |
 //! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
 //! | [`server`] | assembly: health, reflection, graceful shutdown |
 //! | [`sim`] | the simulated Payroc, for the sandbox and the tests |
@@ -39,3 +40,4 @@ pub mod service;
 pub mod sim;
 pub mod status;
 pub mod tokens;
+pub mod validate;

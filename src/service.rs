@@ -6,19 +6,19 @@ use std::{sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
 use crate::{
     auth::Callers,
     broker::Broker,
     clock::Clock,
     config::Rpc,
-    error::{BrokerError, FieldViolation},
-    payroc::{self, Scenario, SessionRequest},
+    error::BrokerError,
+    payroc::SessionRequest,
     proto::{
         self, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
         GetBearerTokenResponse,
     },
+    validate,
 };
 
 /// The broker gives up a little before the caller's deadline, so that its
@@ -57,29 +57,9 @@ impl TokenBrokerService {
         let state = self.state.load_full();
         let caller = state.callers.authenticate(req.metadata())?;
         let msg = req.get_ref();
-        let mut bad = Vec::new();
-        check_terminal(&msg.processing_terminal_id, &mut bad);
-        let min_validity = match msg.min_validity {
-            None => None,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                bad.push(FieldViolation::new("min_validity", "must not be negative"));
-                None
-            }
-            Some(d) => match Duration::try_from(d) {
-                Ok(d) => Some(d),
-                Err(_) => {
-                    bad.push(FieldViolation::new(
-                        "min_validity",
-                        "is not a valid duration",
-                    ));
-                    None
-                }
-            },
-        };
-        if !bad.is_empty() {
-            return Err(BrokerError::InvalidArgument(bad));
-        }
-        let terminal = msg.processing_terminal_id.as_str();
+        let query = validate::bearer(&msg.processing_terminal_id, msg.min_validity)
+            .map_err(BrokerError::InvalidArgument)?;
+        let (terminal, min_validity) = (query.processing_terminal_id.as_str(), query.min_validity);
         caller.authorize(Rpc::GetBearerToken, terminal)?;
         let grant = state
             .broker
@@ -109,77 +89,21 @@ impl TokenBrokerService {
         let deadline = deadline(&req, &self.clock);
         let state = self.state.load_full();
         let caller = state.callers.authenticate(req.metadata())?;
-        let msg = req.into_inner();
-        let mut bad = Vec::new();
-        check_terminal(&msg.processing_terminal_id, &mut bad);
-        let scenario = match proto::Scenario::try_from(msg.scenario) {
-            Ok(proto::Scenario::Payment) => Some(Scenario::Payment),
-            Ok(proto::Scenario::Tokenization) => Some(Scenario::Tokenization),
-            Ok(proto::Scenario::Unspecified) => {
-                bad.push(FieldViolation::new(
-                    "scenario",
-                    "is required: SCENARIO_PAYMENT or SCENARIO_TOKENIZATION",
-                ));
-                None
-            }
-            Err(_) => {
-                bad.push(FieldViolation::new(
-                    "scenario",
-                    format!("{} is not a Scenario value", msg.scenario),
-                ));
-                None
-            }
-        };
-        if !msg.lib_version.is_empty() && !payroc::is_valid_lib_version(&msg.lib_version) {
-            bad.push(FieldViolation::new(
-                "lib_version",
-                format!(
-                    "`{}` does not match Payroc's pattern (digits like 1.7.0.261457, optionally 1.2.0-beta.135020)",
-                    msg.lib_version.chars().take(64).collect::<String>()
-                ),
-            ));
-        }
-        if !msg.secure_token_id.is_empty()
-            && !payroc::is_valid_secure_token_id(&msg.secure_token_id)
-        {
-            bad.push(FieldViolation::new(
-                "secure_token_id",
-                "must be 1 to 200 characters",
-            ));
-        }
-        let idempotency_key = if msg.idempotency_key.is_empty() {
-            None
-        } else {
-            match Uuid::try_parse(&msg.idempotency_key) {
-                Ok(u) if u.get_version_num() == 4 && u.get_variant() == uuid::Variant::RFC4122 => {
-                    Some(u)
-                }
-                _ => {
-                    bad.push(FieldViolation::new(
-                        "idempotency_key",
-                        "must be a UUID v4, or empty to have one generated",
-                    ));
-                    None
-                }
-            }
-        };
-        let Some(scenario) = scenario.filter(|_| bad.is_empty()) else {
-            return Err(BrokerError::InvalidArgument(bad));
-        };
-        caller.authorize(Rpc::CreateSession, &msg.processing_terminal_id)?;
+        let query = validate::session(req.into_inner()).map_err(BrokerError::InvalidArgument)?;
+        caller.authorize(Rpc::CreateSession, &query.processing_terminal_id)?;
         // Unknown terminals fail before a key is generated or a token fetched.
-        state.broker.credential(&msg.processing_terminal_id)?;
+        state.broker.credential(&query.processing_terminal_id)?;
 
         let request = SessionRequest {
-            processing_terminal_id: msg.processing_terminal_id,
-            scenario,
-            lib_version: if msg.lib_version.is_empty() {
-                state.broker.lib_version.clone()
-            } else {
-                msg.lib_version
-            },
-            secure_token_id: Some(msg.secure_token_id).filter(|s| !s.is_empty()),
-            idempotency_key: idempotency_key.unwrap_or_else(|| state.broker.new_idempotency_key()),
+            processing_terminal_id: query.processing_terminal_id,
+            scenario: query.scenario,
+            lib_version: query
+                .lib_version
+                .unwrap_or_else(|| state.broker.lib_version.clone()),
+            secure_token_id: query.secure_token_id,
+            idempotency_key: query
+                .idempotency_key
+                .unwrap_or_else(|| state.broker.new_idempotency_key()),
         };
         let grant = state.broker.session(request, deadline).await?;
         tracing::info!(
@@ -196,17 +120,6 @@ impl TokenBrokerService {
             idempotency_key: grant.idempotency_key.hyphenated().to_string(),
             lib_version: grant.lib_version,
         })
-    }
-}
-
-fn check_terminal(id: &str, bad: &mut Vec<FieldViolation>) {
-    if id.is_empty() {
-        bad.push(FieldViolation::new("processing_terminal_id", "is required"));
-    } else if !payroc::is_valid_terminal_id(id) {
-        bad.push(FieldViolation::new(
-            "processing_terminal_id",
-            format!("must be 4 to 50 characters (got {})", id.chars().count()),
-        ));
     }
 }
 

@@ -30,3 +30,8 @@ fn problem_document_corpus() {
 fn config_file_corpus() {
     replay("config_file", fuzzing::config_file);
 }
+
+#[test]
+fn request_validation_corpus() {
+    replay("request_validation", fuzzing::request_validation);
+}
