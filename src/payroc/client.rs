@@ -16,10 +16,7 @@ use super::{
     problem::Problem,
     retry::{self, RetryPolicy},
 };
-use crate::{
-    clock::{Clock, SharedEntropy},
-    config::PayrocConfig,
-};
+use crate::clock::{Clock, SharedEntropy};
 
 /// Bodies larger than this are cut off: Payroc's answers are a few hundred
 /// bytes, and an unbounded read is a memory hazard.
@@ -81,6 +78,20 @@ pub struct Session {
     pub expires_at: SystemTime,
 }
 
+/// What the client needs to know: where Payroc is and how patiently to ask.
+/// Built from the `[payroc]` configuration (`config` depends on `payroc`,
+/// never the other way round).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub identity_url: Url,
+    /// Base URL, ending in `/v1`.
+    pub api_url: Url,
+    /// One HTTP attempt (and connection set-up) at most.
+    pub request_timeout: Duration,
+    /// Attempts per upstream request, the first included.
+    pub max_attempts: u32,
+}
+
 /// Payroc's API, over one connection pool.
 pub struct PayrocClient {
     http: reqwest::Client,
@@ -98,28 +109,29 @@ pub struct PayrocClient {
 
 impl PayrocClient {
     pub fn new(
-        config: &PayrocConfig,
+        settings: impl Into<Settings>,
         clock: Clock,
         entropy: SharedEntropy,
     ) -> Result<Self, reqwest::Error> {
+        let settings: Settings = settings.into();
         let http = reqwest::Client::builder()
             .use_rustls_tls()
             // A redirect could carry the API key to another host: never follow.
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(config.request_timeout)
+            .connect_timeout(settings.request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_keepalive(Duration::from_secs(30))
             .user_agent(concat!("payroc-broker/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
             http,
-            identity_url: config.identity_url.clone(),
-            api_url: config.api_url.clone(),
-            request_timeout: config.request_timeout,
-            retry: RetryPolicy::new(config.max_attempts),
+            identity_url: settings.identity_url,
+            api_url: settings.api_url,
+            request_timeout: settings.request_timeout,
+            retry: RetryPolicy::new(settings.max_attempts),
             identity_retry: RetryPolicy {
                 max_retry_after: Duration::from_secs(2),
-                ..RetryPolicy::new(config.max_attempts)
+                ..RetryPolicy::new(settings.max_attempts)
             },
             clock,
             entropy,
@@ -451,15 +463,13 @@ mod tests {
 
     #[test]
     fn session_requests_are_fixed_once() {
-        let cfg = crate::config::Config::parse(
-            "[payroc]\napi_url = \"http://127.0.0.1:1/base/v1/\"\n[[credentials]]\nname = \"a\"\napi_key_env = \"K\"\nterminals = [\"1234\"]",
-            std::path::Path::new("t.toml"),
-            std::path::Path::new("."),
-            &|_| Some("k".into()),
-        )
-        .unwrap();
         let client = PayrocClient::new(
-            &cfg.payroc,
+            Settings {
+                identity_url: Url::parse("http://127.0.0.1:1/authorize").unwrap(),
+                api_url: Url::parse("http://127.0.0.1:1/base/v1").unwrap(),
+                request_timeout: Duration::from_secs(1),
+                max_attempts: 1,
+            },
             Clock::system(),
             std::sync::Arc::new(crate::clock::OsEntropy),
         )

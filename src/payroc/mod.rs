@@ -10,7 +10,9 @@ mod error;
 mod problem;
 mod retry;
 
-pub use client::{IdentityToken, PayrocClient, PreparedSession, Scenario, Session, SessionRequest};
+pub use client::{
+    IdentityToken, PayrocClient, PreparedSession, Scenario, Session, SessionRequest, Settings,
+};
 pub use error::{Endpoint, UpstreamError};
 pub use problem::{Problem, ProblemField};
 pub use retry::RetryPolicy;

@@ -1,0 +1,427 @@
+//! `[[callers]]`: the internal services allowed to call the broker, how each
+//! proves who it is, what it may ask for, and how often.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    str::FromStr,
+    time::Duration,
+};
+
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Deserializer};
+
+use super::{Checker, CredentialConfig, is_valid_name, sha256};
+
+/// The TokenBroker RPCs, as named in caller allow lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rpc {
+    GetBearerToken,
+    CreateSession,
+    WatchBearerToken,
+    /// `envoy.service.auth.v3.Authorization/Check`.
+    ExtAuthz,
+}
+
+impl Rpc {
+    pub fn from_name(name: &str) -> Option<Rpc> {
+        match name {
+            "GetBearerToken" => Some(Rpc::GetBearerToken),
+            "CreateSession" => Some(Rpc::CreateSession),
+            "WatchBearerToken" => Some(Rpc::WatchBearerToken),
+            "ExtAuthz" => Some(Rpc::ExtAuthz),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rpc::GetBearerToken => "GetBearerToken",
+            Rpc::CreateSession => "CreateSession",
+            Rpc::WatchBearerToken => "WatchBearerToken",
+            Rpc::ExtAuthz => "ExtAuthz",
+        }
+    }
+}
+
+/// An allow list: everything (`["*"]`) or the listed items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allow<T> {
+    All,
+    Only(Vec<T>),
+}
+
+impl<T: PartialEq> Allow<T> {
+    pub fn permits(&self, item: &T) -> bool {
+        match self {
+            Allow::All => true,
+            Allow::Only(items) => items.contains(item),
+        }
+    }
+}
+
+/// An internal service allowed to call the broker.
+#[derive(Clone)]
+pub struct CallerConfig {
+    pub name: String,
+    /// How the caller proves who it is.
+    pub identity: CallerIdentity,
+    pub terminals: Allow<String>,
+    pub rpcs: Allow<Rpc>,
+    /// Token bucket; `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl fmt::Debug for CallerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallerConfig")
+            .field("name", &self.name)
+            .field("identity", &self.identity)
+            .field("terminals", &self.terminals)
+            .field("rate_limit", &self.rate_limit)
+            .field("rpcs", &self.rpcs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a caller is recognised: exactly one per caller.
+#[derive(Clone, PartialEq, Eq)]
+pub enum CallerIdentity {
+    /// SHA-256 of the caller's bearer token; the token itself is never kept.
+    TokenSha256([u8; 32]),
+    /// URI SAN of a verified client certificate, or a trusted forwarded identity.
+    SpiffeId(String),
+    /// DNS SAN of a verified client certificate, or Linkerd's `l5d-client-id`.
+    DnsName(String),
+}
+
+impl fmt::Debug for CallerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallerIdentity::TokenSha256(_) => f.write_str("TokenSha256(<redacted>)"),
+            CallerIdentity::SpiffeId(id) => f.debug_tuple("SpiffeId").field(id).finish(),
+            CallerIdentity::DnsName(n) => f.debug_tuple("DnsName").field(n).finish(),
+        }
+    }
+}
+
+/// `rate_limit = "50/s"` with `burst = 100`: a token bucket refilled with
+/// `count` tokens every `per`, holding at most `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
+}
+
+/// `rate_limit` as written: `"N/s"` or `"N/m"`, N at least 1.
+#[derive(Clone, Copy)]
+struct Rate {
+    count: u32,
+    per: Duration,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Rate, String> {
+        let parsed = text.split_once('/').and_then(|(n, unit)| {
+            let per = match unit {
+                "s" => Duration::from_secs(1),
+                "m" => Duration::from_secs(60),
+                _ => return None,
+            };
+            // Digits only: `u32::from_str` would take a `+`.
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let count = n.parse::<u32>().ok().filter(|n| *n > 0)?;
+            Some(Rate { count, per })
+        });
+        parsed.ok_or_else(|| {
+            format!("`{text}` is not a rate like \"50/s\" or \"600/m\" (a count of at least 1)")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCaller {
+    name: String,
+    token_env: Option<String>,
+    token_sha256: Option<String>,
+    spiffe_id: Option<String>,
+    dns_name: Option<String>,
+    terminals: Vec<String>,
+    rpcs: Vec<String>,
+    rate_limit: Option<Rate>,
+    burst: Option<u32>,
+}
+
+pub(super) fn check(
+    raw: Vec<RawCaller>,
+    credentials: &[CredentialConfig],
+    c: &mut Checker<'_>,
+) -> Vec<CallerConfig> {
+    let known: HashSet<&str> = credentials
+        .iter()
+        .flat_map(|c| c.terminals.iter().map(String::as_str))
+        .collect();
+    let mut names = HashSet::new();
+    // Who already holds each identity, keyed by (kind, value).
+    let mut holders: HashMap<(&'static str, Vec<u8>), String> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, caller) in raw.into_iter().enumerate() {
+        let at = format!("callers[{i}]");
+        if !is_valid_name(&caller.name) {
+            c.problem(
+                format!("{at}.name"),
+                format!("`{}` must be 1 to 64 of A-Z a-z 0-9 . _ -", caller.name),
+            );
+        } else if !names.insert(caller.name.clone()) {
+            c.problem(
+                format!("{at}.name"),
+                format!("`{}` is used twice", caller.name),
+            );
+        }
+        let identity = identity(c, &at, &caller);
+        if let Some((key, id)) = &identity {
+            let (kind, value, shown) = match id {
+                CallerIdentity::TokenSha256(h) => ("token", h.to_vec(), None),
+                CallerIdentity::SpiffeId(s) => ("spiffe_id", s.as_bytes().to_vec(), Some(s)),
+                CallerIdentity::DnsName(s) => ("dns_name", s.as_bytes().to_vec(), Some(s)),
+            };
+            if let Some(other) = holders.get(&(kind, value.clone())) {
+                let reason = match shown {
+                    None => format!("the same token is already given to caller `{other}`"),
+                    Some(s) => format!("`{s}` is already the identity of caller `{other}`"),
+                };
+                c.problem(format!("{at}.{key}"), reason);
+            } else {
+                holders.insert((kind, value), caller.name.clone());
+            }
+        }
+        let rate_limit = rate_limit(c, &at, caller.rate_limit, caller.burst);
+        let terminals = allow(c, &format!("{at}.terminals"), caller.terminals, |t| {
+            if known.contains(t.as_str()) {
+                Ok(t)
+            } else {
+                Err(format!("terminal `{t}` is not served by any credential"))
+            }
+        });
+        let rpcs = allow(c, &format!("{at}.rpcs"), caller.rpcs, |r| {
+            Rpc::from_name(&r).ok_or_else(|| {
+                format!(
+                    "`{r}` is not an RPC name (GetBearerToken, CreateSession, \
+                     WatchBearerToken, ExtAuthz)"
+                )
+            })
+        });
+        out.push(CallerConfig {
+            name: caller.name,
+            // The placeholder only ever sits in a configuration that is
+            // rejected, as a problem was recorded.
+            identity: identity.map_or(CallerIdentity::TokenSha256([0; 32]), |(_, id)| id),
+            terminals,
+            rpcs,
+            rate_limit,
+        });
+    }
+    out
+}
+
+/// Exactly one of `token_env`, `token_sha256`, `spiffe_id`, `dns_name`; with
+/// the key that set it.
+fn identity(
+    c: &mut Checker<'_>,
+    at: &str,
+    caller: &RawCaller,
+) -> Option<(&'static str, CallerIdentity)> {
+    let given = [
+        caller.token_env.is_some(),
+        caller.token_sha256.is_some(),
+        caller.spiffe_id.is_some(),
+        caller.dns_name.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        c.problem(
+            at,
+            "set exactly one of token_env, token_sha256, spiffe_id and dns_name",
+        );
+        return None;
+    }
+    if let Some(var) = &caller.token_env {
+        let key = format!("{at}.token_env");
+        let token = c.env_secret(&key, var)?;
+        return Some((
+            "token_env",
+            CallerIdentity::TokenSha256(sha256(token.expose_secret().as_bytes())),
+        ));
+    }
+    if let Some(hex) = &caller.token_sha256 {
+        let Some(digest) = parse_sha256_hex(hex) else {
+            c.problem(
+                format!("{at}.token_sha256"),
+                "must be 64 hexadecimal characters (the SHA-256 of the token)",
+            );
+            return None;
+        };
+        return Some(("token_sha256", CallerIdentity::TokenSha256(digest)));
+    }
+    if let Some(id) = &caller.spiffe_id {
+        if let Err(reason) = check_spiffe_id(id) {
+            c.problem(format!("{at}.spiffe_id"), reason);
+            return None;
+        }
+        return Some(("spiffe_id", CallerIdentity::SpiffeId(id.clone())));
+    }
+    let name = caller.dns_name.as_deref().unwrap_or_default();
+    if !is_valid_dns_name(name) {
+        c.problem(
+            format!("{at}.dns_name"),
+            format!(
+                "`{name}` is not a DNS name (dot-separated labels of 1 to 63 letters, \
+                 digits and inner hyphens; 253 characters at most)"
+            ),
+        );
+        return None;
+    }
+    Some(("dns_name", CallerIdentity::DnsName(name.to_owned())))
+}
+
+/// The bucket: `burst` defaults to the per-second rate, at least 1.
+fn rate_limit(
+    c: &mut Checker<'_>,
+    at: &str,
+    rate: Option<Rate>,
+    burst: Option<u32>,
+) -> Option<RateLimit> {
+    let Some(Rate { count, per }) = rate else {
+        if burst.is_some() {
+            c.problem(format!("{at}.burst"), "needs rate_limit");
+        }
+        return None;
+    };
+    let per_second = if per == Duration::from_secs(1) {
+        count
+    } else {
+        count / 60
+    };
+    let burst = match burst {
+        Some(0) => {
+            c.problem(format!("{at}.burst"), "must be at least 1");
+            1
+        }
+        Some(b) => b,
+        None => per_second.max(1),
+    };
+    Some(RateLimit { count, per, burst })
+}
+
+fn allow<T>(
+    c: &mut Checker<'_>,
+    key: &str,
+    items: Vec<String>,
+    check: impl Fn(String) -> Result<T, String>,
+) -> Allow<T> {
+    if items.is_empty() {
+        c.problem(
+            key,
+            "is empty, so it allows nothing; use [\"*\"] for everything",
+        );
+        return Allow::Only(Vec::new());
+    }
+    if items.iter().any(|i| i == "*") {
+        if items.len() > 1 {
+            c.problem(key, "\"*\" must stand alone");
+        }
+        return Allow::All;
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (j, item) in items.into_iter().enumerate() {
+        match check(item) {
+            Ok(v) => out.push(v),
+            Err(reason) => c.problem(format!("{key}[{j}]"), reason),
+        }
+    }
+    Allow::Only(out)
+}
+
+fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A SPIFFE ID: `spiffe://<trust domain>[/<path>]`, trust domain of lower-case
+/// letters, digits, `.`, `-`, `_`; path segments of letters, digits, `.`, `-`,
+/// `_`, none empty, `.` or `..` (the SPIFFE ID specification).
+fn check_spiffe_id(id: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        format!("`{id}` is not a SPIFFE ID like spiffe://cluster.local/ns/shop/sa/web ({why})")
+    };
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| bad("it must start with spiffe://"))?;
+    if id.len() > 2048 {
+        return Err(bad("longer than 2048 bytes"));
+    }
+    let (domain, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    if domain.is_empty()
+        || !domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
+    {
+        return Err(bad(
+            "the trust domain must be lower-case letters, digits, '.', '-' or '_'",
+        ));
+    }
+    if let Some(path) = path {
+        for segment in path.split('/') {
+            let ok = !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            if !ok {
+                return Err(bad(
+                    "path segments must be non-empty letters, digits, '.', '-' or '_'",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A DNS name as it appears in a certificate's DNS SAN (RFC 1123 host name):
+/// labels of 1..=63 letters, digits and inner hyphens, 253 characters at
+/// most, no trailing dot, no wildcard.
+fn is_valid_dns_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}

@@ -1,0 +1,371 @@
+//! Configuration: parse the TOML file, validate every rule, resolve secrets.
+//!
+//! The output, [`Config`], is fully checked: URLs obey the https-only rule,
+//! every terminal belongs to exactly one credential, API keys and caller tokens
+//! have been read (into redacting secret types). Nothing downstream re-checks
+//! or re-reads.
+//!
+//! One file per section (`server`, `tls`, `payroc`, `credentials`,
+//! `callers`); each holds its public type, what serde reads it from, and the
+//! rules serde cannot express. Reading happens in two phases:
+//!
+//! 1. serde reads the file into typed values: durations (humantime form),
+//!    addresses, enums and defaults. A value of the wrong type or form stops
+//!    this phase at the first one, reported with its key path.
+//! 2. Each section then checks its rules (ranges, cross-key rules, secrets,
+//!    files, URLs) against a shared [`Checker`], which collects every problem,
+//!    so all of them are reported at once, each naming the file, the key's
+//!    path (`credentials[1].api_key_env`) and the reason.
+
+mod callers;
+mod credentials;
+mod payroc;
+mod server;
+mod tls;
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+pub use callers::{Allow, CallerConfig, CallerIdentity, RateLimit, Rpc};
+pub use credentials::CredentialConfig;
+pub use payroc::{Environment, PayrocConfig};
+pub use server::{ForwardedIdentity, IpNet, LogFormat, ServerConfig};
+pub use tls::TlsConfig;
+
+/// The environment variable that names the configuration file when
+/// `--config` is not given.
+pub const CONFIG_ENV: &str = "PAYROC_BROKER_CONFIG";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub payroc: PayrocConfig,
+    pub credentials: Vec<CredentialConfig>,
+    pub callers: Vec<CallerConfig>,
+    pub ext_authz: ExtAuthzConfig,
+}
+
+/// `[ext_authz]`: Envoy's `envoy.service.auth.v3.Authorization/Check` on the gRPC port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExtAuthzConfig {
+    pub enabled: bool,
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+/// One configuration problem: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key's path, e.g. `credentials[1].api_key_env`; empty for the file as a whole.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.key.is_empty() {
+                write!(f, "{}: {}", self.file.display(), p.reason)?;
+            } else {
+                write!(f, "{}: {}: {}", self.file.display(), p.key, p.reason)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where secrets come from: the process environment in production, a map in tests.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Defaults, documented in README's configuration reference.
+pub mod defaults {
+    use std::time::Duration;
+    pub const LISTEN: &str = "127.0.0.1:50051";
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+    pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+    pub const SERVER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MAX_IN_FLIGHT_REQUESTS: usize = 4096;
+    pub const MAX_CONCURRENT_SESSIONS_PER_CALLER: usize = 16;
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    pub const LIB_VERSION: &str = "1.7.0.261457";
+    pub const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
+    pub const MIN_TOKEN_VALIDITY: Duration = Duration::from_secs(30);
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const MAX_ATTEMPTS: u32 = 3;
+    pub const WARM_START_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const MAX_CONNECTIONS: usize = 1024;
+    pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+    pub const MAX_CONCURRENT_SESSIONS: usize = 64;
+    pub const WARM_START_CONCURRENCY: usize = 4;
+    pub const WARM_START_SPREAD: Duration = Duration::from_secs(2);
+    pub const IDENTITY_BACKOFF: Duration = Duration::from_secs(1);
+    pub const IDENTITY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+    /// Loopback only: a sidecar proxy in the same pod or on the same host.
+    pub fn trusted_proxies() -> Vec<super::IpNet> {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        vec![
+            super::IpNet {
+                addr: Ipv4Addr::new(127, 0, 0, 0).into(),
+                prefix: 8,
+            },
+            super::IpNet {
+                addr: Ipv6Addr::LOCALHOST.into(),
+                prefix: 128,
+            },
+        ]
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`. Relative paths in it (`api_key_file`,
+    /// `[server.tls]`) are resolved against the configuration file's directory.
+    pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            problems: vec![Problem {
+                key: String::new(),
+                reason: format!("cannot read the configuration file: {e}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base, env)
+    }
+
+    /// Validates configuration text; `file` names it in errors.
+    pub fn parse(
+        text: &str,
+        file: &Path,
+        base_dir: &Path,
+        env: EnvLookup<'_>,
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: file.to_owned(),
+            problems,
+        };
+        // Phase 1: serde. Stops at the first value it cannot read.
+        let raw: RawConfig = {
+            let de = toml::Deserializer::parse(text)
+                .map_err(|e| fail(vec![toml_problem("", &e, text)]))?;
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let key = e.path().to_string();
+                let key = if key == "." { String::new() } else { key };
+                fail(vec![toml_problem(&key, e.inner(), text)])
+            })?
+        };
+        // Phase 2: every rule of every section, all problems collected.
+        let mut check = Checker {
+            problems: Vec::new(),
+            env,
+            base_dir,
+        };
+        let config = raw.check(&mut check);
+        if check.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(check.problems))
+        }
+    }
+}
+
+/// The file as serde reads it; sections not written take their defaults.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawConfig {
+    server: ServerConfig,
+    payroc: payroc::RawPayroc,
+    credentials: Vec<credentials::RawCredential>,
+    callers: Vec<callers::RawCaller>,
+    ext_authz: ExtAuthzConfig,
+}
+
+impl RawConfig {
+    fn check(self, c: &mut Checker<'_>) -> Config {
+        let mut server = self.server;
+        server.check(c);
+        let payroc = self.payroc.check(c);
+        let credentials = credentials::check(self.credentials, c);
+        let callers = callers::check(self.callers, &credentials, c);
+        Config {
+            server,
+            payroc,
+            credentials,
+            callers,
+            ext_authz: self.ext_authz,
+        }
+    }
+}
+
+/// What the sections' checks share: where problems go, where secrets and
+/// relative paths come from.
+struct Checker<'a> {
+    problems: Vec<Problem>,
+    env: EnvLookup<'a>,
+    base_dir: &'a Path,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// `path` against the configuration file's directory, unless absolute.
+    fn absolute(&self, path: &Path) -> PathBuf {
+        let joined = self.base_dir.join(path);
+        if joined.is_absolute() {
+            return joined;
+        }
+        std::env::current_dir()
+            .map(|cwd| cwd.join(&joined))
+            .unwrap_or(joined)
+    }
+
+    /// The secret in environment variable `var`, named by `key`.
+    fn env_secret(&mut self, key: &str, var: &str) -> Option<SecretString> {
+        match (self.env)(var) {
+            Some(v) if !v.trim().is_empty() => Some(SecretString::from(v.trim().to_owned())),
+            Some(_) => {
+                self.problem(key, format!("the environment variable `{var}` is empty"));
+                None
+            }
+            None => {
+                self.problem(key, format!("the environment variable `{var}` is not set"));
+                None
+            }
+        }
+    }
+
+    /// The secret in file `path` (relative to the configuration's directory).
+    fn file_secret(&mut self, key: &str, path: &Path) -> Option<SecretString> {
+        let full = self.base_dir.join(path);
+        match std::fs::read_to_string(&full) {
+            // Secret files usually end in a newline; the key never does.
+            Ok(v) if !v.trim().is_empty() => Some(SecretString::from(v.trim().to_owned())),
+            Ok(_) => {
+                self.problem(key, format!("`{}` is empty", full.display()));
+                None
+            }
+            Err(e) => {
+                self.problem(key, format!("cannot read `{}`: {e}", full.display()));
+                None
+            }
+        }
+    }
+
+    /// A count that must be at least 1.
+    fn at_least_one(&mut self, key: &str, n: usize) {
+        if n == 0 {
+            self.problem(key, "must be at least 1");
+        }
+    }
+
+    /// A duration that must be longer than zero.
+    fn nonzero(&mut self, key: &str, d: std::time::Duration) {
+        if d.is_zero() {
+            self.problem(key, "must be longer than zero");
+        }
+    }
+}
+
+/// A TOML error as one line: the message, and where it is when the key path
+/// alone does not say (syntax errors, duplicate keys).
+fn toml_problem(key: &str, e: &toml::de::Error, text: &str) -> Problem {
+    let mut reason = without_string_values(e.message().trim_end());
+    if let Some(span) = e.span().filter(|_| key.is_empty()) {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let snippet: String = text[span.start.min(text.len())..span.end.min(text.len())]
+            .chars()
+            .take(60)
+            .collect();
+        reason = format!("line {line}, column {column}: {reason}");
+        if !snippet.trim().is_empty() {
+            reason.push_str(&format!(" (`{}`)", snippet.trim()));
+        }
+    }
+    Problem {
+        key: key.to_owned(),
+        reason,
+    }
+}
+
+/// serde quotes the string it could not use (`invalid type: string "…",
+/// expected …`); that string may be a secret typed under the wrong key, so it
+/// becomes `a string`. The key path says where to look.
+fn without_string_values(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(QUOTED) {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        // Skip to the closing quote; `\"` and `\\` are escapes (Debug form).
+        let mut chars = rest[start + QUOTED.len()..].char_indices();
+        let mut end = None;
+        while let Some((i, ch)) = chars.next() {
+            match ch {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    end = Some(start + QUOTED.len() + i + 1);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(end) = end else {
+            // Unterminated: drop the rest rather than echo it.
+            return out;
+        };
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Credential and caller names appear in logs, metrics and health service
+/// names, so they are kept to a safe alphabet.
+fn is_valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+#[cfg(test)]
+mod tests;
