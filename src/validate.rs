@@ -140,9 +140,14 @@ fn check_terminal(id: &str, bad: &mut Vec<FieldViolation>) {
     if id.is_empty() {
         bad.push(FieldViolation::new("processing_terminal_id", "is required"));
     } else if !payroc::is_valid_terminal_id(id) {
+        // The id itself is not echoed: it may hold control characters.
         bad.push(FieldViolation::new(
             "processing_terminal_id",
-            format!("must be 4 to 50 characters (got {})", id.chars().count()),
+            format!(
+                "{} (got {} characters)",
+                payroc::TERMINAL_ID_RULE,
+                id.chars().count()
+            ),
         ));
     }
 }
@@ -192,6 +197,24 @@ mod tests {
         assert_eq!(q.lib_version, None);
         assert_eq!(q.secure_token_id, None);
         assert_eq!(q.idempotency_key, Some(Uuid::parse_str(key).unwrap()));
+    }
+
+    #[test]
+    fn terminal_ids_outside_the_alphabet_are_refused() {
+        for id in ["1234\r\n001", "1234/../5", "12 34", "1234\u{0}"] {
+            let e = bearer(id, None).unwrap_err();
+            assert_eq!(fields(e.clone()), ["processing_terminal_id"], "{id:?}");
+            assert!(e[0].description.contains("A-Z a-z 0-9 _ -"), "{e:?}");
+            assert!(!e[0].description.contains(id), "{e:?}");
+            let e = session(proto::CreateSessionRequest {
+                processing_terminal_id: id.into(),
+                scenario: proto::Scenario::Payment as i32,
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert_eq!(fields(e), ["processing_terminal_id"], "{id:?}");
+        }
+        assert!(bearer("Term_01-a", None).is_ok());
     }
 
     #[test]

@@ -145,6 +145,11 @@ async fn bearer_request_fields_are_validated() {
     assert_eq!(violated_fields(&d), ["processing_terminal_id"]);
     let e = h.bearer(&"1".repeat(51)).await.unwrap_err();
     expect_code(e, Code::InvalidArgument);
+    // CR/LF would be dropped from the upstream path, naming another terminal.
+    for id in ["1234001\r\n", "1234\r\n001", "1234001/x", "1234 001"] {
+        let (_, d) = expect_code(h.bearer(id).await.unwrap_err(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&d), ["processing_terminal_id"], "{id:?}");
+    }
     assert_eq!(h.sim.stats(), before, "Payroc was not asked");
 }
 

@@ -61,7 +61,11 @@ pub(super) fn check(raw: Vec<RawCredential>, c: &mut Checker<'_>) -> Vec<Credent
         for (j, t) in cred.terminals.iter().enumerate() {
             let key = format!("{at}.terminals[{j}]");
             if !crate::payroc::is_valid_terminal_id(t) {
-                c.problem(key, format!("`{t}` must be 4 to 50 characters"));
+                // Not echoed: it may hold control characters.
+                c.problem(
+                    key,
+                    format!("the terminal id {}", crate::payroc::TERMINAL_ID_RULE),
+                );
             } else if let Some(first) = owner.get(t) {
                 c.problem(
                     key,

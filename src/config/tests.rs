@@ -846,3 +846,27 @@ fn every_rpc_name_is_accepted() {
         assert_eq!(Rpc::from_name(rpc.name()), Some(rpc));
     }
 }
+
+#[test]
+fn configured_terminal_ids_use_a_safe_alphabet() {
+    for bad in [
+        "1234\\r\\n002",
+        "12/34",
+        "1234?x",
+        "12 34",
+        "1234#",
+        "123\\u0000",
+    ] {
+        let p = problems(&GOOD.replace("\"1234002\"", &format!("\"{bad}\"")));
+        assert_eq!(
+            p,
+            [
+                "broker.toml: credentials[0].terminals[1]: the terminal id must be 4 to 50 of \
+              A-Z a-z 0-9 _ -"
+            ],
+            "{bad}"
+        );
+    }
+    let c = parse(&GOOD.replace("\"1234002\"", "\"Term_02-b\"")).unwrap();
+    assert_eq!(c.credentials[0].terminals[1], "Term_02-b");
+}

@@ -21,10 +21,19 @@ pub use retry::RetryPolicy;
 /// response omits `expiresAt`, as the official SDKs allow.
 pub const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
-/// `processingTerminalId`: 4 to 50 characters.
+/// `processingTerminalId`: 4 to 50 of `A-Z a-z 0-9 _ -`. Payroc documents only
+/// the length; the alphabet is the broker's own rule, because the id becomes a
+/// URL path segment and a log field: CR, LF, NUL, `/`, `?`, `#` or spaces could
+/// name another terminal upstream or forge log lines.
 pub fn is_valid_terminal_id(id: &str) -> bool {
-    (4..=50).contains(&id.chars().count())
+    (4..=50).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
+
+/// The rule of [`is_valid_terminal_id`], in words, for error messages.
+pub const TERMINAL_ID_RULE: &str = "must be 4 to 50 of A-Z a-z 0-9 _ -";
 
 /// `secureTokenId`: 1 to 200 characters.
 pub fn is_valid_secure_token_id(id: &str) -> bool {
@@ -76,11 +85,30 @@ mod tests {
     }
 
     #[test]
-    fn lengths_count_characters() {
+    fn terminal_ids_are_4_to_50_of_a_safe_alphabet() {
         assert!(!is_valid_terminal_id("123"));
         assert!(is_valid_terminal_id("1234"));
-        assert!(is_valid_terminal_id(&"é".repeat(50)));
+        assert!(is_valid_terminal_id("Ab_9-z"));
+        assert!(is_valid_terminal_id(&"1".repeat(50)));
         assert!(!is_valid_terminal_id(&"1".repeat(51)));
+        for bad in [
+            "1234\r\n001",
+            "1234\n",
+            "12\u{0}34",
+            "12/34",
+            "1234?x",
+            "1234#x",
+            "12 34",
+            "12.34",
+            "éééé",
+            "1234%2F",
+        ] {
+            assert!(!is_valid_terminal_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lengths_count_characters() {
         assert!(!is_valid_secure_token_id(""));
         assert!(is_valid_secure_token_id(&"x".repeat(200)));
         assert!(!is_valid_secure_token_id(&"x".repeat(201)));
