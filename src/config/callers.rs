@@ -13,6 +13,11 @@ use serde::{Deserialize, Deserializer};
 
 use super::{Checker, CredentialConfig, is_valid_name, sha256};
 
+/// A caller token must have at least this many characters: 22 characters of
+/// base64url carry 132 bits, so a random token of this length has the 128
+/// bits an online guesser cannot exhaust.
+pub const MIN_TOKEN_CHARS: usize = 22;
+
 /// The TokenBroker RPCs, as named in caller allow lists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Rpc {
@@ -259,7 +264,18 @@ fn identity(
     }
     if let Some(var) = &caller.token_env {
         let key = format!("{at}.token_env");
+        // Dropping `token` wipes it: from here on only the digest exists.
         let token = c.env_secret(&key, var)?;
+        if token.expose_secret().chars().count() < MIN_TOKEN_CHARS {
+            c.problem(
+                key,
+                format!(
+                    "the caller token in `{var}` is shorter than {MIN_TOKEN_CHARS} characters; \
+                     use at least 128 random bits, e.g. `openssl rand -base64 24`"
+                ),
+            );
+            return None;
+        }
         return Some((
             "token_env",
             CallerIdentity::TokenSha256(sha256(token.expose_secret().as_bytes())),
@@ -269,7 +285,8 @@ fn identity(
         let Some(digest) = parse_sha256_hex(hex) else {
             c.problem(
                 format!("{at}.token_sha256"),
-                "must be 64 hexadecimal characters (the SHA-256 of the token)",
+                "must be exactly 64 hexadecimal digits (the SHA-256 of the token), \
+                 with no sign, space or prefix",
             );
             return None;
         };
@@ -354,15 +371,24 @@ fn allow<T>(
     Allow::Only(out)
 }
 
+/// Exactly 64 hex digits, either case. Strict on purpose: `u8::from_str_radix`
+/// takes a leading `+`, and trimming would hide a pasting mistake.
 fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
+    fn digit(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
-    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
+    for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Some(out)
 }

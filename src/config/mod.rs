@@ -30,6 +30,7 @@ use std::{
 
 use secrecy::SecretString;
 use serde::Deserialize;
+use zeroize::Zeroizing;
 
 pub use callers::{Allow, CallerConfig, CallerIdentity, RateLimit, Rpc};
 pub use credentials::CredentialConfig;
@@ -247,19 +248,28 @@ impl Checker<'_> {
             .unwrap_or(joined)
     }
 
-    /// The secret in environment variable `var`, named by `key`.
+    /// The secret in environment variable `var`, named by `key`. A value
+    /// that does not look like a variable name is not echoed: it may be the
+    /// secret itself, typed where its name belongs.
     fn env_secret(&mut self, key: &str, var: &str) -> Option<SecretString> {
-        match (self.env)(var) {
-            Some(v) if !v.trim().is_empty() => Some(SecretString::from(v.trim().to_owned())),
-            Some(_) => {
-                self.problem(key, format!("the environment variable `{var}` is empty"));
-                None
-            }
-            None => {
-                self.problem(key, format!("the environment variable `{var}` is not set"));
-                None
-            }
+        if !is_env_name(var) {
+            self.problem(
+                key,
+                "the value is not a valid environment variable name (A-Z, 0-9 and _, not \
+                 starting with a digit); was the secret typed where its name belongs?",
+            );
+            return None;
         }
+        // Zeroizing: the untrimmed copy is wiped too.
+        let Some(value) = (self.env)(var).map(Zeroizing::new) else {
+            self.problem(key, format!("the environment variable `{var}` is not set"));
+            return None;
+        };
+        if value.trim().is_empty() {
+            self.problem(key, format!("the environment variable `{var}` is empty"));
+            return None;
+        }
+        Some(SecretString::from(value.trim()))
     }
 
     /// The secret in file `path` (relative to the configuration's directory).
@@ -315,6 +325,14 @@ fn toml_problem(key: &str, e: &toml::de::Error, text: &str) -> Problem {
         key: key.to_owned(),
         reason,
     }
+}
+
+/// `[A-Z_][A-Z0-9_]*`: the portable form of an environment variable name.
+fn is_env_name(name: &str) -> bool {
+    name.bytes().next().is_some_and(|b| !b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// serde quotes the string it could not use (`invalid type: string "…",

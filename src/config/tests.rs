@@ -12,7 +12,10 @@ fn env(name: &str) -> Option<String> {
         "KEY_ACME" => Some("acme-secret-key".into()),
         "KEY_OTHER" => Some("other-secret-key".into()),
         "EMPTY" => Some("  ".into()),
-        "CALLER_TOKEN" => Some("caller-secret".into()),
+        "CALLER_TOKEN" => Some("caller-secret-of-22-chr".into()),
+        "TOKEN_21" => Some("t".repeat(21)),
+        "TOKEN_22" => Some("t".repeat(22)),
+        "TOKEN_1" => Some("t".into()),
         _ => None,
     }
 }
@@ -69,7 +72,7 @@ fn a_good_file_resolves_secrets_and_defaults() {
     assert_eq!(c.credentials[0].api_key.expose_secret(), "acme-secret-key");
     assert_eq!(
         c.callers[0].identity,
-        CallerIdentity::TokenSha256(sha256(b"caller-secret"))
+        CallerIdentity::TokenSha256(sha256(b"caller-secret-of-22-chr"))
     );
     assert_eq!(c.callers[0].terminals, Allow::Only(vec!["1234001".into()]));
     assert_eq!(c.callers[0].rpcs, Allow::Only(vec![Rpc::CreateSession]));
@@ -229,7 +232,7 @@ fn callers_are_checked() {
     );
     let p = problems(&GOOD.replace("token_sha256 = \"0000", "token_sha256 = \"zz00"));
     assert!(
-        p[0].starts_with("broker.toml: callers[1].token_sha256: must be 64 hexadecimal"),
+        p[0].starts_with("broker.toml: callers[1].token_sha256: must be exactly 64 hexadecimal"),
         "{p:?}"
     );
     let p = problems(&GOOD.replace("terminals = [\"*\"]", "terminals = [\"*\", \"1234001\"]"));
@@ -869,4 +872,84 @@ fn configured_terminal_ids_use_a_safe_alphabet() {
     }
     let c = parse(&GOOD.replace("\"1234002\"", "\"Term_02-b\"")).unwrap();
     assert_eq!(c.credentials[0].terminals[1], "Term_02-b");
+}
+
+#[test]
+fn caller_tokens_carry_at_least_128_bits() {
+    for short in ["TOKEN_1", "TOKEN_21"] {
+        let p = problems(&GOOD.replace("\"CALLER_TOKEN\"", &format!("\"{short}\"")));
+        assert_eq!(
+            p,
+            [format!(
+                "broker.toml: callers[0].token_env: the caller token in `{short}` is shorter \
+                 than 22 characters; use at least 128 random bits, e.g. `openssl rand -base64 24`"
+            )]
+        );
+    }
+    let c = parse(&GOOD.replace("\"CALLER_TOKEN\"", "\"TOKEN_22\"")).unwrap();
+    assert_eq!(
+        c.callers[0].identity,
+        CallerIdentity::TokenSha256(sha256("t".repeat(22).as_bytes()))
+    );
+}
+
+#[test]
+fn token_sha256_is_exactly_64_hex_digits() {
+    let good = "00000000000000000000000000000000000000000000000000000000000000AF";
+    let hex_in_good = format!("{}1", "0".repeat(63));
+    let c = parse(&GOOD.replace(&hex_in_good, good)).unwrap();
+    let mut want = [0u8; 32];
+    want[31] = 0xaf;
+    assert_eq!(c.callers[1].identity, CallerIdentity::TokenSha256(want));
+    for bad in [
+        format!("+{}", &good[1..]),
+        format!("+{good}"),
+        format!(" {good}"),
+        format!("{good} "),
+        format!("{good}\\n"),
+        good[1..].to_owned(),
+        format!("{good}0"),
+        format!("0x{}", &good[2..]),
+        format!("{}g", &good[1..]),
+        format!("{}-1", &good[2..]),
+    ] {
+        let p = problems(&GOOD.replace(&hex_in_good, &bad));
+        assert_eq!(
+            p,
+            [
+                "broker.toml: callers[1].token_sha256: must be exactly 64 hexadecimal digits \
+              (the SHA-256 of the token), with no sign, space or prefix"
+            ],
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn a_secret_typed_where_a_variable_name_belongs_is_not_echoed() {
+    for typed in ["sk_live_51Habc", "abc-def", "9KEY", "KEY NAME", "key", ""] {
+        let text = GOOD.replace("\"KEY_OTHER\"", &format!("\"{typed}\""));
+        let err = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "broker.toml: credentials[1].api_key_env: the value is not a valid environment \
+             variable name (A-Z, 0-9 and _, not starting with a digit); was the secret typed \
+             where its name belongs?",
+            "{typed:?}"
+        );
+        let text = GOOD.replace("\"CALLER_TOKEN\"", &format!("\"{typed}\""));
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("broker.toml: callers[0].token_env: the value is not a valid"),
+            "{err}"
+        );
+        if !typed.is_empty() {
+            assert!(!err.contains(typed), "{err}");
+        }
+    }
+    // A proper name is still named, so the operator knows what to set.
+    assert_eq!(
+        problems(&GOOD.replace("\"KEY_OTHER\"", "\"_UNSET_9\"")),
+        ["broker.toml: credentials[1].api_key_env: the environment variable `_UNSET_9` is not set"]
+    );
 }
