@@ -5,7 +5,7 @@ use std::{
     path::PathBuf,
 };
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::{Checker, is_valid_name};
@@ -44,6 +44,7 @@ pub(super) fn check(raw: Vec<RawCredential>, c: &mut Checker<'_>) -> Vec<Credent
                 format!("`{}` is used twice", cred.name),
             );
         }
+        let api_key_from_file = cred.api_key_file.is_some();
         let api_key = match (cred.api_key_env, cred.api_key_file) {
             (Some(var), None) => c.env_secret(&format!("{at}.api_key_env"), &var),
             (None, Some(path)) => c.file_secret(&format!("{at}.api_key_file"), &path),
@@ -55,6 +56,20 @@ pub(super) fn check(raw: Vec<RawCredential>, c: &mut Checker<'_>) -> Vec<Credent
                 None
             }
         };
+        if let Some(key) = &api_key
+            && !is_header_value(key.expose_secret())
+        {
+            let source = if api_key_from_file {
+                "api_key_file"
+            } else {
+                "api_key_env"
+            };
+            c.problem(
+                format!("{at}.{source}"),
+                "the API key is not a valid HTTP header value: it holds a control \
+                 character (such as a line break inside it) or a non-ASCII character",
+            );
+        }
         if cred.terminals.is_empty() {
             c.problem(format!("{at}.terminals"), "lists no terminal");
         }
@@ -85,4 +100,11 @@ pub(super) fn check(raw: Vec<RawCredential>, c: &mut Checker<'_>) -> Vec<Credent
         c.problem("credentials", "no [[credentials]] are configured");
     }
     out
+}
+
+/// The API key travels in the `x-api-key` header: visible ASCII, spaces and
+/// tabs only. Checked here so a key with an inner newline is a configuration
+/// error, not a request failure later blamed on Payroc.
+fn is_header_value(key: &str) -> bool {
+    key.bytes().all(|b| matches!(b, b' ' | b'\t' | 0x21..=0x7e))
 }

@@ -20,6 +20,7 @@
 mod callers;
 mod credentials;
 mod payroc;
+pub mod secret_file;
 mod server;
 mod tls;
 
@@ -272,21 +273,27 @@ impl Checker<'_> {
         Some(SecretString::from(value.trim()))
     }
 
-    /// The secret in file `path` (relative to the configuration's directory).
+    /// The secret in file `path` (relative to the configuration's
+    /// directory), read by [`secret_file::read`]. Surrounding whitespace is
+    /// dropped: secret files usually end in a newline, secrets never do.
     fn file_secret(&mut self, key: &str, path: &Path) -> Option<SecretString> {
         let full = self.base_dir.join(path);
-        match std::fs::read_to_string(&full) {
-            // Secret files usually end in a newline; the key never does.
-            Ok(v) if !v.trim().is_empty() => Some(SecretString::from(v.trim().to_owned())),
-            Ok(_) => {
-                self.problem(key, format!("`{}` is empty", full.display()));
-                None
-            }
+        let bytes = match secret_file::read(&full, secret_file::MAX_SECRET_FILE_BYTES) {
+            Ok(b) => b,
             Err(e) => {
-                self.problem(key, format!("cannot read `{}`: {e}", full.display()));
-                None
+                self.problem(key, e.to_string());
+                return None;
             }
+        };
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            self.problem(key, format!("`{}` is not UTF-8 text", full.display()));
+            return None;
+        };
+        if text.trim().is_empty() {
+            self.problem(key, format!("`{}` is empty", full.display()));
+            return None;
         }
+        Some(SecretString::from(text.trim()))
     }
 
     /// A count that must be at least 1.

@@ -134,7 +134,7 @@ fn a_missing_key_file_is_named() {
     assert_eq!(p.len(), 1);
     assert!(
         p[0].starts_with(
-            "broker.toml: credentials[1].api_key_file: cannot read `/nonexistent/acme`"
+            "broker.toml: credentials[1].api_key_file: `/nonexistent/acme` cannot be read: "
         ),
         "{p:?}"
     );
@@ -596,15 +596,15 @@ fn tls_files_must_be_readable_regular_files_of_sane_size() {
     let err = dir.parse(&text).unwrap_err().to_string();
     let p: Vec<&str> = err.lines().collect();
     assert_eq!(p.len(), 3, "{p:#?}");
-    assert!(
-        p[0].contains(": server.tls.cert_file: cannot read `"),
-        "{p:?}"
-    );
-    assert!(p[0].contains("missing.crt"), "{p:?}");
+    assert!(p[0].contains(": server.tls.cert_file: `"), "{p:?}");
+    assert!(p[0].contains("missing.crt` cannot be read: "), "{p:?}");
     assert!(p[1].contains(": server.tls.key_file: `"), "{p:?}");
     assert!(p[1].contains("more than the 16384 allowed"), "{p:?}");
     assert!(p[2].contains(": server.tls.client_ca_file: `"), "{p:?}");
-    assert!(p[2].ends_with("adir` is not a regular file"), "{p:?}");
+    assert!(
+        p[2].ends_with("adir` is not a regular file (FIFOs, devices and directories are refused)"),
+        "{p:?}"
+    );
 
     // A device is refused from its metadata, without reading it.
     let text = format!(
@@ -615,7 +615,10 @@ fn tls_files_must_be_readable_regular_files_of_sane_size() {
     let p: Vec<&str> = err.lines().collect();
     assert_eq!(p.len(), 2, "{p:#?}");
     assert!(
-        p[0].ends_with("server.tls.key_file: `/dev/zero` is not a regular file"),
+        p[0].ends_with(
+            "server.tls.key_file: `/dev/zero` is not a regular file (FIFOs, devices and \
+             directories are refused)"
+        ),
         "{p:?}"
     );
     assert!(
@@ -951,5 +954,82 @@ fn a_secret_typed_where_a_variable_name_belongs_is_not_echoed() {
     assert_eq!(
         problems(&GOOD.replace("\"KEY_OTHER\"", "\"_UNSET_9\"")),
         ["broker.toml: credentials[1].api_key_env: the environment variable `_UNSET_9` is not set"]
+    );
+}
+
+#[test]
+fn api_key_files_may_be_symbolic_links_but_not_devices() {
+    let dir = Scratch::new("keylink");
+    dir.write("..2024/acme", b"linked-secret\n");
+    std::os::unix::fs::symlink("..2024", dir.0.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/acme", dir.0.join("acme")).unwrap();
+    let text = GOOD.replace("api_key_env = \"KEY_OTHER\"", "api_key_file = \"acme\"");
+    let c = dir.parse(&text).unwrap();
+    assert_eq!(c.credentials[1].api_key.expose_secret(), "linked-secret");
+
+    let text = GOOD.replace(
+        "api_key_env = \"KEY_OTHER\"",
+        "api_key_file = \"/dev/zero\"",
+    );
+    let p = problems(&text);
+    assert_eq!(
+        p,
+        [
+            "broker.toml: credentials[1].api_key_file: `/dev/zero` is not a regular file (FIFOs, \
+          devices and directories are refused)"
+        ]
+    );
+    dir.write("big", &vec![b'k'; 16 * 1024 + 1]);
+    let text = GOOD.replace("api_key_env = \"KEY_OTHER\"", "api_key_file = \"big\"");
+    let err = dir.parse(&text).unwrap_err().to_string();
+    assert!(
+        err.ends_with("big` is 16385 bytes, more than the 16384 allowed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_api_key_must_be_a_valid_header_value() {
+    let dir = Scratch::new("keyline");
+    dir.write("two-lines", b"first-half\nsecond-half\n");
+    dir.write("nul", b"key\0key");
+    dir.write("ok", b"  sk_live-OK.key/=+  \r\n");
+    let with_file = |f: &str| {
+        GOOD.replace(
+            "api_key_env = \"KEY_OTHER\"",
+            &format!("api_key_file = \"{f}\""),
+        )
+    };
+    for f in ["two-lines", "nul"] {
+        let err = dir.parse(&with_file(f)).unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "credentials[1].api_key_file: the API key is not a valid HTTP header value: it \
+                 holds a control character (such as a line break inside it) or a non-ASCII \
+                 character"
+            ),
+            "{err}"
+        );
+        assert!(!err.contains("half"), "{err}");
+    }
+    let c = dir.parse(&with_file("ok")).unwrap();
+    assert_eq!(
+        c.credentials[1].api_key.expose_secret(),
+        "sk_live-OK.key/=+"
+    );
+
+    let env = |name: &str| {
+        (name == "KEY_ACME" || name == "KEY_OTHER" || name == "CALLER_TOKEN").then(|| match name {
+            "KEY_OTHER" => "line\r\nbreak".to_owned(),
+            _ => "x".repeat(30),
+        })
+    };
+    let err = Config::parse(GOOD, Path::new("b.toml"), Path::new("."), &env)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "b.toml: credentials[1].api_key_env: the API key is not a valid HTTP header value: it \
+         holds a control character (such as a line break inside it) or a non-ASCII character"
     );
 }
