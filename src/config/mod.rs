@@ -312,26 +312,77 @@ impl Checker<'_> {
 }
 
 /// A TOML error as one line: the message, and where it is when the key path
-/// alone does not say (syntax errors, duplicate keys).
+/// alone does not say (syntax errors, duplicate keys): line, column, and the
+/// table and key it is in. The text at the error is never quoted: a broken
+/// line is often a secret pasted without its quotes.
 fn toml_problem(key: &str, e: &toml::de::Error, text: &str) -> Problem {
-    let mut reason = without_string_values(e.message().trim_end());
+    let mut reason = without_string_values(e.message().trim_end()).replace('\n', "; ");
     if let Some(span) = e.span().filter(|_| key.is_empty()) {
-        let before = &text[..span.start.min(text.len())];
+        let start = floor_char_boundary(text, span.start);
+        let before = &text[..start];
         let line = before.matches('\n').count() + 1;
-        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-        let snippet: String = text[span.start.min(text.len())..span.end.min(text.len())]
-            .chars()
-            .take(60)
-            .collect();
-        reason = format!("line {line}, column {column}: {reason}");
-        if !snippet.trim().is_empty() {
-            reason.push_str(&format!(" (`{}`)", snippet.trim()));
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = text[line_start..start].chars().count() + 1;
+        let mut place = format!("line {line}, column {column}");
+        let within = [table_at(before), key_at(text, line_start)];
+        let within: Vec<String> = within.into_iter().flatten().collect();
+        if !within.is_empty() {
+            place.push_str(&format!(" ({})", within.join(", ")));
         }
+        reason = format!("{place}: {reason}");
     }
     Problem {
         key: key.to_owned(),
         reason,
     }
+}
+
+fn floor_char_boundary(text: &str, mut i: usize) -> usize {
+    i = i.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// `in [server]`: the last table header before the error, when it reads as
+/// one (a header is a key path, never a value).
+fn table_at(before: &str) -> Option<String> {
+    let header = before
+        .lines()
+        .rev()
+        .skip(1)
+        .map(str::trim)
+        .find(|l| l.starts_with('['))?;
+    let name = header.trim_start_matches('[').split(']').next()?.trim();
+    is_bare_key_path(name).then(|| {
+        if header.starts_with("[[") {
+            format!("in [[{name}]]")
+        } else {
+            format!("in [{name}]")
+        }
+    })
+}
+
+/// `at key `listen``: the key of the line the error is on, when the line
+/// starts with one followed by `=`.
+fn key_at(text: &str, line_start: usize) -> Option<String> {
+    let line = text[line_start..].lines().next()?;
+    let (k, _) = line.split_once('=')?;
+    let k = k.trim();
+    is_bare_key_path(k).then(|| format!("at key `{k}`"))
+}
+
+/// `a`, `a.b_c-d`: TOML bare keys joined by dots, 64 characters at most.
+fn is_bare_key_path(k: &str) -> bool {
+    (1..=64).contains(&k.len())
+        && k.split('.').all(|part| {
+            let part = part.trim();
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
 }
 
 /// `[A-Z_][A-Z0-9_]*`: the portable form of an environment variable name.

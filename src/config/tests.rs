@@ -309,7 +309,7 @@ fn syntax_errors_name_the_file() {
     assert!(p[0].starts_with("broker.toml: line 1, column "), "{p:?}");
     let p = problems("[server]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"");
     assert!(
-        p[0].starts_with("broker.toml: line 3, column 1: duplicate key (`listen`)"),
+        p[0] == "broker.toml: line 3, column 1 (in [server], at key `listen`): duplicate key",
         "{p:?}"
     );
     let p = problems("[server]\nlisten = 5");
@@ -1032,4 +1032,42 @@ fn an_api_key_must_be_a_valid_header_value() {
         "b.toml: credentials[1].api_key_env: the API key is not a valid HTTP header value: it \
          holds a control character (such as a line break inside it) or a non-ASCII character"
     );
+}
+
+#[test]
+fn syntax_errors_give_place_and_key_but_never_the_text() {
+    const SECRET: &str = "sk_live_Secret123";
+    for (text, want_start) in [
+        (
+            format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[credentials]]\nname = \"a\"\napi_key_env = {SECRET}\n"
+            ),
+            "broker.toml: line 5, column 15 (in [[credentials]], at key `api_key_env`): ",
+        ),
+        (
+            format!("[[credentials]]\napi_key_env = \"{SECRET}\nterminals = []\n"),
+            "broker.toml: line 2, column ",
+        ),
+        (
+            format!("[payroc]\n{SECRET}\n"),
+            "broker.toml: line 2, column ",
+        ),
+        (
+            format!("[[callers]]\ntoken_env = '{SECRET}\n"),
+            "broker.toml: line 2, column ",
+        ),
+        (
+            format!("[[callers]]\ntoken_env = \"A\"\ntoken_env = \"{SECRET}\"\n"),
+            "broker.toml: line 3, column 1 (in [[callers]], at key `token_env`): ",
+        ),
+        (format!("{SECRET} = 1\n"), "broker.toml: "),
+    ] {
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with(want_start), "{text:?}\n{p:?}");
+        if !text.starts_with(SECRET) {
+            assert!(!p[0].contains(SECRET), "{p:?}");
+            assert!(!p[0].contains("Secret"), "{p:?}");
+        }
+    }
 }
