@@ -26,8 +26,15 @@ impl FieldViolation {
 /// Why an RPC failed.
 #[derive(Debug, Clone)]
 pub enum BrokerError {
-    /// No, or no known, caller token.
+    /// No caller identified; the message says which proof was missing or wrong.
     Unauthenticated(&'static str),
+    /// The peer presented too many wrong caller tokens lately; its tokens are
+    /// refused unread for `retry_in`.
+    PeerThrottled { retry_in: Duration },
+    /// The caller used up its `rate_limit`; the next call is admitted in `retry_in`.
+    CallerRateLimited { caller: String, retry_in: Duration },
+    /// The caller already has `limit` session requests in flight.
+    CallerSessionsLimited { caller: String, limit: usize },
     /// A known caller asked outside its allow lists.
     PermissionDenied { caller: String, reason: String },
     /// Request fields failed validation.

@@ -14,7 +14,7 @@
 //! | [`cell`] | the single-flight cell: one shared value, one load at a time, lock-free reads |
 //! | [`tokens`] | per-credential Bearer token cache: refresh-ahead, floor, invalidation |
 //! | [`broker`] | domain logic: terminal -> credential, the 401 refresh-and-retry |
-//! | [`auth`] | caller authentication and allow lists |
+//! | [`identity`] | who is calling: certificates, forwarded identities, tokens; allow lists and per-caller limits |
 //! | [`validate`] | request validation: proto messages in, domain values or field violations out |
 //! | [`service`] | gRPC handlers: authenticate, validate, call the broker, proto conversion |
 //! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
@@ -24,12 +24,12 @@
 //! | [`clock`] | injected time and randomness |
 //! | [`proto`] | generated code, quarantined |
 
-pub mod auth;
 pub mod broker;
 pub mod cell;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod identity;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod payroc;

@@ -24,10 +24,10 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    auth::Callers,
     broker::Broker,
     clock::{Clock, SharedEntropy},
     config::Config,
+    identity::{Callers, layer::Admission},
     proto::{self, token_broker_server::TokenBrokerServer},
     service::{State, TokenBrokerService},
     tokens::TokenHealth,
@@ -81,7 +81,7 @@ pub async fn serve(
         .map_err(ServeError::Client)?;
     let state = Arc::new(ArcSwap::from_pointee(State {
         broker,
-        callers: Callers::from_config(&config.callers),
+        callers: Callers::new(config, clock.clone(), None),
     }));
     let service = TokenBrokerService::new(Arc::clone(&state), clock.clone());
 
@@ -122,9 +122,24 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(ServeError::Reflection)?;
 
-    let broker_service = TokenBrokerServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    // Callers are identified and rate-limited on the headers, before the
+    // body is read: an unidentified request costs no buffered body.
+    let admit = {
+        let service = service.clone();
+        move |_path: &str,
+              metadata: &tonic::metadata::MetadataMap,
+              extensions: &tonic::Extensions| {
+            service
+                .admit(metadata, extensions)
+                .map_err(tonic::Status::from)
+        }
+    };
+    let broker_service = Admission::new(
+        TokenBrokerServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        admit,
+    );
 
     let local = listener
         .local_addr()
@@ -227,7 +242,7 @@ async fn reload(
     credential_health.follow(&broker).await;
     state.store(Arc::new(State {
         broker,
-        callers: Callers::from_config(&next.callers),
+        callers: Callers::new(next, clock.clone(), Some(&current.callers)),
     }));
     tracing::info!(
         credentials = next.credentials.len(),

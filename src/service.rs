@@ -1,18 +1,23 @@
 //! The `TokenBroker` gRPC service: authenticate, validate, call the broker,
 //! convert to proto types. Errors become statuses in `crate::status` only.
+//!
+//! Identification and the rate limit run on the request headers, before the
+//! body is read, in [`TokenBrokerService::admit`] (called by
+//! `identity::layer::Admission` in front of the service); handlers take the
+//! result from the request's extensions with [`TokenBrokerService::admitted`].
 
 use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
-use tonic::{Request, Response, Status};
+use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    auth::Callers,
     broker::Broker,
     clock::Clock,
     config::Rpc,
     error::BrokerError,
+    identity::{Caller, Callers, peer_of},
     payroc::SessionRequest,
     proto::{
         self, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
@@ -44,9 +49,42 @@ pub struct TokenBrokerService {
     clock: Clock,
 }
 
+/// What admission found: the configuration the RPC runs on from start to
+/// end, and its caller.
+#[derive(Clone)]
+pub struct Admitted {
+    pub state: Arc<State>,
+    pub caller: Caller,
+}
+
 impl TokenBrokerService {
     pub fn new(state: Arc<ArcSwap<State>>, clock: Clock) -> Self {
         Self { state, clock }
+    }
+
+    /// Identifies the caller and takes one call from its rate limit, from
+    /// request headers and connection alone.
+    pub fn admit(
+        &self,
+        metadata: &MetadataMap,
+        extensions: &Extensions,
+    ) -> Result<Admitted, BrokerError> {
+        let state = self.state.load_full();
+        let peer = peer_of(extensions);
+        // audit: Audit::start(rpc from the path, peer.remote, trace); on Err,
+        // finish(code) here with no caller: the handler never runs.
+        let caller = state.callers.admit(metadata, peer.as_ref())?;
+        // audit: caller(caller.name()), peer
+        Ok(Admitted { state, caller })
+    }
+
+    /// The admission of `req`; admits it now if nothing did before (a
+    /// service used without the admission layer is no less checked).
+    pub fn admitted<T>(&self, req: &Request<T>) -> Result<Admitted, BrokerError> {
+        match req.extensions().get::<Admitted>() {
+            Some(a) => Ok(a.clone()),
+            None => self.admit(req.metadata(), req.extensions()),
+        }
     }
 
     async fn bearer(
@@ -54,8 +92,7 @@ impl TokenBrokerService {
         req: Request<GetBearerTokenRequest>,
     ) -> Result<GetBearerTokenResponse, BrokerError> {
         let deadline = deadline(&req, &self.clock);
-        let state = self.state.load_full();
-        let caller = state.callers.authenticate(req.metadata())?;
+        let Admitted { state, caller } = self.admitted(&req)?;
         let msg = req.get_ref();
         let query = validate::bearer(&msg.processing_terminal_id, msg.min_validity)
             .map_err(BrokerError::InvalidArgument)?;
@@ -87,12 +124,13 @@ impl TokenBrokerService {
         req: Request<CreateSessionRequest>,
     ) -> Result<CreateSessionResponse, BrokerError> {
         let deadline = deadline(&req, &self.clock);
-        let state = self.state.load_full();
-        let caller = state.callers.authenticate(req.metadata())?;
+        let Admitted { state, caller } = self.admitted(&req)?;
         let query = validate::session(req.into_inner()).map_err(BrokerError::InvalidArgument)?;
         caller.authorize(Rpc::CreateSession, &query.processing_terminal_id)?;
         // Unknown terminals fail before a key is generated or a token fetched.
         state.broker.credential(&query.processing_terminal_id)?;
+        // The caller's share of the session bulkhead, held until Payroc answers.
+        let _slot = caller.session_slot()?;
 
         let request = SessionRequest {
             processing_terminal_id: query.processing_terminal_id,

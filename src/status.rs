@@ -2,9 +2,12 @@
 //!
 //! Codes follow the contract's table; details use the standard
 //! `google.rpc` messages (`BadRequest`, `ErrorInfo`, `RetryInfo`) so clients in
-//! any language can read them with their stock helpers. No message or detail
-//! ever carries a secret: upstream problem documents were redacted by the
-//! Payroc client, and nothing else here sees a credential.
+//! any language can read them with their stock helpers. `ErrorInfo.domain` says
+//! who raised the error: `payroc.com` for Payroc's answers, `payroc-broker`
+//! for the broker's own refusals (rate limits, shed load, backing off).
+//!
+//! No message or detail ever carries a secret: upstream problem documents
+//! were redacted by the Payroc client, and nothing else here sees a credential.
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -16,6 +19,11 @@ use crate::{
 
 /// `google.rpc.ErrorInfo.domain` of errors that came from Payroc.
 pub const PAYROC_DOMAIN: &str = "payroc.com";
+/// `google.rpc.ErrorInfo.domain` of errors the broker raises itself.
+pub const BROKER_DOMAIN: &str = "payroc-broker";
+/// `ErrorInfo.reason` of an upstream failure repeated from the negative
+/// cache while the broker waits before asking Payroc again.
+const BACKING_OFF: &str = "UPSTREAM_BACKING_OFF";
 
 /// Upstream free text is capped so details stay well inside HTTP/2 header
 /// limits.
@@ -26,6 +34,27 @@ impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
         match e {
             BrokerError::Unauthenticated(why) => Status::unauthenticated(why),
+            BrokerError::PeerThrottled { retry_in } => broker_raised(
+                Code::Unauthenticated,
+                "too many failed authentications from this address; try again later".into(),
+                "PEER_AUTHENTICATION_THROTTLED",
+                &[],
+                Some(retry_in),
+            ),
+            BrokerError::CallerRateLimited { caller, retry_in } => broker_raised(
+                Code::ResourceExhausted,
+                format!("caller `{caller}` is over its rate_limit"),
+                "CALLER_RATE_LIMITED",
+                &[("caller", caller.as_str())],
+                Some(retry_in),
+            ),
+            BrokerError::CallerSessionsLimited { caller, limit } => broker_raised(
+                Code::ResourceExhausted,
+                format!("caller `{caller}` already has {limit} session requests in flight"),
+                "CALLER_CONCURRENCY_LIMITED",
+                &[("caller", caller.as_str()), ("limit", &limit.to_string())],
+                None,
+            ),
             BrokerError::PermissionDenied { caller, reason } => {
                 Status::permission_denied(format!("caller `{caller}` {reason}"))
             }
@@ -50,27 +79,57 @@ impl From<BrokerError> for Status {
                 humantime::format_duration(requested),
                 humantime::format_duration(lifetime)
             )),
-            BrokerError::Upstream(u) => upstream(u, false, None),
+            BrokerError::Upstream(u) => upstream(u, false, None, false),
             BrokerError::UpstreamBackingOff { error, retry_in } => {
                 let hint = error.is_retryable().then_some(retry_in);
-                upstream(error, false, hint)
+                upstream(error, false, hint, true)
             }
-            BrokerError::SessionUnauthorizedAfterRefresh(u) => upstream(u, true, None),
+            BrokerError::SessionUnauthorizedAfterRefresh(u) => upstream(u, true, None, false),
             BrokerError::DeadlineExceeded => {
                 Status::deadline_exceeded("the deadline ran out before Payroc answered")
             }
-            BrokerError::Overloaded(msg) => Status::resource_exhausted(msg),
+            BrokerError::Overloaded(msg) => {
+                broker_raised(Code::ResourceExhausted, msg, "OVERLOADED", &[], None)
+            }
             BrokerError::Internal(msg) => Status::internal(msg),
         }
     }
 }
 
+/// A status for an error the broker raised itself: `ErrorInfo` in the
+/// broker's domain, and `RetryInfo` when it knows when to come back.
+fn broker_raised(
+    code: Code,
+    message: String,
+    reason: &str,
+    metadata: &[(&str, &str)],
+    retry_in: Option<std::time::Duration>,
+) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        reason,
+        BROKER_DOMAIN,
+        metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<std::collections::HashMap<_, _>>(),
+    );
+    if let Some(wait) = retry_in {
+        details.set_retry_info(Some(wait));
+    }
+    Status::with_error_details(code, message, details)
+}
+
 /// `retry_hint`: when the broker itself will next try (negative caching),
-/// used for `RetryInfo` when Payroc gave no `Retry-After`.
+/// used for `RetryInfo` when Payroc gave no `Retry-After`. `backing_off`:
+/// the broker answered from its negative cache without asking Payroc, so the
+/// `ErrorInfo` is its own (`UPSTREAM_BACKING_OFF`, domain `payroc-broker`),
+/// with Payroc's last answer in its metadata (`upstream_reason`, `status`...).
 fn upstream(
     e: UpstreamError,
     after_refresh: bool,
     retry_hint: Option<std::time::Duration>,
+    backing_off: bool,
 ) -> Status {
     let message = if after_refresh {
         format!("{e}, even with a freshly fetched Bearer token")
@@ -90,6 +149,19 @@ fn upstream(
             UpstreamError::DeadlineExceeded => Code::DeadlineExceeded,
             UpstreamError::Malformed { .. } | UpstreamError::Status { .. } => Code::Internal,
         };
+        if backing_off {
+            let (reason, endpoint) = match &e {
+                UpstreamError::Timeout { endpoint } => ("TIMEOUT", Some(*endpoint)),
+                UpstreamError::Transport { endpoint, .. } => ("TRANSPORT", Some(*endpoint)),
+                UpstreamError::Malformed { endpoint, .. } => ("MALFORMED", Some(*endpoint)),
+                _ => ("DEADLINE_EXCEEDED", None),
+            };
+            let mut metadata = vec![("upstream_reason", reason)];
+            if let Some(endpoint) = endpoint {
+                metadata.push(("endpoint", endpoint_name(endpoint)));
+            }
+            return broker_raised(code, message, BACKING_OFF, &metadata, retry_hint);
+        }
         return match retry_hint {
             Some(wait) => {
                 Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(wait)))
@@ -113,14 +185,7 @@ fn upstream(
     let mut details = ErrorDetails::new();
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("status".to_owned(), status.to_string());
-    metadata.insert(
-        "endpoint".to_owned(),
-        match endpoint {
-            Endpoint::Identity => "identity",
-            Endpoint::Sessions => "sessions",
-        }
-        .to_owned(),
-    );
+    metadata.insert("endpoint".to_owned(), endpoint_name(endpoint).to_owned());
     let reason = match &problem {
         Some(p) => {
             if let Some(t) = &p.title {
@@ -145,13 +210,25 @@ fn upstream(
         }
         None => "UPSTREAM_ERROR".to_owned(),
     };
-    details.set_error_info(reason, PAYROC_DOMAIN, metadata);
+    if backing_off {
+        metadata.insert("upstream_reason".to_owned(), reason);
+        details.set_error_info(BACKING_OFF, BROKER_DOMAIN, metadata);
+    } else {
+        details.set_error_info(reason, PAYROC_DOMAIN, metadata);
+    }
     // The broker's own next attempt (negative cache) is fresher than a
     // Retry-After received earlier.
     if let Some(wait) = retry_hint.or(retry_after) {
         details.set_retry_info(Some(wait));
     }
     Status::with_error_details(code, message, details)
+}
+
+fn endpoint_name(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Identity => "identity",
+        Endpoint::Sessions => "sessions",
+    }
 }
 
 fn truncate(s: &str) -> String {
@@ -316,6 +393,104 @@ mod tests {
                 .field_violations
                 .len(),
             2
+        );
+    }
+
+    #[test]
+    fn errors_the_broker_raises_carry_its_domain() {
+        let cases: Vec<(BrokerError, Code, &str, Option<Duration>)> = vec![
+            (
+                BrokerError::CallerRateLimited {
+                    caller: "web".into(),
+                    retry_in: Duration::from_millis(250),
+                },
+                Code::ResourceExhausted,
+                "CALLER_RATE_LIMITED",
+                Some(Duration::from_millis(250)),
+            ),
+            (
+                BrokerError::CallerSessionsLimited {
+                    caller: "web".into(),
+                    limit: 16,
+                },
+                Code::ResourceExhausted,
+                "CALLER_CONCURRENCY_LIMITED",
+                None,
+            ),
+            (
+                BrokerError::PeerThrottled {
+                    retry_in: Duration::from_secs(60),
+                },
+                Code::Unauthenticated,
+                "PEER_AUTHENTICATION_THROTTLED",
+                Some(Duration::from_secs(60)),
+            ),
+            (
+                BrokerError::Overloaded("64 session requests in flight".into()),
+                Code::ResourceExhausted,
+                "OVERLOADED",
+                None,
+            ),
+            (
+                BrokerError::UpstreamBackingOff {
+                    error: UpstreamError::Timeout {
+                        endpoint: Endpoint::Identity,
+                    },
+                    retry_in: Duration::from_secs(2),
+                },
+                Code::Unavailable,
+                "UPSTREAM_BACKING_OFF",
+                Some(Duration::from_secs(2)),
+            ),
+            (
+                BrokerError::UpstreamBackingOff {
+                    error: UpstreamError::Status {
+                        endpoint: Endpoint::Identity,
+                        status: 503,
+                        problem: None,
+                        retry_after: None,
+                    },
+                    retry_in: Duration::from_secs(3),
+                },
+                Code::Unavailable,
+                "UPSTREAM_BACKING_OFF",
+                Some(Duration::from_secs(3)),
+            ),
+        ];
+        for (error, code, reason, retry) in cases {
+            let what = format!("{error:?}");
+            let s: Status = error.into();
+            assert_eq!(s.code(), code, "{what}");
+            let d = s.get_error_details();
+            let info = d.error_info().unwrap_or_else(|| panic!("{what}"));
+            assert_eq!(
+                (info.domain.as_str(), info.reason.as_str()),
+                (BROKER_DOMAIN, reason),
+                "{what}"
+            );
+            assert_eq!(d.retry_info().and_then(|r| r.retry_delay), retry, "{what}");
+        }
+        let s: Status = BrokerError::CallerRateLimited {
+            caller: "web".into(),
+            retry_in: Duration::from_secs(1),
+        }
+        .into();
+        assert_eq!(
+            s.get_error_details().error_info().unwrap().metadata["caller"],
+            "web"
+        );
+        let s: Status = BrokerError::UpstreamBackingOff {
+            error: UpstreamError::Timeout {
+                endpoint: Endpoint::Identity,
+            },
+            retry_in: Duration::from_secs(2),
+        }
+        .into();
+        let d = s.get_error_details();
+        let meta = &d.error_info().unwrap().metadata;
+        assert_eq!(
+            (meta["upstream_reason"].as_str(), meta["endpoint"].as_str()),
+            ("TIMEOUT", "identity")
         );
     }
 }

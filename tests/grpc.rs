@@ -173,9 +173,15 @@ async fn a_rejected_api_key_is_failed_precondition() {
         h.bearer("7777001").await.unwrap_err(),
         Code::FailedPrecondition,
     );
+    // The RPC is answered from the negative cache (the warm start's
+    // failure), so the error is the broker's own, naming Payroc's answer.
     let info = d.error_info().expect("ErrorInfo");
-    assert_eq!(info.domain, "payroc.com");
-    assert_eq!(info.reason, "NOT_AUTHORIZED");
+    assert_eq!(info.domain, "payroc-broker");
+    assert_eq!(info.reason, "UPSTREAM_BACKING_OFF");
+    assert_eq!(
+        info.metadata.get("upstream_reason").map(String::as_str),
+        Some("NOT_AUTHORIZED")
+    );
     assert_eq!(info.metadata.get("status").map(String::as_str), Some("401"));
     assert!(!s.message().contains("revoked-api-key"), "{}", s.message());
     // Not retried within a fetch (the key will not get better); the RPC got

@@ -1,0 +1,92 @@
+//! Caller tokens: `authorization: Bearer <token>` metadata, matched by
+//! SHA-256 digest in constant time.
+//!
+//! The broker keeps only digests of caller tokens. The presented token is
+//! hashed and compared with every configured digest, whatever matches, so
+//! neither the tokens nor the timing of a refusal say anything about them.
+
+use subtle::ConstantTimeEq;
+use tonic::metadata::MetadataMap;
+
+use crate::config::sha256;
+
+/// What the `authorization` metadata holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Presented<'a> {
+    /// No `authorization` entry.
+    Nothing,
+    /// More than one: which one a proxy or the broker would read is anybody's
+    /// guess, so the call is refused.
+    Several,
+    /// An entry that is not `Bearer <token>`.
+    Malformed,
+    Token(&'a str),
+}
+
+/// Reads the `authorization` metadata.
+pub fn presented(metadata: &MetadataMap) -> Presented<'_> {
+    let mut all = metadata.get_all("authorization").iter();
+    let Some(value) = all.next() else {
+        return Presented::Nothing;
+    };
+    if all.next().is_some() {
+        return Presented::Several;
+    }
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty())
+        .map_or(Presented::Malformed, Presented::Token)
+}
+
+/// The index of the digest in `digests` that `token` hashes to, comparing
+/// with every one.
+pub fn find<'a>(token: &str, digests: impl Iterator<Item = &'a [u8; 32]>) -> Option<usize> {
+    let presented = sha256(token.as_bytes());
+    let mut found = None;
+    for (i, d) in digests.enumerate() {
+        if bool::from(d.ct_eq(&presented)) {
+            found = Some(i);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(values: &[&str]) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        for v in values {
+            m.append("authorization", v.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn the_authorization_entry_is_read_strictly() {
+        assert_eq!(presented(&md(&[])), Presented::Nothing);
+        assert_eq!(presented(&md(&["Bearer abc"])), Presented::Token("abc"));
+        assert_eq!(presented(&md(&["bearer  abc "])), Presented::Token("abc"));
+        for bad in ["abc", "Basic abc", "Bearer ", "Bearer"] {
+            assert_eq!(presented(&md(&[bad])), Presented::Malformed, "{bad:?}");
+        }
+        assert_eq!(
+            presented(&md(&["Bearer abc", "Bearer def"])),
+            Presented::Several
+        );
+        assert_eq!(presented(&md(&["Bearer abc", "x"])), Presented::Several);
+    }
+
+    #[test]
+    fn tokens_are_found_by_digest() {
+        let digests = [sha256(b"one"), sha256(b"two")];
+        assert_eq!(find("two", digests.iter()), Some(1));
+        assert_eq!(find("three", digests.iter()), None);
+    }
+}
