@@ -29,9 +29,9 @@ pub mod cell;
 pub mod clock;
 pub mod config;
 pub mod error;
-pub mod identity;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod identity;
 pub mod payroc;
 pub mod proto;
 pub mod sandbox;

@@ -18,7 +18,6 @@ use std::{
 use common::*;
 use hyper_util::rt::TokioIo;
 use payroc_broker::{
-    config::{CallerIdentity, Config, ForwardedIdentity, IpNet, RateLimit},
     proto::{GetBearerTokenRequest, token_broker_client::TokenBrokerClient},
     sim::SimEndpoint,
 };
@@ -32,64 +31,50 @@ use tonic::{
 const SPIFFE_WEB: &str = "spiffe://cluster.local/ns/shop/sa/checkout-web";
 const DNS_BATCH: &str = "batch.jobs.svc.cluster.local";
 
-/// checkout-web (made a SPIFFE identity): CreateSession on 1234001.
-/// batch (made a DNS identity): GetBearerToken on 1234001.
-/// ops (token CALLER_OPS): everything.
-const CALLERS: &str = r#"
-    [[callers]]
-    name = "checkout-web"
-    token_sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
-    terminals = ["1234001"]
-    rpcs = ["CreateSession"]
-    [[callers]]
-    name = "batch"
-    token_sha256 = "2222222222222222222222222222222222222222222222222222222222222222"
-    terminals = ["1234001"]
-    rpcs = ["GetBearerToken"]
-    [[callers]]
-    name = "ops"
-    token_env = "CALLER_OPS"
-    terminals = ["*"]
-    rpcs = ["*"]
+/// checkout-web (SPIFFE ID): CreateSession on 1234001.
+/// batch (DNS name): GetBearerToken on 1234001.
+/// ops (token CALLER_OPS): everything, with `ops_extra` (a rate limit).
+fn callers(ops_extra: &str) -> &'static str {
+    let text = format!(
+        r#"
+        [[callers]]
+        name = "checkout-web"
+        spiffe_id = "{SPIFFE_WEB}"
+        terminals = ["1234001"]
+        rpcs = ["CreateSession"]
+        [[callers]]
+        name = "batch"
+        dns_name = "{DNS_BATCH}"
+        terminals = ["1234001"]
+        rpcs = ["GetBearerToken"]
+        [[callers]]
+        name = "ops"
+        token_env = "CALLER_OPS"
+        terminals = ["*"]
+        rpcs = ["*"]
+        {ops_extra}
+        "#
+    );
+    Box::leak(text.into_boxed_str())
+}
+
+const XFCC_FROM_LOOPBACK: &str = r#"
+    forwarded_identity = "xfcc"
+    trusted_proxies = ["127.0.0.0/8", "::1/128"]
+"#;
+const XFCC_FROM_ELSEWHERE: &str = r#"
+    forwarded_identity = "xfcc"
+    trusted_proxies = ["10.0.0.0/8"]
+"#;
+const L5D_FROM_LOOPBACK: &str = r#"
+    forwarded_identity = "l5d-client-id"
+    trusted_proxies = ["127.0.0.1/32"]
 "#;
 
-fn net(cidr: &str) -> IpNet {
-    let (addr, prefix) = cidr.split_once('/').unwrap();
-    IpNet {
-        addr: addr.parse().unwrap(),
-        prefix: prefix.parse().unwrap(),
-    }
-}
-
-/// Gives checkout-web and batch their workload identities. (The `config`
-/// helper's TOML keys `spiffe_id`/`dns_name` will say this in the file.)
-fn identities(c: &mut Config) {
-    c.callers[0].identity = CallerIdentity::SpiffeId(SPIFFE_WEB.into());
-    c.callers[1].identity = CallerIdentity::DnsName(DNS_BATCH.into());
-}
-
-fn xfcc_from_loopback(c: &mut Config) {
-    identities(c);
-    c.server.forwarded_identity = ForwardedIdentity::Xfcc;
-    c.server.trusted_proxies = vec![net("127.0.0.0/8"), net("::1/128")];
-}
-
-fn xfcc_from_elsewhere(c: &mut Config) {
-    identities(c);
-    c.server.forwarded_identity = ForwardedIdentity::Xfcc;
-    c.server.trusted_proxies = vec![net("10.0.0.0/8")];
-}
-
-fn l5d_from_loopback(c: &mut Config) {
-    identities(c);
-    c.server.forwarded_identity = ForwardedIdentity::L5dClientId;
-    c.server.trusted_proxies = vec![net("127.0.0.0/8")];
-}
-
-async fn harness(tweak: fn(&mut Config)) -> Harness {
+async fn harness(server: &'static str) -> Harness {
     Harness::with(Options {
-        callers: CALLERS,
-        tweak: Some(tweak),
+        server,
+        callers: callers(""),
         ..Options::default()
     })
     .await
@@ -120,7 +105,7 @@ fn xfcc_of(uri: &str) -> String {
 
 #[tokio::test]
 async fn xfcc_from_a_trusted_proxy_identifies_the_caller() {
-    let h = harness(xfcc_from_loopback).await;
+    let h = harness(XFCC_FROM_LOOPBACK).await;
     let mut c = h.client.clone();
     let web = xfcc_of(SPIFFE_WEB);
     let web = [("x-forwarded-client-cert", web.as_str())];
@@ -180,7 +165,7 @@ async fn xfcc_from_a_trusted_proxy_identifies_the_caller() {
 
 #[tokio::test]
 async fn xfcc_from_an_untrusted_peer_is_ignored() {
-    let h = harness(xfcc_from_elsewhere).await;
+    let h = harness(XFCC_FROM_ELSEWHERE).await;
     let mut c = h.client.clone();
     let web = xfcc_of(SPIFFE_WEB);
     expect_code(
@@ -204,7 +189,7 @@ async fn xfcc_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test]
 async fn l5d_client_id_from_a_trusted_proxy_identifies_the_caller() {
-    let h = harness(l5d_from_loopback).await;
+    let h = harness(L5D_FROM_LOOPBACK).await;
     let mut c = h.client.clone();
     let batch = [("l5d-client-id", DNS_BATCH)];
     c.get_bearer_token(with(bearer_req("1234001"), &batch))
@@ -239,7 +224,7 @@ async fn l5d_client_id_from_a_trusted_proxy_identifies_the_caller() {
 
 #[tokio::test]
 async fn two_authorization_entries_are_refused() {
-    let h = harness(identities).await;
+    let h = harness("").await;
     let mut c = h.client.clone();
     c.get_bearer_token(with(bearer_req("1234001"), &[OPS]))
         .await
@@ -260,19 +245,14 @@ async fn two_authorization_entries_are_refused() {
     assert_eq!(h.sim.stats(), before);
 }
 
-fn ops_limited_fast(c: &mut Config) {
-    identities(c);
-    // One call back every 100 ms, two at once.
-    c.callers[2].rate_limit = Some(RateLimit {
-        count: 1,
-        per: Duration::from_millis(100),
-        burst: 2,
-    });
-}
-
 #[tokio::test]
 async fn a_caller_over_its_rate_limit_is_told_when_to_come_back() {
-    let h = harness(ops_limited_fast).await;
+    // One call back every 100 ms, two at once.
+    let h = Harness::with(Options {
+        callers: callers("rate_limit = \"10/s\"\nburst = 2"),
+        ..Options::default()
+    })
+    .await;
     let mut c = h.client.clone();
     let ops = |terminal: &str| with(bearer_req(terminal), &[OPS]);
     c.get_bearer_token(ops("1234001")).await.unwrap();
@@ -305,27 +285,14 @@ async fn a_caller_over_its_rate_limit_is_told_when_to_come_back() {
     c.get_bearer_token(ops("1234001")).await.unwrap();
 }
 
-fn ops_limited_slow(c: &mut Config) {
-    identities(c);
-    c.callers[2].rate_limit = Some(RateLimit {
-        count: 1,
-        per: Duration::from_secs(3600),
-        burst: 1,
-    });
-}
-
-fn ops_limited_slow_changed(c: &mut Config) {
-    identities(c);
-    c.callers[2].rate_limit = Some(RateLimit {
-        count: 2,
-        per: Duration::from_secs(3600),
-        burst: 1,
-    });
-}
-
 #[tokio::test]
 async fn a_reload_keeps_a_callers_bucket_unless_its_limit_changed() {
-    let h = harness(ops_limited_slow).await;
+    let limited = callers("rate_limit = \"1/m\"\nburst = 1");
+    let h = Harness::with(Options {
+        callers: limited,
+        ..Options::default()
+    })
+    .await;
     let mut c = h.client.clone();
     let ops = || with(bearer_req("1234001"), &[OPS]);
     c.get_bearer_token(ops()).await.unwrap();
@@ -337,13 +304,12 @@ async fn a_reload_keeps_a_callers_bucket_unless_its_limit_changed() {
     // unchanged: its bucket stays empty.
     let more: &'static str = Box::leak(
         format!(
-            "{CALLERS}\n[[callers]]\nname = \"web\"\ntoken_env = \"CALLER_WEB\"\nterminals = [\"*\"]\nrpcs = [\"*\"]"
+            "{limited}\n[[callers]]\nname = \"web\"\ntoken_env = \"CALLER_WEB\"\nterminals = [\"*\"]\nrpcs = [\"*\"]"
         )
         .into_boxed_str(),
     );
     h.reload(&Options {
         callers: more,
-        tweak: Some(ops_limited_slow),
         ..Options::default()
     })
     .await;
@@ -364,8 +330,7 @@ async fn a_reload_keeps_a_callers_bucket_unless_its_limit_changed() {
     );
     // A new limit is a new bucket.
     h.reload(&Options {
-        callers: CALLERS,
-        tweak: Some(ops_limited_slow_changed),
+        callers: callers("rate_limit = \"2/m\"\nburst = 1"),
         ..Options::default()
     })
     .await;
@@ -376,14 +341,15 @@ async fn a_reload_keeps_a_callers_bucket_unless_its_limit_changed() {
     .await;
 }
 
-fn two_sessions_per_caller(c: &mut Config) {
-    xfcc_from_loopback(c);
-    c.payroc.max_concurrent_sessions_per_caller = 2;
-}
-
 #[tokio::test]
 async fn one_caller_at_its_session_quota_leaves_room_for_others() {
-    let h = harness(two_sessions_per_caller).await;
+    let h = Harness::with(Options {
+        server: XFCC_FROM_LOOPBACK,
+        payroc: "max_concurrent_sessions_per_caller = 2",
+        callers: callers(""),
+        ..Options::default()
+    })
+    .await;
     h.sim
         .faults()
         .set_latency(SimEndpoint::Sessions, Duration::from_millis(500));
@@ -467,7 +433,7 @@ async fn client_from(local: &str, h: &Harness) -> TokenBrokerClient<Channel> {
 
 #[tokio::test]
 async fn a_peer_that_keeps_guessing_tokens_is_refused_for_a_while() {
-    let h = harness(identities).await;
+    let h = harness("").await;
     let mut attacker = client_from("127.0.0.3", &h).await;
     let ops_req = || with(bearer_req("1234001"), &[OPS]);
     attacker.get_bearer_token(ops_req()).await.unwrap();
@@ -550,7 +516,7 @@ async fn partial_request(
 
 #[tokio::test]
 async fn an_unidentified_request_is_refused_before_its_body_arrives() {
-    let h = harness(identities).await;
+    let h = harness("").await;
     for authorization in [None, Some("Bearer wrong-token-0123456789")] {
         let started = tokio::time::Instant::now();
         let (response, mut body, conn) = partial_request(h.addr, authorization).await;

@@ -54,8 +54,6 @@ pub struct Options {
     pub drop_revoked: bool,
     /// Latency of the simulator's identity service from the start, in ms.
     pub identity_latency_ms: u64,
-    /// Changes the parsed configuration (for settings the TOML cannot say yet).
-    pub tweak: Option<fn(&mut Config)>,
 }
 
 pub const KEY_REVOKED: &str = "revoked-api-key-000000";
@@ -289,12 +287,8 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
             .to_owned(),
         )
     };
-    let mut config = Config::parse(&text, Path::new("test.toml"), Path::new("."), &env)
-        .unwrap_or_else(|e| panic!("test config is valid:\n{e}"));
-    if let Some(tweak) = opts.tweak {
-        tweak(&mut config);
-    }
-    config
+    Config::parse(&text, Path::new("test.toml"), Path::new("."), &env)
+        .unwrap_or_else(|e| panic!("test config is valid:\n{e}"))
 }
 
 /// Waits (at most 10 s) until the health service reports `status` for `service`.
