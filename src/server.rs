@@ -126,6 +126,8 @@ pub async fn serve(
     // body is read: an unidentified request costs no buffered body.
     let admit = {
         let service = service.clone();
+        // audit: `_path` (`/payroc.broker.v1.TokenBroker/<Rpc>`) names the
+        // RPC of a call refused here, before any handler runs.
         move |_path: &str,
               metadata: &tonic::metadata::MetadataMap,
               extensions: &tonic::Extensions| {

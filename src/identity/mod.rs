@@ -263,6 +263,20 @@ impl Callers {
         }
     }
 
+    /// The caller whose `spiffe_id` is `id`: for ext_authz, where Envoy names
+    /// the downstream workload in `attributes.source.principal`. `None` in
+    /// open mode and for unknown IDs.
+    pub fn by_spiffe_id(&self, id: &str) -> Option<Caller> {
+        self.known
+            .as_ref()?
+            .iter()
+            .find(|k| cert::is_spiffe_id(&k.config.identity, id))
+            .map(|k| Caller {
+                known: Some(Arc::clone(k)),
+                via: Via::ForwardedIdentity,
+            })
+    }
+
     /// Identifies the caller, then takes one call from its rate limit: the
     /// checks that need only the request's headers, in the contract's order.
     pub fn admit(

@@ -489,3 +489,14 @@ async fn a_peer_that_keeps_failing_is_refused_without_a_look_at_its_token() {
         "ops"
     );
 }
+
+#[test]
+fn ext_authz_principals_are_looked_up_by_spiffe_id() {
+    let c = callers(&config());
+    assert_eq!(c.by_spiffe_id(WEB_SPIFFE).unwrap().name(), "web");
+    assert!(c.by_spiffe_id("spiffe://cluster.local/ns/x/sa/y").is_none());
+    assert!(c.by_spiffe_id(BATCH_DNS).is_none(), "not a dns_name lookup");
+    let mut open = config();
+    open.callers.clear();
+    assert!(callers(&open).by_spiffe_id(WEB_SPIFFE).is_none());
+}
