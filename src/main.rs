@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use payroc_broker::{
     clock::{Clock, OsEntropy, SharedEntropy},
-    config::{self, CONFIG_ENV, Config},
+    config::{self, CONFIG_ENV, CapturedEnv, Config},
     sandbox::Sandbox,
     server,
 };
@@ -52,8 +52,27 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let dumps_off = disable_core_dumps();
     let cli = Cli::parse();
+    // `serve` reads the secret variables its file names now, while this is
+    // the only thread (no logging worker, no runtime yet), and removes them
+    // from the environment. Problems are reported by the load below, once
+    // logging is up; this first load only captures.
+    let env = CapturedEnv::new();
+    if let Command::Serve { config, .. } = &cli.command {
+        let _ = Config::load_with(config, &env);
+        let block = initial_env_block();
+        for name in env.names() {
+            // SAFETY: no other thread exists: `main` has spawned nothing
+            // (logging and the tokio runtime start below), and neither clap
+            // nor the configuration parser starts threads.
+            unsafe { remove_secret_var(&name, block.clone()) };
+        }
+    }
     init_logging();
+    if !dumps_off {
+        tracing::warn!("could not turn off core dumps (prctl PR_SET_DUMPABLE)");
+    }
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config, &config::process_env) {
             Ok(c) => {
@@ -77,6 +96,7 @@ fn main() -> ExitCode {
                 path,
                 listen,
                 allow_unauthenticated,
+                env,
             };
             let c = match policy.load() {
                 Ok(c) => c,
@@ -103,12 +123,15 @@ struct ServePolicy {
     path: PathBuf,
     listen: Option<SocketAddr>,
     allow_unauthenticated: bool,
+    /// The secret variables as read at start-up: they are no longer in the
+    /// environment when a SIGHUP reload needs them again.
+    env: CapturedEnv,
 }
 
 impl ServePolicy {
     /// The validated configuration, or the lines explaining why not.
     fn load(&self) -> Result<Config, Vec<String>> {
-        let mut c = Config::load(&self.path, &config::process_env)
+        let mut c = Config::load_with(&self.path, &self.env)
             .map_err(|e| e.to_string().lines().map(str::to_owned).collect::<Vec<_>>())?;
         if c.callers.is_empty() && !self.allow_unauthenticated {
             return Err(vec![format!(
@@ -219,6 +242,74 @@ fn config_error(e: &config::ConfigError) -> ExitCode {
         eprintln!("error: {line}");
     }
     ExitCode::from(2)
+}
+
+/// Where the kernel put the environment at exec (`env_start`..`env_end` of
+/// `/proc/self/stat`): what `/proc/PID/environ` shows for the whole life of
+/// the process, whatever `environ` points to later.
+fn initial_env_block() -> Option<std::ops::Range<usize>> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces and parentheses)
+    // start at field 3; env_start and env_end are fields 50 and 51.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(47);
+    let start = fields.next()?.parse().ok()?;
+    let end = fields.next()?.parse().ok()?;
+    (start < end).then_some(start..end)
+}
+
+/// Removes `name` from the environment and, when its `NAME=value` string is
+/// in the initial environment block, overwrites it with zeros: unsetting
+/// only unlinks it from `environ`, while `/proc/PID/environ` reads the block.
+///
+/// # Safety
+///
+/// No other thread may exist (none may read or write the environment).
+unsafe fn remove_secret_var(name: &str, block: Option<std::ops::Range<usize>>) {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: `c_name` is NUL-terminated; single-threaded per the contract.
+    let value = unsafe { libc::getenv(c_name.as_ptr()) }.cast::<u8>();
+    let entry = (!value.is_null()).then(|| {
+        // SAFETY: `value` points to a NUL-terminated string (getenv).
+        let len = unsafe { libc::strlen(value.cast()) };
+        (value.wrapping_sub(name.len() + 1), name.len() + 1 + len)
+    });
+    // SAFETY: single-threaded per the contract.
+    unsafe { std::env::remove_var(name) };
+    let (Some((start, len)), Some(block)) = (entry, block) else {
+        return;
+    };
+    let (first, end) = (start as usize, start as usize + len);
+    if first < block.start || end > block.end {
+        return; // set by the process itself, not from the block: leave it
+    }
+    // SAFETY: `start..start + len` lies inside the initial environment block,
+    // which is ordinary writable memory of this process (the top of the main
+    // thread's stack), and nothing refers to this entry any more: it was just
+    // unlinked from `environ`, and Rust's `std::env` holds no copies. This is
+    // how setproctitle(3) implementations reuse the same area.
+    unsafe {
+        let entry = std::slice::from_raw_parts_mut(start, len);
+        if entry.starts_with(name.as_bytes()) && entry[name.len()] == b'=' {
+            entry.fill(0);
+        }
+    }
+}
+
+/// Marks the process non-dumpable: no core dump (which would hold API keys
+/// and tokens), and no ptrace or `/proc/PID/{mem,environ}` for other users
+/// of the same uid. Returns whether it worked.
+#[cfg(target_os = "linux")]
+fn disable_core_dumps() -> bool {
+    // SAFETY: PR_SET_DUMPABLE takes one integer argument and touches no
+    // memory of ours; the unused arguments are zero as the man page asks.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn disable_core_dumps() -> bool {
+    true
 }
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). No secret is

@@ -400,3 +400,101 @@ async fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
     signal(&child.0, "-TERM");
     assert_eq!(exit_code(child).await, Some(0));
 }
+
+/// `serve` removes the secret variables it read from its environment (so
+/// `/proc/PID/environ` no longer shows them), a SIGHUP reload still finds
+/// them, and the process is not dumpable.
+#[tokio::test]
+async fn secret_variables_leave_the_environment_and_reloads_still_find_them() {
+    const KEY: &str = "env-key-acme-0123456789";
+    const TOKEN: &str = "env-caller-token-0123456789ab";
+    let sim = SimPayroc::start(SimConfig::new(
+        Clock::system(),
+        Arc::new(OsEntropy),
+        vec![SimAccount::new(KEY, &["1234001"])],
+    ))
+    .await
+    .unwrap();
+    let text = format!(
+        "[payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n[[credentials]]\nname = \"acme\"\n\
+         api_key_env = \"ENV_ACME\"\nterminals = [\"1234001\"]\n[[callers]]\nname = \"web\"\n\
+         token_env = \"ENV_CALLER\"\nterminals = [\"*\"]\nrpcs = [\"*\"]\n",
+        sim.identity_url(),
+        sim.api_url()
+    );
+    let path = temp_config("environ.toml", &text);
+    let mut child = broker()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env("ENV_ACME", KEY)
+        .env("ENV_CALLER", TOKEN)
+        .env("PAYROC_BROKER_TEST_KEPT", "kept")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = lines_of(child.stderr.take().unwrap());
+    let child = Running(child);
+    let addr = serving_addr(&next_with(&mut lines, "payroc-broker serving").await);
+
+    let environ = format!("/proc/{}/environ", child.0.id());
+    match std::fs::read(&environ) {
+        // Root (or a dumpable process) may read it: the secrets are gone,
+        // the rest of the environment is still there.
+        Ok(bytes) => {
+            let env = String::from_utf8_lossy(&bytes);
+            assert!(env.contains("PAYROC_BROKER_TEST_KEPT=kept"), "{env}");
+            for gone in ["ENV_ACME=", "ENV_CALLER=", KEY, TOKEN] {
+                assert!(!env.contains(gone), "{gone} still in {env}");
+            }
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied),
+    }
+    // Not dumpable: /proc/PID belongs to root, whoever runs the broker.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::fs::metadata("/proc/self").unwrap().uid();
+        let broker = std::fs::metadata(format!("/proc/{}", child.0.id()))
+            .unwrap()
+            .uid();
+        assert!(me == 0 || broker == 0, "the broker is dumpable");
+    }
+
+    let ask = || {
+        let mut req = tonic::Request::new(GetBearerTokenRequest {
+            processing_terminal_id: "1234001".into(),
+            min_validity: None,
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        req
+    };
+    let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.get_bearer_token(ask())
+            .await
+            .unwrap()
+            .into_inner()
+            .credential,
+        "acme"
+    );
+
+    // The reload reads both variables again: from what was captured.
+    std::fs::write(&path, text.replace("name = \"web\"", "name = \"web2\"")).unwrap();
+    signal(&child.0, "-HUP");
+    next_with(&mut lines, "configuration reloaded").await;
+    assert_eq!(
+        c.get_bearer_token(ask())
+            .await
+            .unwrap()
+            .into_inner()
+            .credential,
+        "acme"
+    );
+
+    signal(&child.0, "-TERM");
+    assert_eq!(exit_code(child).await, Some(0));
+}

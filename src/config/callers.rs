@@ -8,10 +8,9 @@ use std::{
     time::Duration,
 };
 
-use secrecy::ExposeSecret;
 use serde::{Deserialize, Deserializer};
 
-use super::{Checker, CredentialConfig, is_valid_name, sha256};
+use super::{Checker, CredentialConfig, is_valid_name};
 
 /// A caller token must have at least this many characters: 22 characters of
 /// base64url carry 132 bits, so a random token of this length has the 128
@@ -264,9 +263,9 @@ fn identity(
     }
     if let Some(var) = &caller.token_env {
         let key = format!("{at}.token_env");
-        // Dropping `token` wipes it: from here on only the digest exists.
-        let token = c.env_secret(&key, var)?;
-        if token.expose_secret().chars().count() < MIN_TOKEN_CHARS {
+        // Only the digest and length come back: the plaintext is wiped.
+        let token = c.env_token(&key, var)?;
+        if token.chars < MIN_TOKEN_CHARS {
             c.problem(
                 key,
                 format!(
@@ -276,10 +275,7 @@ fn identity(
             );
             return None;
         }
-        return Some((
-            "token_env",
-            CallerIdentity::TokenSha256(sha256(token.expose_secret().as_bytes())),
-        ));
+        return Some(("token_env", CallerIdentity::TokenSha256(token.sha256)));
     }
     if let Some(hex) = &caller.token_sha256 {
         let Some(digest) = parse_sha256_hex(hex) else {

@@ -19,6 +19,7 @@
 
 mod callers;
 mod credentials;
+mod env;
 mod payroc;
 pub mod secret_file;
 mod server;
@@ -29,12 +30,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use zeroize::Zeroizing;
 
 pub use callers::{Allow, CallerConfig, CallerIdentity, RateLimit, Rpc};
 pub use credentials::CredentialConfig;
+pub use env::{CapturedEnv, SecretEnv, TokenDigest};
 pub use payroc::{Environment, PayrocConfig};
 pub use server::{ForwardedIdentity, IpNet, LogFormat, ServerConfig};
 pub use tls::TlsConfig;
@@ -93,7 +94,8 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Where secrets come from: the process environment in production, a map in tests.
+/// A plain lookup function: one kind of [`SecretEnv`] (the process
+/// environment for `check-config`, a map in tests).
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// The process environment.
@@ -147,6 +149,12 @@ impl Config {
     /// Reads and validates `path`. Relative paths in it (`api_key_file`,
     /// `[server.tls]`) are resolved against the configuration file's directory.
     pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        Self::load_with(path, &env)
+    }
+
+    /// As [`Config::load`], with secrets from any [`SecretEnv`] (`serve`
+    /// passes its [`CapturedEnv`]).
+    pub fn load_with(path: &Path, env: &dyn SecretEnv) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
             problems: vec![Problem {
@@ -155,7 +163,7 @@ impl Config {
             }],
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, path, base, env)
+        Self::parse_with(&text, path, base, env)
     }
 
     /// Validates configuration text; `file` names it in errors.
@@ -164,6 +172,16 @@ impl Config {
         file: &Path,
         base_dir: &Path,
         env: EnvLookup<'_>,
+    ) -> Result<Config, ConfigError> {
+        Self::parse_with(text, file, base_dir, &env)
+    }
+
+    /// As [`Config::parse`], with secrets from any [`SecretEnv`].
+    pub fn parse_with(
+        text: &str,
+        file: &Path,
+        base_dir: &Path,
+        env: &dyn SecretEnv,
     ) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
             file: file.to_owned(),
@@ -226,7 +244,7 @@ impl RawConfig {
 /// relative paths come from.
 struct Checker<'a> {
     problems: Vec<Problem>,
-    env: EnvLookup<'a>,
+    env: &'a dyn SecretEnv,
     base_dir: &'a Path,
 }
 
@@ -249,28 +267,53 @@ impl Checker<'_> {
             .unwrap_or(joined)
     }
 
-    /// The secret in environment variable `var`, named by `key`. A value
-    /// that does not look like a variable name is not echoed: it may be the
-    /// secret itself, typed where its name belongs.
+    /// The secret in environment variable `var`, named by `key`, trimmed.
     fn env_secret(&mut self, key: &str, var: &str) -> Option<SecretString> {
-        if !is_env_name(var) {
+        if !self.env_name(key, var) {
+            return None;
+        }
+        let Some(value) = self.env.secret(var) else {
+            self.problem(key, format!("the environment variable `{var}` is not set"));
+            return None;
+        };
+        let trimmed = value.expose_secret().trim();
+        if trimmed.is_empty() {
+            self.problem(key, format!("the environment variable `{var}` is empty"));
+            return None;
+        }
+        Some(SecretString::from(trimmed))
+    }
+
+    /// The caller token in environment variable `var`, as its digest.
+    fn env_token(&mut self, key: &str, var: &str) -> Option<TokenDigest> {
+        if !self.env_name(key, var) {
+            return None;
+        }
+        match self.env.token(var) {
+            None => {
+                self.problem(key, format!("the environment variable `{var}` is not set"));
+                None
+            }
+            Some(d) if d.chars == 0 => {
+                self.problem(key, format!("the environment variable `{var}` is empty"));
+                None
+            }
+            Some(d) => Some(d),
+        }
+    }
+
+    /// Whether `var` looks like a variable name. If not it is not echoed: it
+    /// may be the secret itself, typed where its name belongs.
+    fn env_name(&mut self, key: &str, var: &str) -> bool {
+        let ok = is_env_name(var);
+        if !ok {
             self.problem(
                 key,
                 "the value is not a valid environment variable name (A-Z, 0-9 and _, not \
                  starting with a digit); was the secret typed where its name belongs?",
             );
-            return None;
         }
-        // Zeroizing: the untrimmed copy is wiped too.
-        let Some(value) = (self.env)(var).map(Zeroizing::new) else {
-            self.problem(key, format!("the environment variable `{var}` is not set"));
-            return None;
-        };
-        if value.trim().is_empty() {
-            self.problem(key, format!("the environment variable `{var}` is empty"));
-            return None;
-        }
-        Some(SecretString::from(value.trim()))
+        ok
     }
 
     /// The secret in file `path` (relative to the configuration's
