@@ -76,6 +76,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config, &config::process_env) {
             Ok(c) => {
+                // Warnings do not fail the check (exit status stays 0).
+                for w in c.warnings() {
+                    eprintln!("warning: {}: {w}", config.display());
+                }
                 let terminals: usize = c.credentials.iter().map(|c| c.terminals.len()).sum();
                 println!(
                     "{}: OK ({} credentials, {terminals} terminals, {} callers)",
@@ -142,6 +146,9 @@ impl ServePolicy {
         }
         if let Some(addr) = self.listen {
             c.server.listen = addr;
+        }
+        for warning in c.warnings() {
+            tracing::warn!(file = %self.path.display(), %warning, "configuration warning");
         }
         Ok(c)
     }

@@ -498,3 +498,33 @@ async fn secret_variables_leave_the_environment_and_reloads_still_find_them() {
     signal(&child.0, "-TERM");
     assert_eq!(exit_code(child).await, Some(0));
 }
+
+#[test]
+fn check_config_warns_about_bearer_tokens_for_part_of_a_credential() {
+    let text = format!(
+        "{MINIMAL}[[callers]]\nname = \"web\"\ntoken_env = \"WEB_TOKEN\"\n\
+         terminals = [\"1234001\"]\nrpcs = [\"GetBearerToken\"]\n"
+    );
+    let path = temp_config("partial.toml", &text);
+    let out = broker()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("PAYROC_API_KEY_ACME", "secret-from-env-123")
+        .env("WEB_TOKEN", "web-token-0123456789abcdef")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: {}: callers[0]: caller `web` may call GetBearerToken for 1 of the 2 \
+             terminals of credential `acme`",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("give each trust boundary its own credential"),
+        "{stderr}"
+    );
+}

@@ -241,6 +241,50 @@ pub(super) fn check(
     out
 }
 
+/// One line per (caller, credential) where the caller may obtain Bearer
+/// tokens (GetBearerToken, WatchBearerToken) for some but not all of the
+/// credential's terminals. A Bearer token is valid for every terminal of its
+/// API key, so such a caller can in fact act on all of them: worth knowing,
+/// though not an error (the allow list still limits what the broker hands
+/// out and logs).
+pub(super) fn bearer_scope_warnings(
+    callers: &[CallerConfig],
+    credentials: &[CredentialConfig],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, caller) in callers.iter().enumerate() {
+        let rpcs: Vec<&str> = [Rpc::GetBearerToken, Rpc::WatchBearerToken]
+            .into_iter()
+            .filter(|r| caller.rpcs.permits(r))
+            .map(Rpc::name)
+            .collect();
+        if rpcs.is_empty() {
+            continue;
+        }
+        for cred in credentials {
+            let allowed = cred
+                .terminals
+                .iter()
+                .filter(|t| caller.terminals.permits(t))
+                .count();
+            if allowed > 0 && allowed < cred.terminals.len() {
+                out.push(format!(
+                    "callers[{i}]: caller `{}` may call {} for {allowed} of the {} terminals \
+                     of credential `{}`, but a Bearer token is valid for every terminal of its \
+                     API key, so it can act on all {}; give each trust boundary its own \
+                     credential",
+                    caller.name,
+                    rpcs.join(" and "),
+                    cred.terminals.len(),
+                    cred.name,
+                    cred.terminals.len(),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Exactly one of `token_env`, `token_sha256`, `spiffe_id`, `dns_name`; with
 /// the key that set it.
 fn identity(

@@ -212,6 +212,14 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Things worth a warning that are not errors (`check-config` prints
+    /// them, `serve` logs them), each starting with the key path it is about.
+    pub fn warnings(&self) -> Vec<String> {
+        callers::bearer_scope_warnings(&self.callers, &self.credentials)
+    }
+}
+
 /// The file as serde reads it; sections not written take their defaults.
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]

@@ -1071,3 +1071,40 @@ fn syntax_errors_give_place_and_key_but_never_the_text() {
         }
     }
 }
+
+#[test]
+fn a_caller_with_bearer_tokens_for_part_of_a_credential_is_warned_about() {
+    let with = |terminals: &str, rpcs: &str| {
+        parse(
+            &GOOD
+                .replace(
+                    "terminals = [\"1234001\"]",
+                    &format!("terminals = {terminals}"),
+                )
+                .replace("rpcs = [\"CreateSession\"]", &format!("rpcs = {rpcs}")),
+        )
+        .unwrap()
+        .warnings()
+    };
+    let w = with("[\"1234001\"]", "[\"GetBearerToken\", \"CreateSession\"]");
+    assert_eq!(
+        w,
+        [
+            "callers[0]: caller `checkout` may call GetBearerToken for 1 of the 2 terminals of \
+          credential `acme`, but a Bearer token is valid for every terminal of its API key, so \
+          it can act on all 2; give each trust boundary its own credential"
+        ]
+    );
+    let w = with("[\"1234001\", \"9990001\"]", "[\"*\"]");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("may call GetBearerToken and WatchBearerToken for 1 of the 2 terminals of credential `acme`"),
+        "{w:?}"
+    );
+    let w = with("[\"1234001\"]", "[\"WatchBearerToken\"]");
+    assert!(w[0].contains("may call WatchBearerToken for 1 of"), "{w:?}");
+    // Sessions only, every terminal of the credential, or all terminals: fine.
+    assert!(with("[\"1234001\"]", "[\"CreateSession\", \"ExtAuthz\"]").is_empty());
+    assert!(with("[\"1234001\", \"1234002\"]", "[\"GetBearerToken\"]").is_empty());
+    assert!(with("[\"*\"]", "[\"GetBearerToken\"]").is_empty());
+}
