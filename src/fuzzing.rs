@@ -160,3 +160,57 @@ pub fn request_validation(data: &[u8]) {
         }
     }
 }
+
+/// Envoy's `x-forwarded-client-cert`: a header any peer can send. Parsing must
+/// be total; what parses must survive a round trip (written back with
+/// quoting, it parses to the same elements), and the SPIFFE IDs believed are
+/// exactly the `URI=` values of the last element.
+pub fn xfcc(data: &[u8]) {
+    use crate::identity::forwarded::{XfccElement, parse_xfcc, xfcc_last_uris};
+
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(elements) = parse_xfcc(text) else {
+        assert!(xfcc_last_uris(text).is_err());
+        return;
+    };
+    let last: Vec<String> = elements
+        .last()
+        .map(|e| e.uris().map(str::to_owned).collect())
+        .unwrap_or_default();
+    assert_eq!(xfcc_last_uris(text).unwrap(), last);
+
+    fn write(elements: &[XfccElement]) -> String {
+        let quote = |v: &str| {
+            if v.contains([',', ';', '"', '\\', '='])
+                || v.is_empty()
+                || v.starts_with(char::is_whitespace)
+                || v.ends_with(char::is_whitespace)
+            {
+                format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+            } else {
+                v.to_owned()
+            }
+        };
+        elements
+            .iter()
+            .map(|e| {
+                e.pairs
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", quote(v)))
+                    .collect::<Vec<_>>()
+                    .join(";")
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    let written = write(&elements);
+    if written.len() <= crate::identity::forwarded::MAX_XFCC_LEN {
+        assert_eq!(
+            parse_xfcc(&written).as_ref(),
+            Ok(&elements),
+            "round trip of {text:?} via {written:?}"
+        );
+    }
+}

@@ -35,3 +35,8 @@ fn config_file_corpus() {
 fn request_validation_corpus() {
     replay("request_validation", fuzzing::request_validation);
 }
+
+#[test]
+fn xfcc_corpus() {
+    replay("xfcc", fuzzing::xfcc);
+}

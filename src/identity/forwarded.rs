@@ -54,6 +54,10 @@ pub enum XfccError {
     /// Something other than `;`, `,` or the end after a closing quote, or a
     /// `"` inside an unquoted value.
     StrayQuote,
+    /// A control character (other than tab): no HTTP header value holds one,
+    /// so the header did not come from a proxy. Found by the fuzzer: a
+    /// quoted `\r` survived while an unquoted one was trimmed away.
+    ControlCharacter,
 }
 
 impl fmt::Display for XfccError {
@@ -65,6 +69,7 @@ impl fmt::Display for XfccError {
             XfccError::BadKey => "has a pair that is not Key=Value",
             XfccError::UnterminatedQuote => "has an unterminated quoted value",
             XfccError::StrayQuote => "has a misplaced double quote",
+            XfccError::ControlCharacter => "holds a control character",
         })
     }
 }
@@ -77,6 +82,9 @@ impl std::error::Error for XfccError {}
 pub fn parse_xfcc(input: &str) -> Result<Vec<XfccElement>, XfccError> {
     if input.len() > MAX_XFCC_LEN {
         return Err(XfccError::TooLong);
+    }
+    if input.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(XfccError::ControlCharacter);
     }
     let mut elements = Vec::new();
     let mut element = XfccElement::default();
@@ -171,6 +179,14 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect()
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        for bad in ["URI=\"\r\0x\"", "URI=a\nb", "URI=spiffe://a/b\u{85}"] {
+            assert_eq!(parse_xfcc(bad), Err(XfccError::ControlCharacter), "{bad:?}");
+        }
+        assert!(parse_xfcc("URI=a\tb").is_ok());
     }
 
     #[test]
