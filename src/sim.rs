@@ -24,7 +24,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -35,6 +38,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::post,
+    serve::ListenerExt,
 };
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::oneshot, time::Instant};
@@ -308,6 +312,16 @@ impl SimPayroc {
             config,
             faults: Faults::default(),
             books: Mutex::default(),
+            connections: AtomicU64::new(0),
+        });
+        // Counted so benchmarks can show the broker pools and reuses its
+        // upstream connections; no delay on small writes, as a real server.
+        let listener = listener.tap_io({
+            let sim = Arc::clone(&sim);
+            move |tcp| {
+                sim.connections.fetch_add(1, Ordering::Relaxed);
+                let _ = tcp.set_nodelay(true);
+            }
         });
         let router = Router::new()
             .route("/authorize", post(authorize))
@@ -359,6 +373,11 @@ impl SimPayroc {
         lock(&self.inner.sim.books).stats
     }
 
+    /// TCP connections accepted since start, on either endpoint.
+    pub fn connections_accepted(&self) -> u64 {
+        self.inner.sim.connections.load(Ordering::Relaxed)
+    }
+
     /// Identity requests that presented `api_key`, faulted ones included.
     pub fn identity_requests(&self, api_key: &str) -> u64 {
         lock(&self.inner.sim.books)
@@ -396,6 +415,8 @@ struct Sim {
     token_lifetime: Mutex<Duration>,
     faults: Faults,
     books: Mutex<Books>,
+    /// TCP connections accepted.
+    connections: AtomicU64,
 }
 
 #[derive(Default)]
@@ -1135,6 +1156,26 @@ mod tests {
         assert_eq!(statuses, [503, 503, 201]);
         let stats = sim.stats();
         assert_eq!((stats.session_requests, stats.sessions_created), (3, 1));
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_are_counted() {
+        let sim = sim().await;
+        let pooled = client();
+        for _ in 0..3 {
+            let answer = Answer::of(
+                (pooled.post(sim.identity_url()).header("x-api-key", KEY))
+                    .send()
+                    .await
+                    .expect("identity answers"),
+            )
+            .await;
+            assert_eq!(answer.status, 200);
+        }
+        // One client reuses its connection; another client opens its own.
+        assert_eq!(sim.connections_accepted(), 1);
+        assert_eq!(authorize(&sim, Some(KEY)).await.status, 200);
+        assert_eq!(sim.connections_accepted(), 2);
     }
 
     #[tokio::test]
