@@ -13,7 +13,7 @@
 use std::{
     future::Future,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -87,7 +87,7 @@ where
 
     /// Whether a load is in flight now.
     pub fn is_loading(&self) -> bool {
-        self.inflight.lock().expect("poisoned").is_some()
+        lock(&self.inflight).is_some()
     }
 
     /// Joins the load in flight, or starts one with `make` (called only when
@@ -98,7 +98,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let mut slot = self.inflight.lock().expect("poisoned");
+        let mut slot = lock(&self.inflight);
         if let Some(rx) = slot.as_ref() {
             return Flight(rx.clone());
         }
@@ -144,13 +144,14 @@ struct ClearInflight<'a, T, E>(&'a SingleFlight<T, E>);
 
 impl<T, E> Drop for ClearInflight<'_, T, E> {
     fn drop(&mut self) {
-        // A poisoned lock still holds a valid Option; clearing it is safe.
-        let mut slot = match self.0.inflight.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *slot = None;
+        *lock(&self.0.inflight) = None;
     }
+}
+
+/// Locks the in-flight slot even if poisoned: it holds a valid `Option`
+/// whatever a panicking holder was doing, and the cell must keep working.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -49,6 +49,15 @@ impl Clock {
             None => self.origin_wall - (self.origin - at),
         }
     }
+
+    /// [`Clock::wall`], or `None` where the wall clock cannot represent it
+    /// (instants derived from untrusted durations).
+    pub fn checked_wall(&self, at: Instant) -> Option<SystemTime> {
+        match at.checked_duration_since(self.origin) {
+            Some(ahead) => self.origin_wall.checked_add(ahead),
+            None => self.origin_wall.checked_sub(self.origin - at),
+        }
+    }
 }
 
 /// A source of randomness: Idempotency-Keys and jitter.

@@ -207,6 +207,7 @@ pub struct Faults {
 struct FaultTable {
     endpoints: [EndpointFaults; 2],
     omit_expires_at: bool,
+    expires_in: Option<u64>,
 }
 
 #[derive(Default)]
@@ -243,6 +244,12 @@ impl Faults {
     /// Sessions 201s leave out `expiresAt` (the SDKs treat it as optional).
     pub fn omit_expires_at(&self, yes: bool) {
         lock(&self.table).omit_expires_at = yes;
+    }
+
+    /// Identity answers claim this `expires_in` (e.g. `u64::MAX`), whatever
+    /// the token really lives; `None` tells the truth again.
+    pub fn announce_expires_in(&self, seconds: Option<u64>) {
+        lock(&self.table).expires_in = seconds;
     }
 
     pub fn clear(&self) {
@@ -528,7 +535,7 @@ impl Sim {
         // The unknown field proves the client ignores fields it does not know.
         Ok(axum::Json(json!({
             "access_token": access_token,
-            "expires_in": lifetime.as_secs(),
+            "expires_in": lock(&self.faults.table).expires_in.unwrap_or(lifetime.as_secs()),
             "token_type": "Bearer",
             "scope": self.config.scope,
             "extra_unknown_field": true,

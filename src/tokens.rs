@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     future::Future,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -32,7 +32,7 @@ use crate::{
     cell::{Flight, FlightError, SingleFlight},
     clock::{Clock, SharedEntropy},
     config::CredentialConfig,
-    payroc::{IdentityToken, PayrocClient, UpstreamError},
+    payroc::{Endpoint, IdentityToken, PayrocClient, UpstreamError},
 };
 
 /// A cached Bearer token.
@@ -304,11 +304,15 @@ impl<S: TokenSource> Inner<S> {
         &self,
         outcome: Result<IdentityToken, UpstreamError>,
     ) -> Result<BearerToken, UpstreamError> {
-        let mut failure = self.failure.lock().expect("poisoned");
+        // A malformed answer (an absurd lifetime) is a failed fetch like any
+        // other. Computed before the lock: nothing that can fail runs under it.
+        let outcome =
+            outcome.and_then(|t| cache_entry(t, &self.policy, &self.clock, &*self.entropy));
+        let mut failure = lock(&self.failure);
         match outcome {
-            Ok(t) => {
+            Ok(tok) => {
                 *failure = None;
-                let tok = cache_entry(t, &self.policy, &self.clock, &*self.entropy);
+                drop(failure);
                 tracing::info!(credential = %self.name, lifetime = ?tok.lifetime, "fetched a Bearer token");
                 let usable = tok.remaining(self.clock.now()) >= self.policy.floor;
                 self.set_health(if usable {
@@ -335,6 +339,7 @@ impl<S: TokenSource> Inner<S> {
                     retry_at: self.clock.now() + wait,
                     consecutive,
                 });
+                drop(failure);
                 self.set_health(if self.usable_now() {
                     TokenHealth::Usable
                 } else {
@@ -359,7 +364,7 @@ impl<S: TokenSource> Inner<S> {
     }
 
     fn backing_off(&self) -> Option<TokenError> {
-        let failure = self.failure.lock().expect("poisoned");
+        let failure = lock(&self.failure);
         let f = failure.as_ref()?;
         let now = self.clock.now();
         (now < f.retry_at).then(|| TokenError::BackingOff {
@@ -369,11 +374,7 @@ impl<S: TokenSource> Inner<S> {
     }
 
     fn retry_at(&self) -> Option<Instant> {
-        self.failure
-            .lock()
-            .expect("poisoned")
-            .as_ref()
-            .map(|f| f.retry_at)
+        lock(&self.failure).as_ref().map(|f| f.retry_at)
     }
 
     fn usable_now(&self) -> bool {
@@ -470,8 +471,24 @@ fn cache_entry(
     policy: &TokenPolicy,
     clock: &Clock,
     entropy: &dyn crate::clock::Entropy,
-) -> BearerToken {
-    let expires_at = t.requested_at + t.expires_in;
+) -> Result<BearerToken, UpstreamError> {
+    let malformed = |reason: &str| UpstreamError::Malformed {
+        endpoint: Endpoint::Identity,
+        reason: reason.to_owned(),
+    };
+    // Payroc's tokens live an hour. A lifetime past a day is a broken answer,
+    // not a token to keep for years (and `u64::MAX` seconds would overflow
+    // every instant computed from it).
+    if t.expires_in > MAX_LIFETIME {
+        return Err(malformed("expires_in is longer than 24 h"));
+    }
+    let expires_at = t
+        .requested_at
+        .checked_add(t.expires_in)
+        .ok_or_else(|| malformed("expires_in is out of range"))?;
+    let expires_at_wall = clock
+        .checked_wall(expires_at)
+        .ok_or_else(|| malformed("expires_in is out of range"))?;
     let lead = if policy.refresh_before_expiry >= t.expires_in {
         t.expires_in / 2
     } else {
@@ -484,15 +501,25 @@ fn cache_entry(
     );
     let spread = lead.min(latest.saturating_duration_since(t.requested_at)) / 4;
     let refresh_at = (latest - entropy.jitter(spread)).max(t.requested_at);
-    BearerToken {
+    Ok(BearerToken {
         access_token: t.access_token,
         token_type: t.token_type,
         scopes: t.scopes,
         expires_at,
-        expires_at_wall: clock.wall(expires_at),
+        expires_at_wall,
         lifetime: t.expires_in,
         refresh_at,
-    }
+    })
+}
+
+/// The longest `expires_in` taken as a real answer.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Locks `m` even if a panic poisoned it: every value guarded here is valid
+/// whatever point a panicking holder reached, and one bug must not turn into
+/// every later request failing.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Every credential's cache, and which credential serves which terminal.
@@ -916,6 +943,23 @@ mod tests {
         assert_eq!(script.calls(), 1, "not before Retry-After");
         advance(1).await;
         assert_eq!(script.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_lifetime_is_a_malformed_answer_and_the_cache_recovers() {
+        for lifetime in [u64::MAX, 24 * 3600 + 1] {
+            let script = Script::answers(&[Ok(lifetime)]);
+            let c = creds(&script, 300);
+            match c.bearer(FLOOR, None).await {
+                Err(TokenError::Upstream(UpstreamError::Malformed { .. })) => {}
+                other => panic!("{lifetime}: {:?}", other.map(|_| ())),
+            }
+            assert!(c.cached().is_none(), "nothing cached");
+            script.then(&[Ok(3600)]);
+            advance(2).await; // past the backoff; the refresher recovers
+            let t = c.bearer(FLOOR, None).await.unwrap();
+            assert_eq!(t.lifetime, Duration::from_secs(3600));
+        }
     }
 
     #[tokio::test(start_paused = true)]
