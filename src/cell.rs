@@ -26,6 +26,9 @@ type Outcome<T, E> = Option<Result<Arc<T>, E>>;
 /// See the module documentation.
 pub struct SingleFlight<T, E> {
     current: ArcSwapOption<T>,
+    /// The same value, for those who wait for it to change (watchers). The
+    /// hit path reads `current` instead: no lock at all.
+    changes: watch::Sender<Option<Arc<T>>>,
     inflight: Mutex<Option<watch::Receiver<Outcome<T, E>>>>,
     loads: AtomicU64,
 }
@@ -60,6 +63,7 @@ impl<T, E> Default for SingleFlight<T, E> {
     fn default() -> Self {
         Self {
             current: ArcSwapOption::empty(),
+            changes: watch::Sender::new(None),
             inflight: Mutex::new(None),
             loads: AtomicU64::new(0),
         }
@@ -80,6 +84,12 @@ where
         self.current.load_full()
     }
 
+    /// Follows the current value: each replacement (and each invalidation,
+    /// as `None`) is seen, though a receiver that lags sees only the latest.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<T>>> {
+        self.changes.subscribe()
+    }
+
     /// How many loads have been started (for tests and metrics).
     pub fn loads_started(&self) -> u64 {
         self.loads.load(Ordering::Relaxed)
@@ -98,9 +108,40 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
+        self.load_unless_replaced(None, make)
+            .expect("without `seen` a flight is always joined or started")
+    }
+
+    /// Like [`SingleFlight::load`], but when no load is in flight and the
+    /// current value is no longer `seen` (by pointer; `None` stands for any
+    /// value), starts nothing and returns `None`: someone already replaced
+    /// what the caller found stale. Many waiters that saw the same stale
+    /// value thus cause one load, even if they wake after it finished.
+    pub fn load_unless_replaced<F, Fut>(
+        self: &Arc<Self>,
+        seen: Option<&Option<Arc<T>>>,
+        make: F,
+    ) -> Option<Flight<T, E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
         let mut slot = lock(&self.inflight);
         if let Some(rx) = slot.as_ref() {
-            return Flight(rx.clone());
+            return Some(Flight(rx.clone()));
+        }
+        // A finished load stores its value before it clears the slot (under
+        // this lock), so a replacement is visible here.
+        if let Some(seen) = seen {
+            let now = self.current.load();
+            let same = match (&*now, seen) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                return None;
+            }
         }
         let (tx, rx) = watch::channel(None);
         *slot = Some(rx.clone());
@@ -118,11 +159,12 @@ where
                 // Store before clearing the slot: a caller arriving in between
                 // sees the new value, never "no value and no load".
                 this.current.store(Some(Arc::clone(v)));
+                this.changes.send_replace(Some(Arc::clone(v)));
             }
             drop(_clear);
             let _ = tx.send(Some(outcome));
         });
-        Flight(rx)
+        Some(Flight(rx))
     }
 
     /// Drops `seen` if it is still the current value; returns whether it was.
@@ -130,13 +172,26 @@ where
     /// each: only the first finds it current.
     pub fn invalidate(&self, seen: &Arc<T>) -> bool {
         let prev = self.current.compare_and_swap(seen, None);
-        prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, seen))
+        let dropped = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, seen));
+        if dropped {
+            self.changes.send_if_modified(|cur| {
+                // Only if no newer value was published meanwhile.
+                let stale = cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, seen));
+                if stale {
+                    *cur = None;
+                }
+                stale
+            });
+        }
+        dropped
     }
 
     /// Replaces the value directly, bypassing any load (tests only).
     #[cfg(test)]
     pub fn set(&self, value: T) {
-        self.current.store(Some(Arc::new(value)));
+        let value = Arc::new(value);
+        self.current.store(Some(Arc::clone(&value)));
+        self.changes.send_replace(Some(value));
     }
 }
 

@@ -62,6 +62,11 @@ pub enum BrokerError {
     Overloaded(String),
     /// A bug or shutdown; the message is safe to show.
     Internal(String),
+    /// The server is shutting down (ends WatchBearerToken streams).
+    ShuttingDown,
+    /// A WatchBearerToken client did not read the tokens sent to it; the
+    /// broker ends its stream rather than buffer for it.
+    WatcherLagging,
 }
 
 impl From<TokenError> for BrokerError {

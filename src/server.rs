@@ -136,6 +136,9 @@ pub async fn serve(
                 .map_err(tonic::Status::from)
         }
     };
+    // Kept to end open WatchBearerToken streams at shutdown and to tell them
+    // of reloads.
+    let signals = service.clone();
     let broker_service = Admission::new(
         TokenBrokerServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE)
@@ -184,6 +187,7 @@ pub async fn serve(
             () = &mut shutdown => break,
             Some(next) = reloads.next() => {
                 reload(&state, &next, &server_config, &clock, &entropy, &mut credential_health).await;
+                signals.reloaded();
             }
         }
     }
@@ -191,6 +195,9 @@ pub async fn serve(
     tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: health NOT_SERVING, draining in-flight RPCs");
     ready.abort();
     set_overall(&health, ServingStatus::NotServing).await;
+    // Streams never finish on their own: end them, or the drain waits for
+    // them until the grace period is over.
+    signals.begin_shutdown();
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
         Ok(result) => result

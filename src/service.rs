@@ -6,10 +6,15 @@
 //! `identity::layer::Admission` in front of the service); handlers take the
 //! result from the request's extensions with [`TokenBrokerService::admitted`].
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use tokio::time::Instant;
+use futures_util::{Stream, StreamExt};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
@@ -21,10 +26,19 @@ use crate::{
     payroc::SessionRequest,
     proto::{
         self, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
-        GetBearerTokenResponse,
+        GetBearerTokenResponse, WatchBearerTokenRequest,
     },
+    tokens::BearerToken,
     validate,
 };
+
+/// Tokens a WatchBearerToken stream holds for a client that has not read
+/// them yet; one more and the stream is ended (a client that does not read
+/// must not make the broker buffer for it).
+const WATCH_BUFFER: usize = 2;
+
+/// The stream of tokens a WatchBearerToken call answers with.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<GetBearerTokenResponse, Status>> + Send>>;
 
 /// The broker gives up a little before the caller's deadline, so that its
 /// DEADLINE_EXCEEDED (with a message saying what it was waiting for) reaches
@@ -47,6 +61,15 @@ pub struct State {
 pub struct TokenBrokerService {
     state: Arc<ArcSwap<State>>,
     clock: Clock,
+    signals: Arc<Signals>,
+}
+
+/// What long-lived streams react to, set by the server: shutdown, and
+/// reloads (which may remove a watched terminal).
+struct Signals {
+    shutdown: watch::Sender<bool>,
+    /// Bumped after each reload swapped the state.
+    reloads: watch::Sender<u64>,
 }
 
 /// What admission found: the configuration the RPC runs on from start to
@@ -59,7 +82,26 @@ pub struct Admitted {
 
 impl TokenBrokerService {
     pub fn new(state: Arc<ArcSwap<State>>, clock: Clock) -> Self {
-        Self { state, clock }
+        Self {
+            state,
+            clock,
+            signals: Arc::new(Signals {
+                shutdown: watch::Sender::new(false),
+                reloads: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    /// Shutdown began: open WatchBearerToken streams end with UNAVAILABLE
+    /// (graceful shutdown waits for open streams, and these never end).
+    pub fn begin_shutdown(&self) {
+        self.signals.shutdown.send_replace(true);
+    }
+
+    /// A reload swapped the state: watchers check their terminal is still
+    /// served.
+    pub fn reloaded(&self) {
+        self.signals.reloads.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Identifies the caller and takes one call from its rate limit, from
@@ -109,14 +151,55 @@ impl TokenBrokerService {
             credential = %grant.credential,
             "issued a Bearer token"
         );
-        let t = &grant.token;
-        Ok(GetBearerTokenResponse {
-            access_token: secrecy::ExposeSecret::expose_secret(&t.access_token).to_owned(),
-            token_type: t.token_type.clone(),
-            expires_at: Some(t.expires_at_wall.into()),
-            scopes: t.scopes.clone(),
-            credential: grant.credential.to_string(),
-        })
+        Ok(bearer_response(&grant.token, &grant.credential))
+    }
+
+    async fn watch(&self, req: Request<WatchBearerTokenRequest>) -> Result<WatchStream, BrokerError> {
+        let deadline = deadline(&req, &self.clock);
+        let Admitted { state, caller } = self.admitted(&req)?;
+        let msg = req.get_ref();
+        let query = validate::bearer(&msg.processing_terminal_id, msg.min_validity)
+            .map_err(BrokerError::InvalidArgument)?;
+        let terminal = query.processing_terminal_id;
+        caller.authorize(Rpc::WatchBearerToken, &terminal)?;
+        let credential = Arc::clone(state.broker.credential(&terminal)?);
+        let min_validity = query.min_validity.unwrap_or(state.broker.floor);
+        // Subscribed before the first token is had, so no replacement slips
+        // between the two.
+        let changes = credential.subscribe();
+        let first = credential.bearer(min_validity, deadline).await?;
+        // audit: as GetBearerToken (caller, terminal, credential, token) at
+        // the first token; the stream's end code is not an RPC outcome.
+        tracing::info!(
+            rpc = "WatchBearerToken",
+            caller = caller.name(),
+            terminal = %terminal,
+            credential = %credential.name,
+            "watching the Bearer token"
+        );
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let (end_tx, end_rx) = oneshot::channel::<Status>();
+        // A fresh channel has room.
+        let _ = tx.try_send(bearer_response(&first, &credential.name));
+        let watcher = Watcher {
+            service: self.clone(),
+            terminal,
+            credential,
+            changes,
+            last: first,
+            min_validity,
+            tx,
+        };
+        tokio::spawn(async move {
+            if let Some(end) = watcher.follow().await {
+                let status = log_error("WatchBearerToken")(end);
+                let _ = end_tx.send(status);
+            }
+        });
+        // The tokens, then the status that ended the stream (if any).
+        let end = futures_util::stream::once(end_rx)
+            .filter_map(|r| std::future::ready(r.ok().map(Err)));
+        Ok(Box::pin(ReceiverStream::new(rx).map(Ok).chain(end)))
     }
 
     async fn session(
@@ -158,6 +241,73 @@ impl TokenBrokerService {
             idempotency_key: grant.idempotency_key.hyphenated().to_string(),
             lib_version: grant.lib_version,
         })
+    }
+}
+
+fn bearer_response(t: &BearerToken, credential: &str) -> GetBearerTokenResponse {
+    GetBearerTokenResponse {
+        access_token: secrecy::ExposeSecret::expose_secret(&t.access_token).to_owned(),
+        token_type: t.token_type.clone(),
+        expires_at: Some(t.expires_at_wall.into()),
+        scopes: t.scopes.clone(),
+        credential: credential.to_owned(),
+    }
+}
+
+/// One WatchBearerToken stream after its first token.
+struct Watcher {
+    service: TokenBrokerService,
+    terminal: String,
+    credential: Arc<crate::broker::Credential>,
+    changes: watch::Receiver<Option<Arc<BearerToken>>>,
+    last: Arc<BearerToken>,
+    min_validity: Duration,
+    tx: mpsc::Sender<GetBearerTokenResponse>,
+}
+
+impl Watcher {
+    /// Sends each replacement token until something ends the stream: the
+    /// error to end it with, or `None` when the client went away.
+    async fn follow(mut self) -> Option<BrokerError> {
+        let mut shutdown = self.service.signals.shutdown.subscribe();
+        let mut reloads = self.service.signals.reloads.subscribe();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|down| *down) => return Some(BrokerError::ShuttingDown),
+                () = self.tx.closed() => return None,
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        return Some(BrokerError::ShuttingDown);
+                    }
+                    let state = self.service.state.load_full();
+                    match state.broker.credential(&self.terminal) {
+                        Err(e) => return Some(e),
+                        // Another credential (or the same one with a new
+                        // key) serves it now: follow that cache; its token
+                        // differs from the last one sent, so it goes out.
+                        Ok(c) if !Arc::ptr_eq(c, &self.credential) => {
+                            self.credential = Arc::clone(c);
+                            self.changes = self.credential.subscribe();
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                next = self.credential.replacement(&mut self.changes, &self.last, self.min_validity) => {
+                    let token = match next {
+                        Ok(t) => t,
+                        Err(e) => return Some(e.into()),
+                    };
+                    match self.tx.try_send(bearer_response(&token, &self.credential.name)) {
+                        Ok(()) => self.last = token,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            return Some(BrokerError::WatcherLagging);
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return None,
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -206,6 +356,18 @@ impl proto::token_broker_server::TokenBroker for TokenBrokerService {
             .await
             .map(Response::new)
             .map_err(log_error("CreateSession"))
+    }
+
+    type WatchBearerTokenStream = WatchStream;
+
+    async fn watch_bearer_token(
+        &self,
+        request: Request<WatchBearerTokenRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        self.watch(request)
+            .await
+            .map(Response::new)
+            .map_err(log_error("WatchBearerToken"))
     }
 }
 

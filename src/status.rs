@@ -92,6 +92,21 @@ impl From<BrokerError> for Status {
                 broker_raised(Code::ResourceExhausted, msg, "OVERLOADED", &[], None)
             }
             BrokerError::Internal(msg) => Status::internal(msg),
+            BrokerError::ShuttingDown => broker_raised(
+                Code::Unavailable,
+                "the broker is shutting down; call again".into(),
+                "SHUTTING_DOWN",
+                &[],
+                None,
+            ),
+            BrokerError::WatcherLagging => broker_raised(
+                Code::ResourceExhausted,
+                "the stream was ended because its client did not read the tokens sent to it"
+                    .into(),
+                "WATCHER_LAGGING",
+                &[],
+                None,
+            ),
         }
     }
 }

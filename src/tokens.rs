@@ -256,6 +256,75 @@ impl<S: TokenSource> CredentialTokens<S> {
         }
     }
 
+    /// Follows the cached token (see [`CredentialTokens::replacement`]).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<BearerToken>>> {
+        self.inner.cell.subscribe()
+    }
+
+    /// Waits for the token that replaces `last` in the cache and has
+    /// `min_validity` left, for a watcher subscribed with `changes`.
+    ///
+    /// Normally the background refresher renews `last` in time and this only
+    /// waits. When the renewal would come too late for `min_validity` (a
+    /// watcher asking more than `refresh_before_expiry`), the watcher asks for
+    /// a refresh a little before `last` drops under `min_validity`, through
+    /// the same single flight, and only if `last` is still the cached token:
+    /// any number of watchers cause one identity request per token. After a
+    /// failed fetch it waits for the negative cache's retry time, like a
+    /// caller would.
+    pub async fn replacement(
+        &self,
+        changes: &mut watch::Receiver<Option<Arc<BearerToken>>>,
+        last: &Arc<BearerToken>,
+        min_validity: Duration,
+    ) -> Result<Arc<BearerToken>, TokenError> {
+        let inner = &self.inner;
+        loop {
+            let now = inner.clock.now();
+            let cached = changes.borrow_and_update().clone();
+            let due = match &cached {
+                Some(t) if !Arc::ptr_eq(t, last) => {
+                    if t.remaining(now) >= min_validity {
+                        return Ok(Arc::clone(t));
+                    }
+                    if !satisfiable(min_validity, t.lifetime) {
+                        return Err(TokenError::OutOfRange {
+                            requested: min_validity,
+                            lifetime: t.lifetime,
+                        });
+                    }
+                    // A replacement already too old for this watcher.
+                    now
+                }
+                // `last` is still cached, or was dropped (the refresher is
+                // already fetching its successor): a refresh is due before
+                // `last` drops under `min_validity`, the fetch included.
+                _ => last
+                    .expires_at
+                    .checked_sub(min_validity + FETCH_ALLOWANCE)
+                    .unwrap_or(now),
+            };
+            let due = inner.retry_at().map_or(due, |r| due.max(r));
+            if due <= now {
+                let flight = inner.load_unless_replaced(&cached);
+                if let Some(flight) = flight {
+                    // A failure is recorded (retry time) and taken into
+                    // account on the next round.
+                    let _ = flight.wait().await;
+                }
+                continue;
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Err(TokenError::Aborted);
+                    }
+                }
+                () = tokio::time::sleep_until(due) => {}
+            }
+        }
+    }
+
     /// Forgets `used` if it is still the cached token (Payroc rejected it).
     pub fn invalidate(&self, used: &Arc<BearerToken>) -> bool {
         let dropped = self.inner.cell.invalidate(used);
@@ -289,14 +358,30 @@ impl<S: TokenSource> CredentialTokens<S> {
 
 impl<S: TokenSource> Inner<S> {
     fn load(self: &Arc<Self>) -> Flight<BearerToken, UpstreamError> {
-        self.cell.load(|| {
+        self.cell.load(self.fetcher())
+    }
+
+    /// A load, unless the cached token is no longer `seen`.
+    fn load_unless_replaced(
+        self: &Arc<Self>,
+        seen: &Option<Arc<BearerToken>>,
+    ) -> Option<Flight<BearerToken, UpstreamError>> {
+        self.cell.load_unless_replaced(Some(seen), self.fetcher())
+    }
+
+    fn fetcher(
+        self: &Arc<Self>,
+    ) -> impl FnOnce() -> std::pin::Pin<
+        Box<dyn Future<Output = Result<BearerToken, UpstreamError>> + Send + 'static>,
+    > + '_ {
+        move || {
             let fetch = self.source.fetch(self.api_key.clone());
             let this = Arc::clone(self);
-            async move {
+            Box::pin(async move {
                 let outcome = fetch.await;
                 this.record(outcome)
-            }
-        })
+            })
+        }
     }
 
     /// Books a fetch's outcome: the failure state, health, and a log line.
@@ -960,6 +1045,95 @@ mod tests {
             let t = c.bearer(FLOOR, None).await.unwrap();
             assert_eq!(t.lifetime, Duration::from_secs(3600));
         }
+    }
+
+    /// 1,000 watchers follow three rotations; returns what each saw.
+    async fn watch_three_rotations(
+        c: &Arc<CredentialTokens<Script>>,
+        min_validity: Duration,
+    ) -> Vec<Vec<String>> {
+        let first = c.bearer(min_validity, None).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..1000 {
+            let (c, first) = (Arc::clone(c), Arc::clone(&first));
+            tasks.push(tokio::spawn(async move {
+                let mut changes = c.subscribe();
+                let mut last = first;
+                let mut seen = Vec::new();
+                for _ in 0..3 {
+                    let next = c
+                        .replacement(&mut changes, &last, min_validity)
+                        .await
+                        .unwrap();
+                    let now = Instant::now();
+                    assert!(next.remaining(now) >= min_validity);
+                    assert!(
+                        last.remaining(now) >= min_validity,
+                        "sent before the previous token fell under min_validity"
+                    );
+                    seen.push(secret(&next));
+                    last = next;
+                }
+                seen
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.push(t.await.unwrap());
+        }
+        all
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thousand_watchers_follow_the_background_renewals_at_no_extra_cost() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = Arc::new(creds(&script, 300));
+        let seen = watch_three_rotations(&c, FLOOR).await;
+        for s in seen {
+            assert_eq!(s, ["token-1", "token-2", "token-3"]);
+        }
+        assert_eq!(script.calls(), 4, "one identity request per rotation");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchers_needing_more_than_the_refresh_lead_share_one_early_refresh() {
+        let script = Script::answers(&[Ok(3600)]).latency(Duration::from_millis(300));
+        // Renewal 300 s before expiry would be too late for 600 s watchers.
+        let c = Arc::new(creds(&script, 300));
+        let seen = watch_three_rotations(&c, Duration::from_secs(600)).await;
+        for s in seen {
+            assert_eq!(s, ["token-1", "token-2", "token-3"]);
+        }
+        assert_eq!(script.calls(), 4, "one identity request per rotation");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_after_a_failed_refresh_waits_for_the_backoff() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = Arc::new(creds(&script, 300));
+        let min = Duration::from_secs(600);
+        let first = c.bearer(min, None).await.unwrap();
+        script.then(&[Err(503)]);
+        let watcher = tokio::spawn({
+            let c = Arc::clone(&c);
+            async move {
+                let mut changes = c.subscribe();
+                c.replacement(&mut changes, &first, min).await.map(|t| secret(&t))
+            }
+        });
+        advance(3000).await; // the watcher's refresh point (3600 - 601 s) passed
+        for _ in 0..60 {
+            advance(1).await;
+        }
+        // Backoff 0.5, 1, 2, 4, 8, 15, 15... s: a handful in a minute, not 60.
+        let failed = script.calls() - 1;
+        assert!((4..=12).contains(&failed), "{failed}");
+        script.then(&[Ok(3600)]);
+        for _ in 0..16 {
+            advance(1).await;
+        }
+        assert!(watcher.is_finished());
+        assert!(watcher.await.unwrap().unwrap().starts_with("token-"));
     }
 
     #[tokio::test(start_paused = true)]
