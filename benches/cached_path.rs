@@ -53,6 +53,13 @@ impl TokenBroker for Noop {
     ) -> Result<Response<CreateSessionResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
+    type WatchBearerTokenStream = payroc_broker::service::WatchStream;
+    async fn watch_bearer_token(
+        &self,
+        _: Request<payroc_broker::proto::WatchBearerTokenRequest>,
+    ) -> Result<Response<Self::WatchBearerTokenStream>, Status> {
+        Err(Status::unimplemented("noop"))
+    }
 }
 
 struct Args {

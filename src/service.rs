@@ -154,7 +154,10 @@ impl TokenBrokerService {
         Ok(bearer_response(&grant.token, &grant.credential))
     }
 
-    async fn watch(&self, req: Request<WatchBearerTokenRequest>) -> Result<WatchStream, BrokerError> {
+    async fn watch(
+        &self,
+        req: Request<WatchBearerTokenRequest>,
+    ) -> Result<WatchStream, BrokerError> {
         let deadline = deadline(&req, &self.clock);
         let Admitted { state, caller } = self.admitted(&req)?;
         let msg = req.get_ref();
@@ -197,8 +200,8 @@ impl TokenBrokerService {
             }
         });
         // The tokens, then the status that ended the stream (if any).
-        let end = futures_util::stream::once(end_rx)
-            .filter_map(|r| std::future::ready(r.ok().map(Err)));
+        let end =
+            futures_util::stream::once(end_rx).filter_map(|r| std::future::ready(r.ok().map(Err)));
         Ok(Box::pin(ReceiverStream::new(rx).map(Ok).chain(end)))
     }
 

@@ -101,8 +101,7 @@ impl From<BrokerError> for Status {
             ),
             BrokerError::WatcherLagging => broker_raised(
                 Code::ResourceExhausted,
-                "the stream was ended because its client did not read the tokens sent to it"
-                    .into(),
+                "the stream was ended because its client did not read the tokens sent to it".into(),
                 "WATCHER_LAGGING",
                 &[],
                 None,

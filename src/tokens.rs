@@ -1118,7 +1118,9 @@ mod tests {
             let c = Arc::clone(&c);
             async move {
                 let mut changes = c.subscribe();
-                c.replacement(&mut changes, &first, min).await.map(|t| secret(&t))
+                c.replacement(&mut changes, &first, min)
+                    .await
+                    .map(|t| secret(&t))
             }
         });
         advance(3000).await; // the watcher's refresh point (3600 - 601 s) passed

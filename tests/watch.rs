@@ -65,7 +65,10 @@ async fn the_current_token_comes_at_once_then_each_replacement() {
     let h = Harness::start().await;
     let mut s = watch(&h, "1234001").await.unwrap();
     let first = next(&mut s).await.unwrap();
-    assert_eq!(first.access_token, h.bearer("1234001").await.unwrap().access_token);
+    assert_eq!(
+        first.access_token,
+        h.bearer("1234001").await.unwrap().access_token
+    );
     assert_eq!(first.credential, "acme");
     assert_eq!(first.token_type, "Bearer");
     assert_eq!(h.sim.identity_requests(KEY_ACME), 1, "no fetch of its own");
@@ -76,7 +79,10 @@ async fn the_current_token_comes_at_once_then_each_replacement() {
     h.session(payment("1234001")).await.unwrap();
     let second = next(&mut s).await.unwrap();
     assert_ne!(second.access_token, first.access_token);
-    assert_eq!(second.access_token, h.bearer("1234001").await.unwrap().access_token);
+    assert_eq!(
+        second.access_token,
+        h.bearer("1234001").await.unwrap().access_token
+    );
     assert_eq!(h.sim.identity_requests(KEY_ACME), 2);
 }
 
@@ -116,7 +122,10 @@ async fn a_reload_that_removes_the_terminal_ends_the_stream_not_found() {
     h.sim.revoke_tokens();
     h.session(payment("1234001")).await.unwrap();
     let fresh = next(&mut kept).await.unwrap();
-    assert_eq!(fresh.access_token, h.bearer("1234001").await.unwrap().access_token);
+    assert_eq!(
+        fresh.access_token,
+        h.bearer("1234001").await.unwrap().access_token
+    );
 }
 
 #[tokio::test]
@@ -153,7 +162,10 @@ async fn callers_need_watch_bearer_token_in_their_rpcs() {
     expect_code(denied, Code::PermissionDenied);
     let outside = watch_as(&h, "1234002", Some(CALLER_OPS)).await.unwrap_err();
     expect_code(outside, Code::PermissionDenied);
-    expect_code(watch(&h, "1234001").await.unwrap_err(), Code::Unauthenticated);
+    expect_code(
+        watch(&h, "1234001").await.unwrap_err(),
+        Code::Unauthenticated,
+    );
     let mut s = watch_as(&h, "1234001", Some(CALLER_OPS)).await.unwrap();
     next(&mut s).await.unwrap();
 }
