@@ -171,6 +171,7 @@ impl TokenBrokerService {
         // between the two.
         let changes = credential.subscribe();
         let first = credential.bearer(min_validity, deadline).await?;
+        credential.check_watchable(min_validity, &first)?;
         // audit: as GetBearerToken (caller, terminal, credential, token) at
         // the first token; the stream's end code is not an RPC outcome.
         tracing::info!(

@@ -47,12 +47,20 @@ pub struct BearerToken {
     pub lifetime: Duration,
     /// When the background refresher renews it (jittered).
     pub refresh_at: Instant,
+    /// When the identity request that got it was sent.
+    pub fetched_at: Instant,
 }
 
 impl BearerToken {
     /// The time left at `now`, zero once expired.
     pub fn remaining(&self, now: Instant) -> Duration {
         self.expires_at.saturating_duration_since(now)
+    }
+
+    /// Whether a caller's `min_validity` may no longer have this token
+    /// replaced: it is too young (see [`refetch_spacing`]).
+    fn too_young_to_refetch(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.fetched_at) < refetch_spacing(self.lifetime)
     }
 }
 
@@ -221,7 +229,12 @@ impl<S: TokenSource> CredentialTokens<S> {
             if tok.remaining(inner.clock.now()) >= min_validity {
                 return Ok(tok);
             }
-            if !satisfiable(min_validity, tok.lifetime) {
+            // Not satisfiable at all, or only by re-fetching a token fetched
+            // moments ago: a min_validity close to the lifetime must not
+            // make the credential fetch about every second.
+            if !satisfiable(min_validity, tok.lifetime)
+                || tok.too_young_to_refetch(inner.clock.now())
+            {
                 return Err(TokenError::OutOfRange {
                     requested: min_validity,
                     lifetime: tok.lifetime,
@@ -259,6 +272,25 @@ impl<S: TokenSource> CredentialTokens<S> {
     /// Follows the cached token (see [`CredentialTokens::replacement`]).
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<BearerToken>>> {
         self.inner.cell.subscribe()
+    }
+
+    /// Whether a watcher can follow tokens like `token` with `min_validity`:
+    /// it needs each replacement fetched before the previous token drops
+    /// under `min_validity`, yet no earlier than [`refetch_spacing`] after
+    /// it was fetched. A stricter bound than GetBearerToken's.
+    pub fn check_watchable(
+        &self,
+        min_validity: Duration,
+        token: &BearerToken,
+    ) -> Result<(), TokenError> {
+        if min_validity + FETCH_ALLOWANCE + refetch_spacing(token.lifetime) <= token.lifetime {
+            Ok(())
+        } else {
+            Err(TokenError::OutOfRange {
+                requested: min_validity,
+                lifetime: token.lifetime,
+            })
+        }
     }
 
     /// Waits for the token that replaces `last` in the cache and has
@@ -306,6 +338,17 @@ impl<S: TokenSource> CredentialTokens<S> {
             };
             let due = inner.retry_at().map_or(due, |r| due.max(r));
             if due <= now {
+                // The token a refresh would replace (if still cached) may
+                // not be re-fetched yet: this min_validity needs fetches
+                // closer together than a credential allows.
+                if let Some(t) = &cached
+                    && t.too_young_to_refetch(now)
+                {
+                    return Err(TokenError::OutOfRange {
+                        requested: min_validity,
+                        lifetime: t.lifetime,
+                    });
+                }
                 let flight = inner.load_unless_replaced(&cached);
                 if let Some(flight) = flight {
                     // A failure is recorded (retry time) and taken into
@@ -530,9 +573,26 @@ async fn refresh_forever<S: TokenSource>(inner: Arc<Inner<S>>, warm: WarmStart) 
 /// Whether a fresh token of `lifetime` can have `min_validity` left when it
 /// arrives: the fetch itself takes time, so asking for (nearly) the whole
 /// lifetime can never be met, and must not make every call refetch.
+///
+/// It also leaves [`refetch_spacing`] between the moment a fresh token
+/// arrives and the moment it no longer meets `min_validity`, so that a
+/// caller asking nearly the whole lifetime is refused rather than served
+/// by a fetch about every second.
 fn satisfiable(min_validity: Duration, lifetime: Duration) -> bool {
-    min_validity + FETCH_ALLOWANCE <= lifetime
+    min_validity + FETCH_ALLOWANCE.max(refetch_spacing(lifetime)) <= lifetime
 }
+
+/// A token younger than this is never replaced for a caller's (or
+/// watcher's) `min_validity`: such requests get OUT_OF_RANGE instead, so
+/// forced re-fetches of one credential come at most this often. Capped at
+/// half the lifetime, so short-lived tokens (tests) still serve ordinary
+/// requests.
+fn refetch_spacing(lifetime: Duration) -> Duration {
+    MIN_REFETCH_SPACING.min(lifetime / 2)
+}
+
+/// See [`refetch_spacing`].
+const MIN_REFETCH_SPACING: Duration = Duration::from_secs(10);
 
 /// The part of a token's lifetime that a fetch may use up.
 const FETCH_ALLOWANCE: Duration = Duration::from_secs(1);
@@ -594,6 +654,7 @@ fn cache_entry(
         expires_at_wall,
         lifetime: t.expires_in,
         refresh_at,
+        fetched_at: t.requested_at,
     })
 }
 
@@ -1136,6 +1197,52 @@ mod tests {
         }
         assert!(watcher.is_finished());
         assert!(watcher.await.unwrap().unwrap().starts_with("token-"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_validity_near_the_lifetime_cannot_make_a_credential_fetch_every_second() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds(&script, 300);
+        c.bearer(FLOOR, None).await.unwrap();
+        // 2 s short of the lifetime: a fetch would serve it for about a
+        // second. Refused once the token has less left, and no fetch.
+        for i in 0..30 {
+            advance(1).await;
+            match c.bearer(Duration::from_secs(3598), None).await {
+                Ok(t) => assert!(i < 2 && secret(&t) == "token-0"),
+                Err(TokenError::OutOfRange { .. }) => assert!(i >= 2),
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert_eq!(script.calls(), 1);
+        // 10 s short: served every time, by at most one fetch per 10 s.
+        for _ in 0..100 {
+            advance(1).await;
+            let t = c.bearer(Duration::from_secs(3590), None).await.unwrap();
+            assert!(t.remaining(Instant::now()) >= Duration::from_secs(3590));
+        }
+        let fetched = script.calls() - 1;
+        assert!((9..=11).contains(&fetched), "{fetched} fetches in 100 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_min_validity_needing_refetches_closer_than_10_s_is_out_of_range() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds(&script, 300);
+        let t = c.bearer(FLOOR, None).await.unwrap();
+        assert!(c.check_watchable(Duration::from_secs(3589), &t).is_ok());
+        let e = c.check_watchable(Duration::from_secs(3590), &t).err();
+        assert!(matches!(e, Some(TokenError::OutOfRange { .. })), "{e:?}");
+        // And a watcher that needed one anyway (its replacement came too
+        // old) is refused rather than allowed to fetch again at once.
+        let mut changes = c.subscribe();
+        let young = c.bearer(FLOOR, None).await.unwrap();
+        let e = c
+            .replacement(&mut changes, &young, Duration::from_secs(3595))
+            .await
+            .err();
+        assert!(matches!(e, Some(TokenError::OutOfRange { .. })), "{e:?}");
+        assert_eq!(script.calls(), 1);
     }
 
     #[tokio::test(start_paused = true)]
