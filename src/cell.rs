@@ -49,12 +49,11 @@ impl<T, E: Clone> Flight<T, E> {
     /// Waits for the load to finish. Dropping the future stops waiting, not
     /// the load.
     pub async fn wait(mut self) -> Result<Arc<T>, FlightError<E>> {
-        match self.0.wait_for(Option::is_some).await {
-            Ok(outcome) => match outcome.as_ref().expect("waited for Some") {
-                Ok(v) => Ok(Arc::clone(v)),
-                Err(e) => Err(FlightError::Failed(e.clone())),
-            },
-            Err(_) => Err(FlightError::Aborted),
+        match self.0.wait_for(Option::is_some).await.as_deref() {
+            Ok(Some(Ok(v))) => Ok(Arc::clone(v)),
+            Ok(Some(Err(e))) => Err(FlightError::Failed(e.clone())),
+            // `None` cannot pass `wait_for`; a dropped sender is a dead load.
+            Ok(None) | Err(_) => Err(FlightError::Aborted),
         }
     }
 }

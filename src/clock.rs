@@ -42,22 +42,41 @@ impl Clock {
         Instant::now()
     }
 
-    /// The wall-clock time of a monotonic instant.
-    pub fn wall(&self, at: Instant) -> SystemTime {
-        match at.checked_duration_since(self.origin) {
-            Some(ahead) => self.origin_wall + ahead,
-            None => self.origin_wall - (self.origin - at),
-        }
-    }
-
-    /// [`Clock::wall`], or `None` where the wall clock cannot represent it
-    /// (instants derived from untrusted durations).
+    /// The wall-clock time of a monotonic instant, or `None` when it lies
+    /// outside what `SystemTime` can represent. Checked arithmetic: the
+    /// instant may come from an upstream answer (a token's expiry).
     pub fn checked_wall(&self, at: Instant) -> Option<SystemTime> {
         match at.checked_duration_since(self.origin) {
             Some(ahead) => self.origin_wall.checked_add(ahead),
-            None => self.origin_wall.checked_sub(self.origin - at),
+            None => self
+                .origin_wall
+                .checked_sub(self.origin.checked_duration_since(at)?),
         }
     }
+
+    /// The wall-clock time of a monotonic instant, clamped to the range a
+    /// `google.protobuf.Timestamp` can carry (years 1 to 9999): never panics,
+    /// and never yields a time the API could not send.
+    pub fn wall(&self, at: Instant) -> SystemTime {
+        let (earliest, latest) = timestamp_range();
+        match self.checked_wall(at) {
+            Some(t) => t.clamp(earliest, latest),
+            None if at >= self.origin => latest,
+            None => earliest,
+        }
+    }
+}
+
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, the bounds of a
+/// `google.protobuf.Timestamp`.
+fn timestamp_range() -> (SystemTime, SystemTime) {
+    const BEFORE_EPOCH: Duration = Duration::from_secs(62_135_596_800);
+    const AFTER_EPOCH: Duration = Duration::from_secs(253_402_300_799);
+    let epoch = SystemTime::UNIX_EPOCH;
+    (
+        epoch.checked_sub(BEFORE_EPOCH).unwrap_or(epoch),
+        epoch.checked_add(AFTER_EPOCH).unwrap_or(epoch),
+    )
 }
 
 /// A source of randomness: Idempotency-Keys and jitter.
@@ -104,6 +123,22 @@ mod tests {
         tokio::time::advance(Duration::from_secs(90)).await;
         assert_eq!(clock.wall(clock.now()), start + Duration::from_secs(90));
         assert_eq!(clock.wall(t0), start);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wall_time_of_a_far_instant_is_clamped_not_a_panic() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let clock = Clock::starting_at(start);
+        let far = Duration::from_secs(u64::MAX / 4);
+        // An instant this far ahead may not exist at all; where it does, its
+        // wall time is the last second a Timestamp can carry.
+        if let Some(at) = clock.now().checked_add(far) {
+            assert_eq!(clock.checked_wall(at), start.checked_add(far));
+            let latest = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+            assert_eq!(clock.wall(at), latest);
+        }
+        let later = clock.now() + Duration::from_secs(3600);
+        assert_eq!(clock.wall(later), start + Duration::from_secs(3600));
     }
 
     #[test]

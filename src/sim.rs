@@ -439,7 +439,8 @@ struct Books {
 
 struct IssuedToken {
     account: usize,
-    expires_at: Instant,
+    /// `None`: later than the clock can represent, i.e. never.
+    expires_at: Option<Instant>,
     revoked: bool,
 }
 
@@ -523,7 +524,7 @@ impl Sim {
             .ok_or_else(|| Problem::unauthorized("the API key is not recognised"))?;
         let lifetime = *lock(&self.token_lifetime);
         let access_token = format!("sim-at-{}", self.config.entropy.uuid_v4().simple());
-        let expires_at = self.config.clock.now() + lifetime;
+        let expires_at = self.config.clock.now().checked_add(lifetime);
         let issued = IssuedToken {
             account,
             expires_at,
@@ -604,7 +605,10 @@ impl Sim {
         if issued.revoked {
             return Err(Problem::unauthorized("the Bearer token was revoked"));
         }
-        if issued.expires_at <= self.config.clock.now() {
+        if issued
+            .expires_at
+            .is_some_and(|at| at <= self.config.clock.now())
+        {
             return Err(Problem::unauthorized("the Bearer token expired"));
         }
         Ok(issued.account)

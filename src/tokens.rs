@@ -32,7 +32,7 @@ use crate::{
     cell::{Flight, FlightError, SingleFlight},
     clock::{Clock, SharedEntropy},
     config::CredentialConfig,
-    payroc::{Endpoint, IdentityToken, PayrocClient, UpstreamError},
+    payroc::{Endpoint, IdentityToken, MAX_EXPIRES_IN, PayrocClient, UpstreamError},
 };
 
 /// A cached Bearer token.
@@ -283,7 +283,10 @@ impl<S: TokenSource> CredentialTokens<S> {
         min_validity: Duration,
         token: &BearerToken,
     ) -> Result<(), TokenError> {
-        if min_validity + FETCH_ALLOWANCE + refetch_spacing(token.lifetime) <= token.lifetime {
+        let needs = min_validity
+            .saturating_add(FETCH_ALLOWANCE)
+            .saturating_add(refetch_spacing(token.lifetime));
+        if needs <= token.lifetime {
             Ok(())
         } else {
             Err(TokenError::OutOfRange {
@@ -333,7 +336,7 @@ impl<S: TokenSource> CredentialTokens<S> {
                 // `last` drops under `min_validity`, the fetch included.
                 _ => last
                     .expires_at
-                    .checked_sub(min_validity + FETCH_ALLOWANCE)
+                    .checked_sub(min_validity.saturating_add(FETCH_ALLOWANCE))
                     .unwrap_or(now),
             };
             let due = inner.retry_at().map_or(due, |r| due.max(r));
@@ -436,11 +439,9 @@ impl<S: TokenSource> Inner<S> {
         // other. Computed before the lock: nothing that can fail runs under it.
         let outcome =
             outcome.and_then(|t| cache_entry(t, &self.policy, &self.clock, &*self.entropy));
-        let mut failure = lock(&self.failure);
         match outcome {
             Ok(tok) => {
-                *failure = None;
-                drop(failure);
+                *lock(&self.failure) = None;
                 tracing::info!(credential = %self.name, lifetime = ?tok.lifetime, "fetched a Bearer token");
                 let usable = tok.remaining(self.clock.now()) >= self.policy.floor;
                 self.set_health(if usable {
@@ -451,23 +452,32 @@ impl<S: TokenSource> Inner<S> {
                 Ok(tok)
             }
             Err(error) => {
-                let consecutive = failure.as_ref().map_or(0, |f| f.consecutive) + 1;
                 // Payroc's Retry-After, when it gave one, is a floor: coming
                 // back sooner only earns another 429.
                 let retry_after = match &error {
                     UpstreamError::Status { retry_after, .. } => *retry_after,
                     _ => None,
                 };
-                let wait = self
-                    .backoff(consecutive)
-                    .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+                let now = self.clock.now();
+                // The lock covers reading and replacing the failure, nothing
+                // else (no logging, no health update).
+                let (consecutive, wait) = {
+                    let mut failure = lock(&self.failure);
+                    let consecutive = failure
+                        .as_ref()
+                        .map_or(0, |f| f.consecutive)
+                        .saturating_add(1);
+                    let wait = self
+                        .backoff(consecutive)
+                        .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+                    *failure = Some(Failure {
+                        error: error.clone(),
+                        retry_at: later(now, wait),
+                        consecutive,
+                    });
+                    (consecutive, wait)
+                };
                 tracing::warn!(credential = %self.name, %error, consecutive, next_attempt_in = ?wait, "fetching a Bearer token failed");
-                *failure = Some(Failure {
-                    error: error.clone(),
-                    retry_at: self.clock.now() + wait,
-                    consecutive,
-                });
-                drop(failure);
                 self.set_health(if self.usable_now() {
                     TokenHealth::Usable
                 } else {
@@ -492,9 +502,9 @@ impl<S: TokenSource> Inner<S> {
     }
 
     fn backing_off(&self) -> Option<TokenError> {
+        let now = self.clock.now();
         let failure = lock(&self.failure);
         let f = failure.as_ref()?;
-        let now = self.clock.now();
         (now < f.retry_at).then(|| TokenError::BackingOff {
             error: f.error.clone(),
             retry_in: f.retry_at - now,
@@ -579,7 +589,7 @@ async fn refresh_forever<S: TokenSource>(inner: Arc<Inner<S>>, warm: WarmStart) 
 /// caller asking nearly the whole lifetime is refused rather than served
 /// by a fetch about every second.
 fn satisfiable(min_validity: Duration, lifetime: Duration) -> bool {
-    min_validity + FETCH_ALLOWANCE.max(refetch_spacing(lifetime)) <= lifetime
+    min_validity.saturating_add(FETCH_ALLOWANCE.max(refetch_spacing(lifetime))) <= lifetime
 }
 
 /// A token younger than this is never replaced for a caller's (or
@@ -624,7 +634,7 @@ fn cache_entry(
     // Payroc's tokens live an hour. A lifetime past a day is a broken answer,
     // not a token to keep for years (and `u64::MAX` seconds would overflow
     // every instant computed from it).
-    if t.expires_in > MAX_LIFETIME {
+    if t.expires_in > MAX_EXPIRES_IN {
         return Err(malformed("expires_in is longer than 24 h"));
     }
     let expires_at = t
@@ -639,13 +649,15 @@ fn cache_entry(
     } else {
         policy.refresh_before_expiry
     };
-    let latest = (expires_at - lead).min(
-        expires_at
-            .checked_sub(policy.floor)
-            .unwrap_or(t.requested_at),
-    );
+    // Checked even where it cannot underflow: no instant arithmetic on an
+    // upstream duration panics.
+    let before = |d: Duration| expires_at.checked_sub(d).unwrap_or(t.requested_at);
+    let latest = before(lead).min(before(policy.floor)).max(t.requested_at);
     let spread = lead.min(latest.saturating_duration_since(t.requested_at)) / 4;
-    let refresh_at = (latest - entropy.jitter(spread)).max(t.requested_at);
+    let refresh_at = latest
+        .checked_sub(entropy.jitter(spread))
+        .unwrap_or(t.requested_at)
+        .max(t.requested_at);
     Ok(BearerToken {
         access_token: t.access_token,
         token_type: t.token_type,
@@ -658,8 +670,12 @@ fn cache_entry(
     })
 }
 
-/// The longest `expires_in` taken as a real answer.
-const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// `at + wait`, for waits that come from configuration or upstream: past
+/// what an `Instant` can hold, a year from `at` (or `at` itself).
+fn later(at: Instant, wait: Duration) -> Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    at.checked_add(wait.min(YEAR)).unwrap_or(at)
+}
 
 /// Locks `m` even if a panic poisoned it: every value guarded here is valid
 /// whatever point a panicking holder reached, and one bug must not turn into

@@ -22,6 +22,9 @@ use crate::clock::{Clock, SharedEntropy};
 /// bytes, and an unbounded read is a memory hazard.
 const MAX_BODY: usize = 64 * 1024;
 
+/// The longest `expires_in` accepted from the identity service.
+pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(24 * 3600);
+
 /// A Bearer token as the identity service issued it.
 pub struct IdentityToken {
     pub access_token: SecretString,
@@ -218,6 +221,15 @@ impl PayrocClient {
         }
         if a.expires_in == 0 {
             return Err(malformed(EP, "expires_in is zero"));
+        }
+        if a.expires_in > MAX_EXPIRES_IN.as_secs() {
+            // Payroc's tokens live an hour. An absurd lifetime is a broken
+            // answer, not a token to keep for ever (nor one whose expiry
+            // overflows the clock).
+            return Err(malformed(
+                EP,
+                format!("expires_in of {} s is longer than 24 h", a.expires_in),
+            ));
         }
         if !a.token_type.eq_ignore_ascii_case("bearer") {
             return Err(malformed(

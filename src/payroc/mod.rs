@@ -11,7 +11,8 @@ mod problem;
 mod retry;
 
 pub use client::{
-    IdentityToken, PayrocClient, PreparedSession, Scenario, Session, SessionRequest, Settings,
+    IdentityToken, MAX_EXPIRES_IN, PayrocClient, PreparedSession, Scenario, Session,
+    SessionRequest, Settings,
 };
 pub use error::{Endpoint, UpstreamError};
 pub use problem::{Problem, ProblemField};
