@@ -20,6 +20,7 @@
 //! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
 //! | [`server`] | assembly: health, reflection, graceful shutdown |
 //! | [`sim`] | the simulated Payroc, for the sandbox and the tests |
+//! | [`probe`] | `payroc-broker health`: one gRPC health check, as an exit status |
 //! | [`sandbox`] | the broker wired to the simulator, for trying it out |
 //! | [`clock`] | injected time and randomness |
 //! | [`proto`] | generated code, quarantined |
@@ -33,6 +34,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod identity;
 pub mod payroc;
+pub mod probe;
 pub mod proto;
 pub mod sandbox;
 pub mod server;

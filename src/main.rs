@@ -2,13 +2,16 @@
 //! parses arguments, sets up logging and maps failures to exit codes
 //! (2: configuration or usage, 1: runtime).
 
-use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{
+    io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use payroc_broker::{
     clock::{Clock, OsEntropy, SharedEntropy},
     config::{self, CONFIG_ENV, CapturedEnv, Config},
+    probe::{self, Probe},
     sandbox::Sandbox,
     server,
 };
@@ -49,6 +52,26 @@ enum Command {
         #[arg(long, env = CONFIG_ENV)]
         config: PathBuf,
     },
+    /// Check a running broker once (grpc.health.v1): exit 0 when SERVING, 1 otherwise.
+    Health {
+        /// The broker's address: HOST:PORT, or an http:// or https:// URL.
+        #[arg(long, default_value = probe::DEFAULT_ADDR)]
+        addr: String,
+        /// Health service name: "" (overall), "payroc.broker.v1.TokenBroker",
+        /// or "payroc.broker.v1.TokenBroker/<credential>".
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Connect with TLS, trusting only the CA certificates in this PEM file.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
+        /// The name the server certificate must carry, when it is not the
+        /// address's host (e.g. probing 127.0.0.1 inside a pod).
+        #[arg(long, value_name = "NAME")]
+        tls_server_name: Option<String>,
+        /// Time limit for the whole check, connecting included (e.g. 500ms, 3s).
+        #[arg(long, default_value = "5s", value_name = "DUR", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +97,19 @@ fn main() -> ExitCode {
         tracing::warn!("could not turn off core dumps (prctl PR_SET_DUMPABLE)");
     }
     match cli.command {
+        Command::Health {
+            addr,
+            service,
+            tls_ca,
+            tls_server_name,
+            timeout,
+        } => health(Probe::new(
+            &addr,
+            &service,
+            tls_ca.as_deref(),
+            tls_server_name.as_deref(),
+            timeout,
+        )),
         Command::CheckConfig { config } => match Config::load(&config, &config::process_env) {
             Ok(c) => {
                 // Warnings do not fail the check (exit status stays 0).
@@ -242,6 +278,37 @@ fn run(prepare: impl Future<Output = Result<Prepared, String>>) -> ExitCode {
             }
         }
     })
+}
+
+/// Runs one health check; prints the status on stdout, or why there is
+/// none on stderr.
+fn health(probe: Result<Probe, probe::UsageError>) -> ExitCode {
+    let probe = match probe {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(probe.check());
+    match &outcome {
+        probe::Outcome::Failed(_) => eprintln!("error: {outcome}"),
+        _ => {
+            // Not println!: it panics if stdout is already closed.
+            let _ = writeln!(std::io::stdout(), "status: {outcome}");
+        }
+    }
+    ExitCode::from(outcome.exit_code())
 }
 
 fn config_error(e: &config::ConfigError) -> ExitCode {
