@@ -1,12 +1,18 @@
 //! Compiles `proto/` with protox (no system `protoc` needed) and writes the
-//! encoded file descriptor set that server reflection serves.
+//! encoded file descriptor sets that server reflection serves: the broker's
+//! API, and Google's rich error details (vendored in `third_party/`), so that
+//! reflection clients such as grpcurl decode `BadRequest`, `ErrorInfo` and
+//! `RetryInfo` in error trailers.
 
 use std::{env, path::PathBuf};
 
 const PROTO: &str = "proto/payroc/broker/v1/token_broker.proto";
+const GOOGLEAPIS: &str = "third_party/googleapis";
+const ERROR_DETAILS: &str = "google/rpc/error_details.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed={GOOGLEAPIS}");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
     let mut compiler = protox::Compiler::new(["proto"])?;
@@ -15,6 +21,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(
         out_dir.join("token_broker_descriptor.bin"),
         compiler.encode_file_descriptor_set(),
+    )?;
+
+    // Descriptor only: the Rust types come from tonic-types.
+    let mut details = protox::Compiler::new([GOOGLEAPIS])?;
+    details.include_imports(true).include_source_info(true);
+    details.open_file(ERROR_DETAILS)?;
+    std::fs::write(
+        out_dir.join("error_details_descriptor.bin"),
+        details.encode_file_descriptor_set(),
     )?;
 
     tonic_prost_build::configure()

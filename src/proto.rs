@@ -10,3 +10,9 @@ tonic::include_proto!("payroc.broker.v1");
 /// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("token_broker_descriptor");
+
+/// Encoded `FileDescriptorSet` of `google/rpc/error_details.proto` (and its
+/// import `google/protobuf/duration.proto`), served by reflection so that
+/// clients can decode the rich error details the broker sends.
+pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("error_details_descriptor");
