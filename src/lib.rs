@@ -19,9 +19,9 @@
 //! | [`service`] | gRPC handlers: authenticate, validate, call the broker, proto conversion |
 //! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
 //! | [`server`] | assembly: health, reflection, graceful shutdown |
-//! | [`sim`] | the simulated Payroc, for the sandbox and the tests |
+//! | `sim` | the simulated Payroc, for the sandbox and the tests (feature `sandbox`) |
 //! | [`probe`] | `payroc-broker health`: one gRPC health check, as an exit status |
-//! | [`sandbox`] | the broker wired to the simulator, for trying it out |
+//! | `sandbox` | the broker wired to the simulator, for trying it out (feature `sandbox`) |
 //! | [`clock`] | injected time and randomness |
 //! | [`proto`] | generated code, quarantined |
 
@@ -36,9 +36,11 @@ pub mod identity;
 pub mod payroc;
 pub mod probe;
 pub mod proto;
+#[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod server;
 pub mod service;
+#[cfg(feature = "sandbox")]
 pub mod sim;
 pub mod status;
 pub mod tokens;

@@ -12,7 +12,6 @@ use payroc_broker::{
     clock::{Clock, OsEntropy, SharedEntropy},
     config::{self, CONFIG_ENV, CapturedEnv, Config},
     probe::{self, Probe},
-    sandbox::Sandbox,
     server,
 };
 use tokio::net::TcpListener;
@@ -42,7 +41,8 @@ enum Command {
         #[arg(long)]
         allow_unauthenticated: bool,
     },
-    /// Serve against a built-in simulated Payroc with demo terminals.
+    /// Serve against a built-in simulated Payroc with demo terminals (not in
+    /// builds without the `sandbox` feature).
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
@@ -149,12 +149,44 @@ fn main() -> ExitCode {
             };
             run(async move { Ok((c, None, Some(policy))) })
         }
-        Command::Sandbox { listen } => run(async move {
-            let entropy: SharedEntropy = Arc::new(OsEntropy);
-            let sandbox = Sandbox::start(listen, Clock::system(), entropy).await?;
-            Ok((sandbox.config.clone(), Some(sandbox), None))
-        }),
+        Command::Sandbox { listen } => sandbox(listen),
     }
+}
+
+/// The running simulator of `sandbox`, kept alive while serving.
+#[cfg(feature = "sandbox")]
+type SandboxHandle = payroc_broker::sandbox::Sandbox;
+/// Built without the simulator: there never is one.
+#[cfg(not(feature = "sandbox"))]
+type SandboxHandle = std::convert::Infallible;
+
+#[cfg(feature = "sandbox")]
+fn sandbox(listen: SocketAddr) -> ExitCode {
+    run(async move {
+        let entropy: SharedEntropy = Arc::new(OsEntropy);
+        let sandbox = SandboxHandle::start(listen, Clock::system(), entropy).await?;
+        Ok((sandbox.config.clone(), Some(sandbox), None))
+    })
+}
+
+/// Production builds (`--no-default-features`) carry no simulated Payroc.
+#[cfg(not(feature = "sandbox"))]
+fn sandbox(_listen: SocketAddr) -> ExitCode {
+    eprintln!(
+        "error: this payroc-broker was built without the `sandbox` feature, so it has no \
+         simulated Payroc; use a build with default features to try it out"
+    );
+    ExitCode::from(2)
+}
+
+#[cfg(feature = "sandbox")]
+fn instructions(sandbox: &SandboxHandle, addr: SocketAddr) -> String {
+    sandbox.instructions(addr)
+}
+
+#[cfg(not(feature = "sandbox"))]
+fn instructions(sandbox: &SandboxHandle, _addr: SocketAddr) -> String {
+    match *sandbox {}
 }
 
 /// How `serve` turns the configuration file into a running configuration,
@@ -218,7 +250,7 @@ impl ServePolicy {
 }
 
 /// Builds the runtime, binds, serves until SIGTERM/SIGINT.
-type Prepared = (Config, Option<Sandbox>, Option<ServePolicy>);
+type Prepared = (Config, Option<SandboxHandle>, Option<ServePolicy>);
 
 fn run(prepare: impl Future<Output = Result<Prepared, String>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -250,7 +282,7 @@ fn run(prepare: impl Future<Output = Result<Prepared, String>>) -> ExitCode {
             let addr = listener.local_addr().unwrap_or(config.server.listen);
             // Not println!: it panics if stdout is already closed.
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", sandbox.instructions(addr)).and_then(|()| out.flush());
+            let _ = writeln!(out, "{}", instructions(sandbox, addr)).and_then(|()| out.flush());
         }
         let reloads = match policy.map(ServePolicy::reloads).transpose() {
             Ok(Some(r)) => r.left_stream(),

@@ -66,6 +66,8 @@ pub struct SimConfig {
     pub token_lifetime: Duration,
     /// `scope` of issued tokens, e.g. "hosted_fields payments".
     pub scope: String,
+    /// What the simulator remembers, so that a sandbox can run for days.
+    pub limits: SimLimits,
 }
 
 impl SimConfig {
@@ -76,6 +78,36 @@ impl SimConfig {
             accounts,
             token_lifetime: Duration::from_secs(3600),
             scope: "hosted_fields payments".to_owned(),
+            limits: SimLimits::default(),
+        }
+    }
+}
+
+/// Bounds on what the simulator keeps. Without them a sandbox that created
+/// 60,000 sessions grew from 10 MB to 355 MB: every record and idempotency
+/// entry was kept for ever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimLimits {
+    /// Recent sessions requests kept for [`SimPayroc::sessions`] (a ring:
+    /// the oldest goes first).
+    pub session_records: usize,
+    /// How long an Idempotency-Key is remembered, on the simulator's clock.
+    pub idempotency_ttl: Duration,
+    /// Idempotency entries kept at most; past it the oldest is forgotten
+    /// early (only a sandbox under sustained load gets there).
+    pub idempotency_entries: usize,
+    /// Distinct presented API keys counted for
+    /// [`SimPayroc::identity_requests`]; the accounts' own keys always are.
+    pub counted_keys: usize,
+}
+
+impl Default for SimLimits {
+    fn default() -> Self {
+        Self {
+            session_records: 1024,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            idempotency_entries: 50_000,
+            counted_keys: 1024,
         }
     }
 }
@@ -291,6 +323,15 @@ pub struct SessionRecord {
     pub received_at: Instant,
 }
 
+/// How much the simulator holds right now (see [`SimLimits`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimHeld {
+    pub session_records: usize,
+    pub idempotency_entries: usize,
+    pub issued_tokens: usize,
+    pub counted_keys: usize,
+}
+
 /// A running simulator. Cloning is cheap; the server stops on
 /// [`SimPayroc::shutdown`] or when the last clone is dropped.
 #[derive(Clone)]
@@ -314,13 +355,7 @@ impl SimPayroc {
 
     pub async fn start_on(listener: TcpListener, config: SimConfig) -> std::io::Result<SimPayroc> {
         let addr = listener.local_addr()?;
-        let sim = Arc::new(Sim {
-            token_lifetime: Mutex::new(config.token_lifetime),
-            config,
-            faults: Faults::default(),
-            books: Mutex::default(),
-            connections: AtomicU64::new(0),
-        });
+        let sim = Arc::new(Sim::new(config));
         // Counted so benchmarks can show the broker pools and reuses its
         // upstream connections; no delay on small writes, as a real server.
         let listener = listener.tap_io({
@@ -394,8 +429,16 @@ impl SimPayroc {
             .unwrap_or(0)
     }
 
+    /// The most recent sessions requests (at most
+    /// [`SimLimits::session_records`]), oldest first.
     pub fn sessions(&self) -> Vec<SessionRecord> {
-        lock(&self.inner.sim.books).sessions.clone()
+        let books = lock(&self.inner.sim.books);
+        books.sessions.iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// How much the simulator holds now.
+    pub fn held(&self) -> SimHeld {
+        self.inner.sim.held()
     }
 
     /// Every Bearer token issued so far is refused from now on (401).
@@ -426,16 +469,115 @@ struct Sim {
     connections: AtomicU64,
 }
 
+impl Sim {
+    fn new(config: SimConfig) -> Self {
+        Sim {
+            token_lifetime: Mutex::new(config.token_lifetime),
+            config,
+            faults: Faults::default(),
+            books: Mutex::default(),
+            connections: AtomicU64::new(0),
+        }
+    }
+
+    fn held(&self) -> SimHeld {
+        let books = lock(&self.books);
+        SimHeld {
+            session_records: books.sessions.len(),
+            idempotency_entries: books.idempotency.len(),
+            issued_tokens: books.tokens.len(),
+            counted_keys: books.identity_by_key.len(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Books {
     stats: SimStats,
-    /// Identity requests per presented `x-api-key` (absent header: "").
+    /// Identity requests per presented `x-api-key` (absent header: ""), for
+    /// the accounts' keys and the first `counted_keys` others.
     identity_by_key: HashMap<String, u64>,
-    sessions: Vec<SessionRecord>,
+    /// The recent sessions requests, each with its sequence number.
+    sessions: VecDeque<(u64, SessionRecord)>,
+    next_session: u64,
     tokens: HashMap<String, IssuedToken>,
+    /// Issued tokens are swept for expired ones when there are this many.
+    tokens_sweep_at: usize,
     /// (account, Idempotency-Key) -> the request it was first used with.
-    idempotency: HashMap<(usize, String), StoredSession>,
+    idempotency: HashMap<IdempotencyKey, StoredSession>,
+    /// The same keys, oldest first, to expire them in order.
+    idempotency_order: VecDeque<(Instant, IdempotencyKey)>,
 }
+
+type IdempotencyKey = (usize, String);
+
+impl Books {
+    /// Forgets Idempotency-Keys older than the TTL. Each entry is queued
+    /// once, in the order stored, so this is amortised O(1) per session.
+    fn expire_idempotency(&mut self, now: Instant, ttl: Duration) {
+        while let Some((stored_at, _)) = self.idempotency_order.front() {
+            if now.saturating_duration_since(*stored_at) < ttl {
+                break;
+            }
+            self.forget_oldest_idempotency_key();
+        }
+    }
+
+    /// Stores a first use of an Idempotency-Key, forgetting the oldest
+    /// first when the cap is reached.
+    fn remember_idempotency_key(
+        &mut self,
+        key: IdempotencyKey,
+        stored: StoredSession,
+        now: Instant,
+        cap: usize,
+    ) {
+        while self.idempotency.len() >= cap.max(1) && self.forget_oldest_idempotency_key() {}
+        self.idempotency.insert(key.clone(), stored);
+        self.idempotency_order.push_back((now, key));
+    }
+
+    fn forget_oldest_idempotency_key(&mut self) -> bool {
+        match self.idempotency_order.pop_front() {
+            Some((_, key)) => self.idempotency.remove(&key).is_some(),
+            None => false,
+        }
+    }
+
+    /// Drops expired tokens once there are `tokens_sweep_at` of them, then
+    /// waits for twice as many as remain: amortised O(1) per issue.
+    fn sweep_tokens(&mut self, now: Instant) {
+        if self.tokens.len() < self.tokens_sweep_at.max(MIN_TOKEN_SWEEP) {
+            return;
+        }
+        self.tokens
+            .retain(|_, t| t.expires_at.is_none_or(|at| at > now));
+        self.tokens_sweep_at = self.tokens.len().saturating_mul(2);
+    }
+
+    fn record_session(&mut self, record: SessionRecord, limits: &SimLimits) -> u64 {
+        let seq = self.next_session;
+        self.next_session += 1;
+        if limits.session_records == 0 {
+            return seq;
+        }
+        while self.sessions.len() >= limits.session_records {
+            self.sessions.pop_front();
+        }
+        self.sessions.push_back((seq, record));
+        seq
+    }
+
+    fn session_answered(&mut self, seq: u64, status: u16) {
+        // The record is among the most recent, unless it already left the ring.
+        if let Some((_, record)) = self.sessions.iter_mut().rev().find(|(s, _)| *s == seq) {
+            record.status = status;
+        }
+    }
+}
+
+/// Below this many issued tokens, none are swept.
+const MIN_TOKEN_SWEEP: usize = 1024;
 
 struct IssuedToken {
     account: usize,
@@ -466,10 +608,17 @@ async fn authorize(State(sim): State<Arc<Sim>>, headers: HeaderMap) -> Response 
         let mut books = lock(&sim.books);
         books.stats.identity_requests += 1;
         let key = header_lossy(&headers, "x-api-key").unwrap_or_default();
-        *books.identity_by_key.entry(key).or_default() += 1;
+        // Keys nobody configured are counted only up to a limit: a client
+        // presenting random keys must not grow the books without end.
+        let counted = books.identity_by_key.contains_key(&key)
+            || books.identity_by_key.len() < sim.config.limits.counted_keys
+            || sim.config.accounts.iter().any(|a| a.api_key == key);
+        if counted {
+            *books.identity_by_key.entry(key).or_default() += 1;
+        }
     }
     let (fault, delay) = sim.faults.take(SimEndpoint::Identity);
-    tokio::time::sleep(delay).await;
+    pause(delay).await;
     match fault {
         Some(fault) => fault.respond(StatusCode::OK),
         None => sim
@@ -486,11 +635,11 @@ async fn create_session(
     body: Body,
 ) -> Response {
     let body = axum::body::to_bytes(body, READ_LIMIT).await.ok();
-    let index = {
+    let seq = {
         let mut books = lock(&sim.books);
         books.stats.session_requests += 1;
         let authorization = header_lossy(&headers, header::AUTHORIZATION.as_str());
-        books.sessions.push(SessionRecord {
+        let record = SessionRecord {
             terminal: terminal.clone(),
             idempotency_key: header_lossy(&headers, "idempotency-key"),
             authorization_token: authorization.map(|v| bearer(&v).map_or(v.clone(), str::to_owned)),
@@ -500,19 +649,28 @@ async fn create_session(
                 .unwrap_or_default(),
             status: 0,
             received_at: sim.config.clock.now(),
-        });
-        books.sessions.len() - 1
+        };
+        books.record_session(record, &sim.config.limits)
     };
     let (fault, delay) = sim.faults.take(SimEndpoint::Sessions);
-    tokio::time::sleep(delay).await;
+    pause(delay).await;
     let response = match fault {
         Some(fault) => fault.respond(StatusCode::CREATED),
         None => sim
             .session(&terminal, uri.path(), &headers, body)
             .unwrap_or_else(IntoResponse::into_response),
     };
-    lock(&sim.books).sessions[index].status = response.status().as_u16();
+    lock(&sim.books).session_answered(seq, response.status().as_u16());
     response
+}
+
+/// Waits `delay`, and not at all when it is zero: a zero sleep still waits
+/// for the timer wheel's next tick (about a millisecond), which would be
+/// most of the cost of an answer.
+async fn pause(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
 }
 
 impl Sim {
@@ -530,9 +688,10 @@ impl Sim {
             expires_at,
             revoked: false,
         };
-        lock(&self.books)
-            .tokens
-            .insert(access_token.clone(), issued);
+        let mut books = lock(&self.books);
+        books.sweep_tokens(self.config.clock.now());
+        books.tokens.insert(access_token.clone(), issued);
+        drop(books);
         // The unknown field proves the client ignores fields it does not know.
         Ok(axum::Json(json!({
             "access_token": access_token,
@@ -565,6 +724,8 @@ impl Sim {
         // Check and store under one lock so concurrent retries with one key
         // cannot both create a session.
         let mut books = lock(&self.books);
+        let now = self.config.clock.now();
+        books.expire_idempotency(now, self.config.limits.idempotency_ttl);
         if let Some(stored) = books.idempotency.get(&(account, key.clone())) {
             if stored.path == path && stored.body == body {
                 return Ok(stored.respond());
@@ -588,7 +749,8 @@ impl Sim {
             response: response.to_string(),
         };
         let answer = stored.respond();
-        books.idempotency.insert((account, key), stored);
+        let cap = self.config.limits.idempotency_entries;
+        books.remember_idempotency_key((account, key), stored, now, cap);
         books.stats.sessions_created += 1;
         Ok(answer)
     }
@@ -851,7 +1013,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::OsEntropy;
+    use crate::clock::{Entropy, OsEntropy};
 
     const KEY: &str = "key-one";
     const TERMINAL: &str = "1234001";
@@ -988,6 +1150,170 @@ mod tests {
         async fn send(&self, sim: &SimPayroc) -> Answer {
             Answer::of(self.request(sim).send().await.expect("sessions answers")).await
         }
+    }
+
+    /// A simulator without a server, its handlers called directly, so a
+    /// paused clock can run it for days in milliseconds.
+    fn bare(limits: SimLimits) -> Arc<Sim> {
+        let accounts = vec![SimAccount::new(KEY, &[TERMINAL, "1234002"])];
+        let mut config = SimConfig::new(Clock::system(), Arc::new(OsEntropy), accounts);
+        config.limits = limits;
+        config.token_lifetime = Duration::from_secs(1000 * 3600);
+        Arc::new(Sim::new(config))
+    }
+
+    async fn direct_token(sim: &Arc<Sim>, key: &str) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", key.parse().unwrap());
+        let response = super::authorize(State(Arc::clone(sim)), headers).await;
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+        let json: Value = serde_json::from_slice(&body.unwrap()).unwrap();
+        json["access_token"].as_str().map(str::to_owned)
+    }
+
+    fn direct_session(
+        sim: &Arc<Sim>,
+        token: &str,
+        key: &str,
+        body: &str,
+    ) -> impl std::future::Future<Output = Response> + use<> {
+        let mut headers = HeaderMap::new();
+        let bearer = format!("Bearer {token}");
+        headers.insert(header::AUTHORIZATION, bearer.parse().unwrap());
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        headers.insert("idempotency-key", key.parse().unwrap());
+        let path = format!("/v1/processing-terminals/{TERMINAL}/hosted-fields-sessions");
+        create_session(
+            State(Arc::clone(sim)),
+            Path(TERMINAL.to_owned()),
+            path.parse().unwrap(),
+            headers,
+            Body::from(body.to_owned()),
+        )
+    }
+
+    const BODY_B: &str = r#"{"libVersion":"1.7.0.261471","scenario":"tokenization"}"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn records_and_idempotency_keys_stay_bounded_over_days() {
+        let limits = SimLimits {
+            session_records: 16,
+            ..SimLimits::default()
+        };
+        let sim = bare(limits);
+        let token = direct_token(&sim, KEY).await.unwrap();
+        // Three days of one session every 10 minutes, each with its own key.
+        let mut keys = Vec::new();
+        for i in 0..432 {
+            let key = OsEntropy.uuid_v4().to_string();
+            let status = direct_session(&sim, &token, &key, BODY).await.status();
+            assert_eq!(status, 201, "session {i}");
+            keys.push(key);
+            let held = sim.held();
+            assert!(held.session_records <= 16, "{i}: {held:?}");
+            assert!(held.idempotency_entries <= 144, "{i}: {held:?}");
+            tokio::time::advance(Duration::from_secs(600)).await;
+        }
+        // A day's worth of keys (144 at one per 10 min), not three days'.
+        let held = sim.held();
+        assert_eq!((held.session_records, held.idempotency_entries), (16, 144));
+        assert_eq!(lock(&sim.books).stats.sessions_created, 432);
+        let recent: Vec<_> = lock(&sim.books).sessions.iter().map(|(s, _)| *s).collect();
+        assert_eq!(recent, (416..432).collect::<Vec<u64>>(), "the newest 16");
+
+        // Within 24 h a key still replays or conflicts; past 24 h it is
+        // forgotten and may be used again.
+        let last = keys.last().unwrap();
+        assert_eq!(direct_session(&sim, &token, last, BODY).await.status(), 201);
+        assert_eq!(
+            direct_session(&sim, &token, last, BODY_B).await.status(),
+            409
+        );
+        assert_eq!(lock(&sim.books).stats.sessions_created, 432, "a replay");
+        let old = &keys[keys.len() - 145];
+        assert_eq!(
+            direct_session(&sim, &token, old, BODY_B).await.status(),
+            201
+        );
+        assert_eq!(
+            lock(&sim.books).stats.sessions_created,
+            433,
+            "a new session"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idempotency_entries_are_capped_under_sustained_load() {
+        let sim = bare(SimLimits {
+            idempotency_entries: 50,
+            ..SimLimits::default()
+        });
+        let token = direct_token(&sim, KEY).await.unwrap();
+        let keys: Vec<String> = (0..200).map(|_| OsEntropy.uuid_v4().to_string()).collect();
+        for key in &keys {
+            assert_eq!(direct_session(&sim, &token, key, BODY).await.status(), 201);
+        }
+        assert_eq!(sim.held().idempotency_entries, 50);
+        // The newest are remembered, the oldest were let go early.
+        assert_eq!(
+            direct_session(&sim, &token, &keys[199], BODY_B)
+                .await
+                .status(),
+            409
+        );
+        assert_eq!(
+            direct_session(&sim, &token, &keys[0], BODY_B)
+                .await
+                .status(),
+            201
+        );
+        assert_eq!(sim.held().idempotency_entries, 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn issued_tokens_and_counted_keys_stay_bounded() {
+        let sim = bare(SimLimits {
+            counted_keys: 8,
+            ..SimLimits::default()
+        });
+        *lock(&sim.token_lifetime) = Duration::from_secs(60);
+        // A token a second for over an hour: 60 alive at any time.
+        for i in 0..5000 {
+            direct_token(&sim, KEY).await.unwrap();
+            assert!(sim.held().issued_tokens <= MIN_TOKEN_SWEEP, "{i}");
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // Random keys: refused, and counted only up to the limit.
+        for _ in 0..100 {
+            let key = OsEntropy.uuid_v4().to_string();
+            assert_eq!(direct_token(&sim, &key).await, None);
+        }
+        let held = sim.held();
+        assert!(held.counted_keys <= 8, "{held:?}");
+        // The account's own key is always counted.
+        direct_token(&sim, KEY).await.unwrap();
+        assert_eq!(lock(&sim.books).identity_by_key[KEY], 5001);
+    }
+
+    #[tokio::test]
+    async fn a_zero_latency_answer_waits_for_no_timer() {
+        use futures_util::FutureExt;
+        let sim = bare(SimLimits::default());
+        let token = direct_token(&sim, KEY).await.unwrap();
+        let key = OsEntropy.uuid_v4().to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", KEY.parse().unwrap());
+        // Complete on the first poll: `sleep(ZERO)` would be pending until
+        // the timer wheel's next tick.
+        let identity = super::authorize(State(Arc::clone(&sim)), headers.clone()).now_or_never();
+        assert!(identity.is_some(), "identity answered at once");
+        let session = direct_session(&sim, &token, &key, BODY).now_or_never();
+        assert_eq!(session.map(|r| r.status()), Some(StatusCode::CREATED));
+        // Any latency at all does wait for the timer.
+        sim.faults
+            .set_latency(SimEndpoint::Identity, Duration::from_millis(1));
+        let slow = super::authorize(State(Arc::clone(&sim)), headers).now_or_never();
+        assert!(slow.is_none());
     }
 
     #[tokio::test]
