@@ -187,6 +187,7 @@ impl TokenBrokerService {
         let _ = tx.try_send(bearer_response(&first, &credential.name));
         let watcher = Watcher {
             service: self.clone(),
+            caller,
             terminal,
             credential,
             changes,
@@ -261,6 +262,9 @@ fn bearer_response(t: &BearerToken, credential: &str) -> GetBearerTokenResponse 
 /// One WatchBearerToken stream after its first token.
 struct Watcher {
     service: TokenBrokerService,
+    /// Re-authorized after each reload: a caller whose access a reload took
+    /// away stops receiving tokens.
+    caller: Caller,
     terminal: String,
     credential: Arc<crate::broker::Credential>,
     changes: watch::Receiver<Option<Arc<BearerToken>>>,
@@ -285,6 +289,16 @@ impl Watcher {
                         return Some(BrokerError::ShuttingDown);
                     }
                     let state = self.service.state.load_full();
+                    // The checks of a new call, in the same order.
+                    let Some(caller) = state.callers.by_name(self.caller.name(), self.caller.via()) else {
+                        return Some(BrokerError::Unauthenticated(
+                            "the caller is no longer configured",
+                        ));
+                    };
+                    if let Err(e) = caller.authorize(Rpc::WatchBearerToken, &self.terminal) {
+                        return Some(e);
+                    }
+                    self.caller = caller;
                     match state.broker.credential(&self.terminal) {
                         Err(e) => return Some(e),
                         // Another credential (or the same one with a new

@@ -306,7 +306,10 @@ impl<S: TokenSource> CredentialTokens<S> {
     /// the same single flight, and only if `last` is still the cached token:
     /// any number of watchers cause one identity request per token. After a
     /// failed fetch it waits for the negative cache's retry time, like a
-    /// caller would.
+    /// caller would; but once `last` has fallen under `min_validity` with no
+    /// replacement and the last fetch failed, the promise is broken: that
+    /// failure is returned, so the stream ends and its client stops relying
+    /// on the token it holds instead of hearing nothing.
     pub async fn replacement(
         &self,
         changes: &mut watch::Receiver<Option<Arc<BearerToken>>>,
@@ -339,6 +342,11 @@ impl<S: TokenSource> CredentialTokens<S> {
                     .checked_sub(min_validity.saturating_add(FETCH_ALLOWANCE))
                     .unwrap_or(now),
             };
+            if last.remaining(now) < min_validity
+                && let Some(broken) = inner.backing_off()
+            {
+                return Err(broken);
+            }
             let due = inner.retry_at().map_or(due, |r| due.max(r));
             if due <= now {
                 // The token a refresh would replace (if still cached) may
@@ -1184,35 +1192,60 @@ mod tests {
         assert_eq!(script.calls(), 4, "one identity request per rotation");
     }
 
+    /// A watcher of `c` with `min`, from `first`, as a task.
+    fn spawn_watcher(
+        c: &Arc<CredentialTokens<Script>>,
+        first: Arc<BearerToken>,
+        min: Duration,
+    ) -> tokio::task::JoinHandle<Result<String, TokenError>> {
+        let c = Arc::clone(c);
+        tokio::spawn(async move {
+            let mut changes = c.subscribe();
+            c.replacement(&mut changes, &first, min)
+                .await
+                .map(|t| secret(&t))
+        })
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_watcher_after_a_failed_refresh_waits_for_the_backoff() {
+    async fn a_watcher_retries_a_failed_refresh_while_its_token_still_serves() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = Arc::new(creds(&script, 300));
+        let min = Duration::from_secs(600);
+        let first = c.bearer(min, None).await.unwrap();
+        script.then(&[Err(503), Ok(3600)]);
+        let watcher = spawn_watcher(&c, first, min);
+        // The watcher's refresh point is 3600 - 601 s; its fetch fails, the
+        // retry 0.5 s later (the backoff) succeeds with time to spare.
+        advance(2999).await;
+        assert_eq!(script.calls(), 2);
+        advance(1).await;
+        assert_eq!(script.calls(), 3);
+        assert_eq!(watcher.await.unwrap().unwrap(), "token-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_whose_token_falls_under_min_validity_unreplaced_gets_the_failure() {
         let script = Script::answers(&[Ok(3600)]);
         let c = Arc::new(creds(&script, 300));
         let min = Duration::from_secs(600);
         let first = c.bearer(min, None).await.unwrap();
         script.then(&[Err(503)]);
-        let watcher = tokio::spawn({
-            let c = Arc::clone(&c);
-            async move {
-                let mut changes = c.subscribe();
-                c.replacement(&mut changes, &first, min)
-                    .await
-                    .map(|t| secret(&t))
-            }
-        });
-        advance(3000).await; // the watcher's refresh point (3600 - 601 s) passed
-        for _ in 0..60 {
+        let watcher = spawn_watcher(&c, first, min);
+        advance(2999).await;
+        assert!(!watcher.is_finished(), "still 601 s left");
+        for _ in 0..3 {
             advance(1).await;
         }
-        // Backoff 0.5, 1, 2, 4, 8, 15, 15... s: a handful in a minute, not 60.
-        let failed = script.calls() - 1;
-        assert!((4..=12).contains(&failed), "{failed}");
-        script.then(&[Ok(3600)]);
-        for _ in 0..16 {
-            advance(1).await;
-        }
+        // Silence would leave the client holding a token under its
+        // min_validity without knowing why; it hears the failure instead.
         assert!(watcher.is_finished());
-        assert!(watcher.await.unwrap().unwrap().starts_with("token-"));
+        match watcher.await.unwrap() {
+            Err(TokenError::BackingOff { error, .. }) => assert_eq!(error.status(), Some(503)),
+            other => panic!("{other:?}"),
+        }
+        let failed = script.calls() - 1;
+        assert!((1..=4).contains(&failed), "{failed} attempts");
     }
 
     #[tokio::test(start_paused = true)]

@@ -169,3 +169,59 @@ async fn callers_need_watch_bearer_token_in_their_rpcs() {
     let mut s = watch_as(&h, "1234001", Some(CALLER_OPS)).await.unwrap();
     next(&mut s).await.unwrap();
 }
+
+const WATCHERS: &str = r#"
+    [[callers]]
+    name = "web"
+    token_env = "CALLER_WEB"
+    terminals = ["*"]
+    rpcs = ["WatchBearerToken", "CreateSession"]
+    [[callers]]
+    name = "ops"
+    token_env = "CALLER_OPS"
+    terminals = ["1234001"]
+    rpcs = ["WatchBearerToken"]
+"#;
+const WEB_ONLY: &str = r#"
+    [[callers]]
+    name = "web"
+    token_env = "CALLER_WEB"
+    terminals = ["*"]
+    rpcs = ["WatchBearerToken", "CreateSession"]
+"#;
+const WEB_WITHOUT_WATCH: &str = r#"
+    [[callers]]
+    name = "web"
+    token_env = "CALLER_WEB"
+    terminals = ["*"]
+    rpcs = ["CreateSession"]
+"#;
+
+#[tokio::test]
+async fn a_reload_that_takes_away_a_callers_access_ends_its_streams() {
+    let with = |callers| Options {
+        callers,
+        ..Options::default()
+    };
+    let h = Harness::with(with(WATCHERS)).await;
+    let mut web = watch_as(&h, "1234001", Some(CALLER_WEB)).await.unwrap();
+    let mut ops = watch_as(&h, "1234001", Some(CALLER_OPS)).await.unwrap();
+    let first = next(&mut web).await.unwrap();
+    next(&mut ops).await.unwrap();
+
+    // ops is no longer configured: its stream ends as a new call would.
+    h.reload(&with(WEB_ONLY)).await;
+    expect_code(next(&mut ops).await.unwrap_err(), Code::Unauthenticated);
+    // web keeps its access and its stream: it sees the next token.
+    h.sim.revoke_tokens();
+    let mut session = Request::new(payment("1234001"));
+    let bearer = format!("Bearer {CALLER_WEB}").parse().unwrap();
+    session.metadata_mut().insert("authorization", bearer);
+    h.client.clone().create_session(session).await.unwrap();
+    let fresh = next(&mut web).await.unwrap();
+    assert_ne!(fresh.access_token, first.access_token);
+
+    // web may no longer watch.
+    h.reload(&with(WEB_WITHOUT_WATCH)).await;
+    expect_code(next(&mut web).await.unwrap_err(), Code::PermissionDenied);
+}

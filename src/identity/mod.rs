@@ -277,6 +277,29 @@ impl Callers {
             })
     }
 
+    /// The caller configured as `name`, for a stream admitted before a
+    /// reload and re-checked against the new allow lists. `None` when no
+    /// caller has that name any more (or a configured caller replaced open
+    /// mode). Takes nothing from the rate limit.
+    pub fn by_name(&self, name: &str, via: Via) -> Option<Caller> {
+        let Some(known) = &self.known else {
+            return Some(Caller {
+                known: None,
+                via: Via::Open,
+            });
+        };
+        if via == Via::Open {
+            return None;
+        }
+        known
+            .iter()
+            .find(|k| k.config.name == name)
+            .map(|k| Caller {
+                known: Some(Arc::clone(k)),
+                via,
+            })
+    }
+
     /// Identifies the caller, then takes one call from its rate limit: the
     /// checks that need only the request's headers, in the contract's order.
     pub fn admit(
