@@ -135,6 +135,11 @@ impl Broker {
             .ok_or_else(|| BrokerError::UnknownTerminal(terminal.to_owned()))
     }
 
+    /// `payroc.api_url`: ext_authz attaches tokens to requests for it only.
+    pub fn api_url(&self) -> &url::Url {
+        &self.payroc.api_url
+    }
+
     /// Every configured credential.
     pub fn credentials(&self) -> &[Arc<Credential>] {
         self.tokens.credentials()

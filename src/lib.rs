@@ -17,6 +17,7 @@
 //! | [`identity`] | who is calling: certificates, forwarded identities, tokens; allow lists and per-caller limits |
 //! | [`validate`] | request validation: proto messages in, domain values or field violations out |
 //! | [`service`] | gRPC handlers: authenticate, validate, call the broker, proto conversion |
+//! | [`ext_authz`] | Envoy's external authorization: attach a Bearer token to requests bound for Payroc |
 //! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
 //! | [`server`] | assembly: health, reflection, graceful shutdown |
 //! | `sim` | the simulated Payroc, for the sandbox and the tests (feature `sandbox`) |
@@ -30,6 +31,7 @@ pub mod cell;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod ext_authz;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

@@ -27,6 +27,7 @@ use crate::{
     broker::Broker,
     clock::{Clock, SharedEntropy},
     config::Config,
+    ext_authz::{self, ExtAuthzService},
     identity::{Callers, layer::Admission},
     proto::{self, token_broker_server::TokenBrokerServer},
     service::{State, TokenBrokerService},
@@ -149,6 +150,16 @@ pub async fn serve(
         admit,
     );
 
+    // Envoy's external authorization, on the same port: it shares the
+    // state (callers, token caches) and follows reloads with it.
+    let ext_authz = config.ext_authz.enabled.then(|| {
+        ext_authz::server(ExtAuthzService::new(
+            Arc::clone(&state),
+            clock.clone(),
+            config.server.trusted_proxies.clone(),
+        ))
+    });
+
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -165,7 +176,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(broker_service);
+        .add_service(broker_service)
+        .add_optional_service(ext_authz);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));
@@ -189,6 +201,9 @@ pub async fn serve(
             }
             () = &mut shutdown => break,
             Some(next) = reloads.next() => {
+                if next.ext_authz != config.ext_authz {
+                    tracing::warn!("[ext_authz] settings changed; they take effect at the next restart");
+                }
                 reload(&state, &next, &server_config, &clock, &entropy, &mut credential_health).await;
                 signals.reloaded();
             }

@@ -330,7 +330,7 @@ impl Watcher {
 }
 
 /// The caller's deadline, from the `grpc-timeout` header.
-fn deadline<T>(req: &Request<T>, clock: &Clock) -> Option<Instant> {
+pub(crate) fn deadline<T>(req: &Request<T>, clock: &Clock) -> Option<Instant> {
     let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(raw)?;
     Some(clock.now() + timeout.saturating_sub(deadline_margin(timeout)))
