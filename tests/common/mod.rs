@@ -54,6 +54,11 @@ pub struct Options {
     pub drop_revoked: bool,
     /// Latency of the simulator's identity service from the start, in ms.
     pub identity_latency_ms: u64,
+    /// `[ext_authz] enabled = true`.
+    pub ext_authz: bool,
+    /// `payroc.api_url` (empty: the simulator's). Bearer tokens come from
+    /// the simulator's identity service either way.
+    pub api_url: &'static str,
 }
 
 pub const KEY_REVOKED: &str = "revoked-api-key-000000";
@@ -236,6 +241,8 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
         request_timeout = "2s"
         warm_start_spread = "{spread}"
         {extra}
+        [ext_authz]
+        enabled = {ext_authz}
         [[credentials]]
         name = "acme"
         api_key_env = "KEY_ACME"
@@ -249,7 +256,12 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
         {callers}
         "#,
         identity = sim.identity_url(),
-        api = sim.api_url(),
+        api = if opts.api_url.is_empty() {
+            sim.api_url()
+        } else {
+            opts.api_url.to_owned()
+        },
+        ext_authz = opts.ext_authz,
         extra = opts.payroc,
         callers = opts.callers,
         credentials = opts.credentials,
