@@ -2,17 +2,22 @@
 //! encoded file descriptor sets that server reflection serves: the broker's
 //! API, and Google's rich error details (vendored in `third_party/`), so that
 //! reflection clients such as grpcurl decode `BadRequest`, `ErrorInfo` and
-//! `RetryInfo` in error trailers.
+//! `RetryInfo` in error trailers; also Envoy's ext_authz service (vendored in
+//! `third_party/envoy-protos`; its Rust code comes from `envoy-types`), so
+//! that grpcurl can send a `Check` with a JSON body.
 
 use std::{env, path::PathBuf};
 
 const PROTO: &str = "proto/payroc/broker/v1/token_broker.proto";
 const GOOGLEAPIS: &str = "third_party/googleapis";
 const ERROR_DETAILS: &str = "google/rpc/error_details.proto";
+const ENVOY_PROTOS: &str = "third_party/envoy-protos";
+const EXT_AUTHZ: &str = "envoy/service/auth/v3/external_auth.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed={GOOGLEAPIS}");
+    println!("cargo:rerun-if-changed={ENVOY_PROTOS}");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
     let mut compiler = protox::Compiler::new(["proto"])?;
@@ -36,5 +41,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(compiler.file_descriptor_set())?;
+
+    // Descriptor only, without source info: reflection clients need the
+    // types, and Envoy's comments would triple the size.
+    let mut envoy = protox::Compiler::new([ENVOY_PROTOS])?;
+    envoy.include_imports(true).include_source_info(false);
+    envoy.open_file(EXT_AUTHZ)?;
+    std::fs::write(
+        out_dir.join("envoy_ext_authz_descriptor.bin"),
+        envoy.encode_file_descriptor_set(),
+    )?;
     Ok(())
 }

@@ -16,3 +16,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// clients can decode the rich error details the broker sends.
 pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("error_details_descriptor");
+
+/// Encoded `FileDescriptorSet` of Envoy's `envoy.service.auth.v3` (ext_authz)
+/// and its imports, served by reflection when ext_authz is on. The Rust types
+/// come from `envoy-types`; see `third_party/envoy-protos/README.md`.
+pub const ENVOY_EXT_AUTHZ_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("envoy_ext_authz_descriptor");

@@ -114,12 +114,19 @@ pub async fn serve(
     });
 
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
+        let builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // Error details are no service's types: without them grpcurl
             // prints "google.rpc.BadRequest is not recognized".
-            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET);
+        // So that grpcurl can send a Check with a JSON body.
+        match config.ext_authz.enabled {
+            true => {
+                builder.register_encoded_file_descriptor_set(proto::ENVOY_EXT_AUTHZ_DESCRIPTOR_SET)
+            }
+            false => builder,
+        }
     };
     let reflection_v1 = reflection().build_v1().map_err(ServeError::Reflection)?;
     let reflection_v1alpha = reflection()

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use common::*;
 use envoy_types::pb::envoy::{
-    config::core::v3::header_value_option::HeaderAppendAction,
+    config::core::v3::{HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction},
     service::auth::v3::{
         AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
         attribute_context::{HttpRequest, Peer, Request as AttrRequest},
@@ -109,34 +109,30 @@ fn allowed(r: CheckResponse) -> String {
     let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
         panic!("not an OkHttpResponse: {r:?}")
     };
-    let OkHttpResponse {
-        headers,
-        headers_to_remove,
-        dynamic_metadata,
-        response_headers_to_add,
-        query_parameters_to_set,
-        query_parameters_to_remove,
-    } = ok;
-    assert_eq!(headers_to_remove, ["x-api-key"]);
-    assert!(dynamic_metadata.is_none());
-    assert!(response_headers_to_add.is_empty());
-    assert!(query_parameters_to_set.is_empty());
-    assert!(query_parameters_to_remove.is_empty());
-    assert_eq!(headers.len(), 1, "{headers:?}");
-    let set = &headers[0];
-    assert_eq!(
-        set.append_action,
-        HeaderAppendAction::OverwriteIfExistsOrAdd as i32
-    );
-    assert_eq!(set.append, None, "the deprecated `append` is left unset");
-    let header = set.header.as_ref().unwrap();
-    assert_eq!(header.key, "authorization");
-    let token = header
-        .value
-        .strip_prefix("Bearer ")
-        .expect("a Bearer authorization")
+    let token = ok
+        .headers
+        .first()
+        .and_then(|h| h.header.as_ref())
+        .and_then(|h| h.value.strip_prefix("Bearer "))
+        .expect("a Bearer authorization first")
         .to_owned();
     assert!(!token.is_empty());
+    // Exactly this, and nothing else of the request changed (the deprecated
+    // `append` is left unset: the whole message is compared).
+    let expected = OkHttpResponse {
+        headers: vec![HeaderValueOption {
+            header: Some(HeaderValue {
+                key: "authorization".into(),
+                value: format!("Bearer {token}"),
+                raw_value: Vec::new(),
+            }),
+            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+            ..HeaderValueOption::default()
+        }],
+        headers_to_remove: vec!["x-api-key".into()],
+        ..OkHttpResponse::default()
+    };
+    assert_eq!(ok, expected);
     token
 }
 
@@ -539,4 +535,99 @@ async fn bearer_as_ops(h: &Harness, terminal: &str) -> String {
         .unwrap()
         .into_inner()
         .access_token
+}
+
+/// Reflection describes the Authorization service and every type a Check
+/// needs, so grpcurl can send one with a JSON body (as the sandbox shows).
+#[tokio::test]
+async fn reflection_describes_the_check_when_enabled() {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    async fn ask(h: &Harness, request: MessageRequest) -> MessageResponse {
+        let mut c = ServerReflectionClient::new(h.channel.clone());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        let mut stream = c
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        stream
+            .next()
+            .await
+            .unwrap()
+            .unwrap()
+            .message_response
+            .unwrap()
+    }
+    let h = harness("").await;
+    let MessageResponse::ListServicesResponse(list) =
+        ask(&h, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("not a service list")
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names.contains(&"envoy.service.auth.v3.Authorization"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"payroc.broker.v1.TokenBroker"), "{names:?}");
+
+    let MessageResponse::FileDescriptorResponse(files) = ask(
+        &h,
+        MessageRequest::FileContainingSymbol("envoy.service.auth.v3.Authorization".into()),
+    )
+    .await
+    else {
+        panic!("no file for the service")
+    };
+    let decode = |b: &Vec<u8>| prost_types::FileDescriptorProto::decode(b.as_slice()).unwrap();
+    let mut files: Vec<prost_types::FileDescriptorProto> =
+        files.file_descriptor_proto.iter().map(decode).collect();
+    // Every import resolves, as a client fetches them: file by file.
+    let mut i = 0;
+    while i < files.len() {
+        for dep in files[i].dependency.clone() {
+            if files.iter().any(|f| f.name() == dep) {
+                continue;
+            }
+            let MessageResponse::FileDescriptorResponse(more) =
+                ask(&h, MessageRequest::FileByFilename(dep.clone())).await
+            else {
+                panic!(
+                    "{} imports {dep}, which reflection does not know",
+                    files[i].name()
+                )
+            };
+            files.extend(more.file_descriptor_proto.iter().map(decode));
+        }
+        i += 1;
+    }
+    assert!(files.len() > 10, "{}", files.len());
+    let check_request = files
+        .iter()
+        .filter(|f| f.package() == "envoy.service.auth.v3")
+        .flat_map(|f| &f.message_type)
+        .find(|m| m.name() == "CheckRequest")
+        .expect("CheckRequest is described");
+    assert_eq!(check_request.field[0].name(), "attributes");
+    assert_eq!(check_request.field[0].number(), 1);
+
+    // Off: not listed.
+    let off = Harness::start().await;
+    let MessageResponse::ListServicesResponse(list) =
+        ask(&off, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("not a service list")
+    };
+    assert!(
+        list.service
+            .iter()
+            .all(|s| s.name != "envoy.service.auth.v3.Authorization")
+    );
 }
