@@ -326,7 +326,7 @@ impl Authorization for ExtAuthzService {
                     rpc = "ExtAuthz",
                     code = ?denial.code,
                     http_status = denial.http as i32,
-                    message = %denial.message,
+                    reason = %denial.message,
                     "check denied"
                 );
                 denial.into_response()

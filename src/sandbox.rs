@@ -48,7 +48,8 @@ impl Sandbox {
 
         let mut text = format!(
             "[server]\nlisten = \"{listen}\"\nshutdown_grace = \"5s\"\n\
-             [payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n",
+             [payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n\
+             [ext_authz]\nenabled = true\n",
             sim.identity_url(),
             sim.api_url()
         );
@@ -84,12 +85,37 @@ impl Sandbox {
              grpcurl -plaintext -d '{{\"processing_terminal_id\": \"1234001\", \"scenario\": \"SCENARIO_PAYMENT\"}}' {addr} payroc.broker.v1.TokenBroker/CreateSession\n  \
              grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n\
              \n\
+             Envoy's ext_authz Check, as an egress proxy in front of Payroc asks it (the answer\n\
+             sets `authorization: Bearer ...` and removes `x-api-key`; another host gets a 403):\n  \
+             {check}\n\
+             \n\
              Or from Python (stubs are generated from proto/ on the fly):\n  \
              python3 -m pip install grpcio grpcio-tools\n  \
              python3 examples/python/client.py --target {addr} --terminal 1234001\n\
              \n\
              Ctrl-C stops it.",
             sim = self.sim.api_url(),
+            check = self.check_example(addr),
+        )
+    }
+
+    /// A grpcurl line for an ext_authz Check that the sandbox allows: a
+    /// request to the simulated API's authority for demo terminal 1234001.
+    pub fn check_example(&self, addr: SocketAddr) -> String {
+        let api = &self.config.payroc.api_url;
+        let mut authority = api.host_str().unwrap_or_default().to_owned();
+        if let Some(port) = api.port() {
+            authority.push_str(&format!(":{port}"));
+        }
+        let path = format!(
+            "{}/processing-terminals/{}/refunds",
+            api.path().trim_end_matches('/'),
+            DEMO_CREDENTIALS[0].1[0]
+        );
+        format!(
+            "grpcurl -plaintext -d '{{\"attributes\": {{\"request\": {{\"http\": {{\"method\": \"POST\", \
+             \"host\": \"{authority}\", \"path\": \"{path}\", \"headers\": {{\"x-api-key\": \"none\"}}}}}}}}}}' \
+             {addr} envoy.service.auth.v3.Authorization/Check"
         )
     }
 }

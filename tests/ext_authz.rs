@@ -631,3 +631,90 @@ async fn reflection_describes_the_check_when_enabled() {
             .all(|s| s.name != "envoy.service.auth.v3.Authorization")
     );
 }
+
+/// The Check the sandbox prints is one the sandbox allows.
+#[tokio::test]
+async fn the_sandbox_prints_a_check_that_works() {
+    use std::sync::Arc;
+
+    use payroc_broker::{
+        clock::{Clock, OsEntropy, SharedEntropy},
+        sandbox::Sandbox,
+        server,
+    };
+    let entropy: SharedEntropy = Arc::new(OsEntropy);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sandbox = Sandbox::start(addr, Clock::system(), Arc::clone(&entropy))
+        .await
+        .unwrap();
+    assert!(sandbox.config.ext_authz.enabled);
+    let printed = sandbox.instructions(addr);
+    let line = printed
+        .lines()
+        .find(|l| l.contains("envoy.service.auth.v3.Authorization/Check"))
+        .expect("a Check line")
+        .trim();
+    assert_eq!(line, sandbox.check_example(addr));
+    assert!(line.ends_with(&format!("{addr} envoy.service.auth.v3.Authorization/Check")));
+    // grpcurl's JSON body, read as grpcurl maps it onto CheckRequest.
+    let json = line
+        .split_once("-d '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(body, _)| body)
+        .expect("a -d '...' body");
+    let body: serde_json::Value = serde_json::from_str(json).unwrap();
+    let http = &body["attributes"]["request"]["http"];
+    let text = |k: &str| http[k].as_str().unwrap_or_default().to_owned();
+    let headers: HashMap<String, String> = http["headers"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(text("host"), sandbox.sim.addr().to_string());
+    let req = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    method: text("method"),
+                    host: text("host"),
+                    path: text("path"),
+                    headers,
+                    ..HttpRequest::default()
+                }),
+                ..AttrRequest::default()
+            }),
+            ..AttributeContext::default()
+        }),
+    };
+
+    let config = sandbox.config.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        server::serve(
+            listener,
+            &config,
+            Clock::system(),
+            entropy,
+            async {
+                let _ = stopped.await;
+            },
+            futures_util::stream::pending(),
+        )
+        .await
+    });
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let r = AuthorizationClient::new(channel)
+        .check(req)
+        .await
+        .unwrap()
+        .into_inner();
+    allowed(r);
+    let _ = stop.send(());
+    serving.await.unwrap().unwrap();
+}

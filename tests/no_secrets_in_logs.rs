@@ -10,6 +10,9 @@ use std::{
 };
 
 use common::*;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
+};
 use payroc_broker::{
     proto::GetBearerTokenRequest,
     sim::{Fault, SimEndpoint},
@@ -56,6 +59,7 @@ async fn no_secret_reaches_a_log_line() {
 
     let h = Harness::with(Options {
         callers: CALLERS,
+        ext_authz: true,
         ..Options::default()
     })
     .await;
@@ -127,6 +131,30 @@ async fn no_secret_reaches_a_log_line() {
         .into_inner();
     secrets.push(g.access_token);
 
+    // ext_authz: a token attached, then a request to another host refused.
+    for host in [h.sim.addr().to_string(), "evil.example".into()] {
+        let check = authed(
+            CheckRequest {
+                attributes: Some(AttributeContext {
+                    request: Some(attribute_context::Request {
+                        http: Some(attribute_context::HttpRequest {
+                            host,
+                            path: "/v1/processing-terminals/1234001/refunds".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            CALLER_WEB,
+        );
+        AuthorizationClient::new(h.channel.clone())
+            .check(check)
+            .await
+            .unwrap();
+    }
+
     h.shutdown().await.unwrap();
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
@@ -136,6 +164,8 @@ async fn no_secret_reaches_a_log_line() {
         "capture is working"
     );
     assert!(logs.contains("fetched a Bearer token"));
+    assert!(logs.contains("attached a Bearer token"));
+    assert!(logs.contains("check denied"));
     assert!(logs.contains("h2::"), "transport traces were captured too");
     assert!(logs.lines().count() > 200, "{} lines", logs.lines().count());
     for secret in &secrets {
