@@ -13,6 +13,7 @@ use crate::{
     clock::{Clock, SharedEntropy},
     config::{Config, PayrocConfig},
     error::BrokerError,
+    metrics::Metrics,
     payroc::{PayrocClient, Session, SessionRequest, UpstreamError},
     tokens::{BearerToken, CredentialTokens, TokenPolicy, Tokens, TokensSetup},
 };
@@ -24,6 +25,8 @@ pub type Credential = CredentialTokens<Arc<PayrocClient>>;
 pub struct BearerGrant {
     pub credential: Arc<str>,
     pub token: Arc<BearerToken>,
+    /// The identity answer's HTTP status, when this call waited for one.
+    pub upstream_status: Option<u16>,
 }
 
 /// A session token and what was sent to obtain it.
@@ -67,12 +70,14 @@ impl Broker {
     /// Builds the broker for `config`. With `previous` (a reload), credentials
     /// whose name and API key are unchanged keep their cached tokens, unless
     /// a setting they fetch with changed (identity URL, timeouts, refresh
-    /// timing): a new libVersion or API URL keeps every token.
+    /// timing): a new libVersion or API URL keeps every token. Upstream
+    /// requests are counted in `metrics`.
     pub fn new(
         config: &Config,
         clock: Clock,
         entropy: SharedEntropy,
         previous: Option<&Broker>,
+        metrics: &Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
         // Token caches survive when what they fetch with is unchanged; the
         // HTTP client, when nothing in [payroc] changed; the session bulkhead,
@@ -85,11 +90,10 @@ impl Broker {
         let previous = previous.filter(|p| p.payroc == config.payroc);
         let client = match previous {
             Some(p) => Arc::clone(&p.client),
-            None => Arc::new(PayrocClient::new(
-                &config.payroc,
-                clock.clone(),
-                Arc::clone(&entropy),
-            )?),
+            None => Arc::new(
+                PayrocClient::new(&config.payroc, clock.clone(), Arc::clone(&entropy))?
+                    .with_metrics(Arc::clone(metrics)),
+            ),
         };
         let p = &config.payroc;
         let tokens = Tokens::new(
@@ -145,6 +149,13 @@ impl Broker {
         self.tokens.credentials()
     }
 
+    /// Session requests to Payroc in flight now (the bulkhead's use).
+    pub fn sessions_in_flight(&self) -> usize {
+        self.payroc
+            .max_concurrent_sessions
+            .saturating_sub(self.sessions_gate.available_permits())
+    }
+
     /// A fresh random Idempotency-Key.
     pub fn new_idempotency_key(&self) -> Uuid {
         self.entropy.uuid_v4()
@@ -159,12 +170,13 @@ impl Broker {
         deadline: Option<Instant>,
     ) -> Result<BearerGrant, BrokerError> {
         let credential = self.credential(terminal)?;
-        let token = credential
-            .bearer(min_validity.unwrap_or(self.floor), deadline)
+        let (token, upstream_status) = credential
+            .bearer_observed(min_validity.unwrap_or(self.floor), deadline)
             .await?;
         Ok(BearerGrant {
             credential: Arc::clone(&credential.name),
             token,
+            upstream_status,
         })
     }
 

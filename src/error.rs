@@ -69,6 +69,19 @@ pub enum BrokerError {
     WatcherLagging,
 }
 
+impl BrokerError {
+    /// The HTTP status of the Payroc answer behind this error, if one is:
+    /// for the audit trail's `upstream_status`.
+    pub fn upstream_status(&self) -> Option<u16> {
+        match self {
+            BrokerError::Upstream(e)
+            | BrokerError::UpstreamBackingOff { error: e, .. }
+            | BrokerError::SessionUnauthorizedAfterRefresh(e) => e.status(),
+            _ => None,
+        }
+    }
+}
+
 impl From<TokenError> for BrokerError {
     fn from(e: TokenError) -> Self {
         match e {

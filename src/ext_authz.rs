@@ -59,13 +59,17 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::StatusExt;
 use url::{Host, Url};
 
+use tracing::Instrument;
+
 use crate::{
+    audit::{Audit, Auditor},
     clock::Clock,
     config::{IpNet, Rpc},
     error::BrokerError,
     identity::{Caller, peer_of},
     payroc,
     service::{State, deadline},
+    trace::{self, TraceParent},
 };
 
 /// The fully qualified service name, for logs and health checks.
@@ -87,6 +91,7 @@ pub struct ExtAuthzService {
     /// Peers whose `source.principal` is believed (`[server] trusted_proxies`;
     /// like the other `[server]` settings, changed at restart only).
     trusted_proxies: Arc<[IpNet]>,
+    auditor: Auditor,
 }
 
 /// The gRPC server for `service`, with its message size limit.
@@ -196,9 +201,6 @@ fn header(key: &str, value: String) -> HeaderValueOption {
 /// What an allowed request gets: the token to attach and the API key header
 /// to strip. Holds the token: never logged (no Debug).
 struct Allowed {
-    caller: Caller,
-    terminal: String,
-    credential: Arc<str>,
     authorization: String,
 }
 
@@ -221,11 +223,17 @@ impl Allowed {
 }
 
 impl ExtAuthzService {
-    pub fn new(state: Arc<ArcSwap<State>>, clock: Clock, trusted_proxies: Vec<IpNet>) -> Self {
+    pub fn new(
+        state: Arc<ArcSwap<State>>,
+        clock: Clock,
+        trusted_proxies: Vec<IpNet>,
+        auditor: Auditor,
+    ) -> Self {
         Self {
             state,
             clock,
             trusted_proxies: trusted_proxies.into(),
+            auditor,
         }
     }
 
@@ -233,7 +241,17 @@ impl ExtAuthzService {
         self.trusted_proxies.iter().any(|n| n.contains(ip))
     }
 
-    async fn decide(&self, req: &Request<CheckRequest>) -> Result<Allowed, Denial> {
+    async fn decide(
+        &self,
+        req: &Request<CheckRequest>,
+        audit: &mut Audit,
+    ) -> Result<Allowed, Denial> {
+        // The audit learns what an error says (upstream status, caller,
+        // rate limit) before it becomes a denial.
+        let deny = |e: BrokerError, audit: &mut Audit| {
+            audit.error(&e);
+            Denial::from_error(e)
+        };
         let deadline = deadline(req, &self.clock);
         // One configuration from start to end, as for every RPC.
         let state = self.state.load_full();
@@ -251,26 +269,27 @@ impl ExtAuthzService {
         };
         let terminal = terminal_of(http, api_url.path())
             .map_err(|why| Denial::new(HttpStatusCode::BadRequest, Code::InvalidArgument, why))?;
-        // audit: terminal(&terminal)
+        audit.terminal(&terminal);
 
         let caller = self
             .caller(&state, req, attributes)
-            .map_err(Denial::from_error)?;
-        // audit: caller(caller.name())
+            .map_err(|e| deny(e, audit))?;
+        audit.caller(caller.name());
         caller
             .authorize(Rpc::ExtAuthz, &terminal)
-            .map_err(Denial::from_error)?;
+            .map_err(|e| deny(e, audit))?;
+        if let Ok(c) = state.broker.credential(&terminal) {
+            audit.credential(&c.name);
+        }
         let grant = state
             .broker
             .bearer(&terminal, None, deadline)
             .await
-            .map_err(Denial::from_error)?;
-        // audit: credential(&grant.credential), token(&grant.token.access_token)
+            .map_err(|e| deny(e, audit))?;
+        audit.upstream_status(grant.upstream_status);
         let token = secrecy::ExposeSecret::expose_secret(&grant.token.access_token);
+        audit.token(token);
         Ok(Allowed {
-            caller,
-            terminal,
-            credential: grant.credential,
             authorization: format!("Bearer {token}"),
         })
     }
@@ -308,27 +327,29 @@ impl Authorization for ExtAuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        // audit: Audit::start("ExtAuthz", peer, trace); finish(code) below.
-        // metrics: rpcs_total{rpc="ExtAuthz", code}, rpc_duration_seconds.
-        let response = match self.decide(&request).await {
+        // One audit event per Check (code: the decision's), in the call's
+        // span and trace scope, as for the TokenBroker RPCs.
+        let trace = TraceParent::from_metadata(request.metadata());
+        let peer = peer_of(request.extensions()).map(|p| p.remote);
+        let mut audit = self.auditor.start(Some(Rpc::ExtAuthz), peer, trace);
+        let span = audit.span();
+        let decision = trace::scope(trace, self.decide(&request, &mut audit))
+            .instrument(span.clone())
+            .await;
+        let _entered = span.enter();
+        let response = match decision {
             Ok(allowed) => {
-                tracing::info!(
-                    rpc = "ExtAuthz",
-                    caller = allowed.caller.name(),
-                    terminal = %allowed.terminal,
-                    credential = %allowed.credential,
-                    "attached a Bearer token"
-                );
+                audit.finish(Code::Ok);
                 allowed.into_response()
             }
             Err(denial) => {
-                tracing::info!(
-                    rpc = "ExtAuthz",
-                    code = ?denial.code,
+                // The reason as a field: text from the request in it is escaped.
+                tracing::debug!(
                     http_status = denial.http as i32,
-                    reason = %denial.message,
+                    reason = denial.message.as_str(),
                     "check denied"
                 );
+                audit.finish(denial.code);
                 denial.into_response()
             }
         };

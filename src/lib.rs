@@ -20,12 +20,17 @@
 //! | [`ext_authz`] | Envoy's external authorization: attach a Bearer token to requests bound for Payroc |
 //! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
 //! | [`server`] | assembly: health, reflection, graceful shutdown |
+//! | [`audit`] | one audit event per call, and the RPC metrics |
+//! | [`metrics`] | Prometheus counters, gauges read at scrape time, `/metrics` |
+//! | [`logging`] | text or JSON log lines through a bounded queue, never blocking |
+//! | [`trace`] | W3C `traceparent`: kept for the RPC, passed on to Payroc |
 //! | `sim` | the simulated Payroc, for the sandbox and the tests (feature `sandbox`) |
 //! | [`probe`] | `payroc-broker health`: one gRPC health check, as an exit status |
 //! | `sandbox` | the broker wired to the simulator, for trying it out (feature `sandbox`) |
 //! | [`clock`] | injected time and randomness |
 //! | [`proto`] | generated code, quarantined |
 
+pub mod audit;
 pub mod broker;
 pub mod cell;
 pub mod clock;
@@ -35,6 +40,8 @@ pub mod ext_authz;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod logging;
+pub mod metrics;
 pub mod payroc;
 pub mod probe;
 pub mod proto;
@@ -46,4 +53,5 @@ pub mod service;
 pub mod sim;
 pub mod status;
 pub mod tokens;
+pub mod trace;
 pub mod validate;

@@ -6,11 +6,12 @@ use std::{
     io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use payroc_broker::{
     clock::{Clock, OsEntropy, SharedEntropy},
-    config::{self, CONFIG_ENV, CapturedEnv, Config},
+    config::{self, CONFIG_ENV, CapturedEnv, Config, LogFormat},
+    logging,
     probe::{self, Probe},
     server,
 };
@@ -40,12 +41,18 @@ enum Command {
         /// Serve without `[[callers]]`: anyone who can reach the port gets tokens.
         #[arg(long)]
         allow_unauthenticated: bool,
+        /// Log line format, overriding `server.log_format`.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormatArg>,
     },
     /// Serve against a built-in simulated Payroc with demo terminals (not in
     /// builds without the `sandbox` feature).
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Log line format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormatArg,
     },
     /// Validate a configuration (secrets readable, URLs allowed) without contacting Payroc.
     CheckConfig {
@@ -74,16 +81,44 @@ enum Command {
     },
 }
 
+/// `--log-format`.
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(f: LogFormatArg) -> Self {
+        match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let dumps_off = disable_core_dumps();
     let cli = Cli::parse();
     // `serve` reads the secret variables its file names now, while this is
     // the only thread (no logging worker, no runtime yet), and removes them
     // from the environment. Problems are reported by the load below, once
-    // logging is up; this first load only captures.
+    // logging is up; this first load only captures (and finds the log
+    // format).
     let env = CapturedEnv::new();
-    if let Command::Serve { config, .. } = &cli.command {
-        let _ = Config::load_with(config, &env);
+    let mut log_format = LogFormat::Text;
+    if let Command::Serve {
+        config,
+        log_format: flag,
+        ..
+    } = &cli.command
+    {
+        let first = Config::load_with(config, &env);
+        log_format = match (flag, &first) {
+            (Some(f), _) => (*f).into(),
+            (None, Ok(c)) => c.server.log_format,
+            (None, Err(_)) => LogFormat::Text,
+        };
         let block = initial_env_block();
         for name in env.names() {
             // SAFETY: no other thread exists: `main` has spawned nothing
@@ -92,7 +127,11 @@ fn main() -> ExitCode {
             unsafe { remove_secret_var(&name, block.clone()) };
         }
     }
-    init_logging();
+    if let Command::Sandbox { log_format: f, .. } = &cli.command {
+        log_format = (*f).into();
+    }
+    // Flushes queued log lines when main returns.
+    let _log_guard = logging::init(log_format);
     if !dumps_off {
         tracing::warn!("could not turn off core dumps (prctl PR_SET_DUMPABLE)");
     }
@@ -131,6 +170,7 @@ fn main() -> ExitCode {
             config: path,
             listen,
             allow_unauthenticated,
+            log_format: _,
         } => {
             let policy = ServePolicy {
                 path,
@@ -149,7 +189,7 @@ fn main() -> ExitCode {
             };
             run(async move { Ok((c, None, Some(policy))) })
         }
-        Command::Sandbox { listen } => sandbox(listen),
+        Command::Sandbox { listen, .. } => sandbox(listen),
     }
 }
 
@@ -416,19 +456,4 @@ fn disable_core_dumps() -> bool {
 #[cfg(not(target_os = "linux"))]
 fn disable_core_dumps() -> bool {
     true
-}
-
-/// Logs go to stderr, filtered by `RUST_LOG` (default `info`). No secret is
-/// ever a field or message, so every level is safe to enable.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // Its default reports a failed write with eprintln!, which panics when
-        // stderr is a closed pipe: a dead log collector must not fail RPCs.
-        .log_internal_errors(false)
-        .init();
 }

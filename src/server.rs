@@ -24,11 +24,13 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    audit::Auditor,
     broker::Broker,
     clock::{Clock, SharedEntropy},
     config::Config,
     ext_authz::{self, ExtAuthzService},
     identity::{Callers, layer::Admission},
+    metrics::Metrics,
     proto::{self, token_broker_server::TokenBrokerServer},
     service::{State, TokenBrokerService},
     tokens::TokenHealth,
@@ -47,6 +49,8 @@ pub enum ServeError {
     Client(reqwest::Error),
     Transport(tonic::transport::Error),
     Reflection(tonic_reflection::server::Error),
+    /// `metrics_listen` could not be bound.
+    Metrics(std::net::SocketAddr, io::Error),
 }
 
 impl std::fmt::Display for ServeError {
@@ -55,6 +59,9 @@ impl std::fmt::Display for ServeError {
             ServeError::Client(e) => write!(f, "cannot build the Payroc HTTP client: {e}"),
             ServeError::Transport(e) => write!(f, "gRPC server failed: {e}"),
             ServeError::Reflection(e) => write!(f, "cannot build the reflection service: {e}"),
+            ServeError::Metrics(addr, e) => {
+                write!(f, "cannot listen on {addr} (server.metrics_listen): {e}")
+            }
         }
     }
 }
@@ -70,6 +77,8 @@ pub fn credential_service_name(credential: &str) -> String {
 /// NOT_SERVING, refuses new RPCs, and lets in-flight ones finish for up to
 /// `config.server.shutdown_grace`. Each configuration from `reloads` (already
 /// validated) replaces the running one without disturbing RPCs in flight.
+///
+/// With `server.metrics_listen`, Prometheus metrics are served there too.
 pub async fn serve(
     listener: TcpListener,
     config: &Config,
@@ -78,13 +87,53 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     reloads: impl Stream<Item = Config> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let broker = Broker::new(config, clock.clone(), Arc::clone(&entropy), None)
+    let metrics = match config.server.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Metrics(addr, e))?,
+        ),
+        None => None,
+    };
+    serve_with_metrics(listener, metrics, config, clock, entropy, shutdown, reloads).await
+}
+
+/// [`serve`], with metrics on `metrics` (already bound, so tests can bind
+/// port 0 and learn the address) instead of `server.metrics_listen`.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: &Config,
+    clock: Clock,
+    entropy: SharedEntropy,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reloads: impl Stream<Item = Config> + Send + 'static,
+) -> Result<(), ServeError> {
+    let metrics = Metrics::new();
+    let broker = Broker::new(config, clock.clone(), Arc::clone(&entropy), None, &metrics)
         .map_err(ServeError::Client)?;
     let state = Arc::new(ArcSwap::from_pointee(State {
         broker,
         callers: Callers::new(config, clock.clone(), None),
     }));
-    let service = TokenBrokerService::new(Arc::clone(&state), clock.clone());
+    let service = TokenBrokerService::new(
+        Arc::clone(&state),
+        clock.clone(),
+        Auditor::new(clock.clone(), Arc::clone(&metrics)),
+    );
+    let metrics_server = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics serving on /metrics");
+        }
+        let (state, metrics, clock) = (Arc::clone(&state), Arc::clone(&metrics), clock.clone());
+        crate::metrics::serve(listener, move || {
+            metrics.render(
+                &state.load().broker,
+                &clock,
+                crate::logging::lines_dropped(),
+            )
+        })
+    });
 
     // NOT_SERVING until every credential's first fetch is done, or
     // warm_start_timeout: a slow identity service delays readiness only so long.
@@ -137,14 +186,12 @@ pub async fn serve(
     // body is read: an unidentified request costs no buffered body.
     let admit = {
         let service = service.clone();
-        // audit: `_path` (`/payroc.broker.v1.TokenBroker/<Rpc>`) names the
-        // RPC of a call refused here, before any handler runs.
-        move |_path: &str,
+        // `path` (`/payroc.broker.v1.TokenBroker/<Rpc>`) names the RPC in
+        // the audit event of a call refused here, before any handler runs.
+        move |path: &str,
               metadata: &tonic::metadata::MetadataMap,
               extensions: &tonic::Extensions| {
-            service
-                .admit(metadata, extensions)
-                .map_err(tonic::Status::from)
+            service.admission(path, metadata, extensions)
         }
     };
     // Kept to end open WatchBearerToken streams at shutdown and to tell them
@@ -164,6 +211,7 @@ pub async fn serve(
             Arc::clone(&state),
             clock.clone(),
             config.server.trusted_proxies.clone(),
+            Auditor::new(clock.clone(), Arc::clone(&metrics)),
         ))
     });
 
@@ -211,7 +259,7 @@ pub async fn serve(
                 if next.ext_authz != config.ext_authz {
                     tracing::warn!("[ext_authz] settings changed; they take effect at the next restart");
                 }
-                reload(&state, &next, &server_config, &clock, &entropy, &mut credential_health).await;
+                reload(&state, &next, &server_config, &clock, &entropy, &metrics, &mut credential_health).await;
                 signals.reloaded();
             }
         }
@@ -234,6 +282,7 @@ pub async fn serve(
         }
     }
     credential_health.stop();
+    drop(metrics_server);
     tracing::info!("payroc-broker stopped");
     Ok(())
 }
@@ -244,6 +293,7 @@ async fn reload(
     server: &crate::config::ServerConfig,
     clock: &Clock,
     entropy: &SharedEntropy,
+    metrics: &Arc<Metrics>,
     credential_health: &mut CredentialHealth,
 ) {
     let current = state.load_full();
@@ -252,6 +302,7 @@ async fn reload(
         clock.clone(),
         Arc::clone(entropy),
         Some(&current.broker),
+        metrics,
     ) {
         Ok(b) => b,
         Err(e) => {
@@ -434,20 +485,27 @@ fn panic_to_error(e: tokio::task::JoinError) -> tonic::transport::Error {
     std::panic::resume_unwind(e.into_panic())
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled: a signal that arrives while
+/// the server is still starting then shuts it down gracefully instead of
+/// killing it (the default action). Call it inside the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

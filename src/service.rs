@@ -2,9 +2,13 @@
 //! convert to proto types. Errors become statuses in `crate::status` only.
 //!
 //! Identification and the rate limit run on the request headers, before the
-//! body is read, in [`TokenBrokerService::admit`] (called by
+//! body is read, in [`TokenBrokerService::admission`] (called by
 //! `identity::layer::Admission` in front of the service); handlers take the
 //! result from the request's extensions with [`TokenBrokerService::admitted`].
+//!
+//! Every call is audited once ([`crate::audit`]): by the admission when it
+//! refuses the call, otherwise by the handler's wrapper in the trait impl,
+//! which also runs the handler in the call's span and trace scope.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -16,8 +20,10 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
+use tracing::Instrument;
 
 use crate::{
+    audit::{Audit, Auditor},
     broker::Broker,
     clock::Clock,
     config::Rpc,
@@ -29,6 +35,7 @@ use crate::{
         GetBearerTokenResponse, WatchBearerTokenRequest,
     },
     tokens::BearerToken,
+    trace::{self, TraceParent},
     validate,
 };
 
@@ -62,6 +69,7 @@ pub struct TokenBrokerService {
     state: Arc<ArcSwap<State>>,
     clock: Clock,
     signals: Arc<Signals>,
+    auditor: Auditor,
 }
 
 /// What long-lived streams react to, set by the server: shutdown, and
@@ -81,10 +89,11 @@ pub struct Admitted {
 }
 
 impl TokenBrokerService {
-    pub fn new(state: Arc<ArcSwap<State>>, clock: Clock) -> Self {
+    pub fn new(state: Arc<ArcSwap<State>>, clock: Clock, auditor: Auditor) -> Self {
         Self {
             state,
             clock,
+            auditor,
             signals: Arc::new(Signals {
                 shutdown: watch::Sender::new(false),
                 reloads: watch::Sender::new(0),
@@ -113,11 +122,69 @@ impl TokenBrokerService {
     ) -> Result<Admitted, BrokerError> {
         let state = self.state.load_full();
         let peer = peer_of(extensions);
-        // audit: Audit::start(rpc from the path, peer.remote, trace); on Err,
-        // finish(code) here with no caller: the handler never runs.
         let caller = state.callers.admit(metadata, peer.as_ref())?;
-        // audit: caller(caller.name()), peer
         Ok(Admitted { state, caller })
+    }
+
+    /// [`Self::admit`] for the admission layer, given the request path: a
+    /// refusal is audited here, since no handler will run for it.
+    pub fn admission(
+        &self,
+        path: &str,
+        metadata: &MetadataMap,
+        extensions: &Extensions,
+    ) -> Result<Admitted, Status> {
+        self.admit(metadata, extensions).map_err(|e| {
+            let mut audit = self.auditor.start(
+                crate::audit::rpc_of_path(path),
+                peer_of(extensions).map(|p| p.remote),
+                TraceParent::from_metadata(metadata),
+            );
+            let span = audit.span();
+            let _entered = span.enter();
+            audit.error(&e);
+            let status = Status::from(e);
+            debug_refusal(&status);
+            audit.finish(status.code());
+            status
+        })
+    }
+
+    /// Starts a call's audit, and the span its handler runs in. The trait
+    /// impl runs the handler in that span and in the call's trace scope
+    /// ([`trace::scope`]), then hands the outcome to [`Self::conclude`]; if
+    /// the call's future is dropped before that, the audit records CANCELLED.
+    fn begin<R>(&self, rpc: Rpc, request: &Request<R>) -> (Audit, tracing::Span) {
+        let trace = TraceParent::from_metadata(request.metadata());
+        let peer = peer_of(request.extensions()).map(|p| p.remote);
+        let audit = self.auditor.start(Some(rpc), peer, trace);
+        let span = audit.span();
+        (audit, span)
+    }
+
+    /// Turns a handler's outcome into the answer, and finishes its audit
+    /// with the answer's code.
+    fn conclude<T>(
+        &self,
+        audit: Audit,
+        span: &tracing::Span,
+        outcome: Result<T, BrokerError>,
+    ) -> Result<Response<T>, Status> {
+        let mut audit = audit;
+        let _entered = span.enter();
+        match outcome {
+            Ok(v) => {
+                audit.finish(tonic::Code::Ok);
+                Ok(Response::new(v))
+            }
+            Err(e) => {
+                audit.error(&e);
+                let status = Status::from(e);
+                debug_refusal(&status);
+                audit.finish(status.code());
+                Err(status)
+            }
+        }
     }
 
     /// The admission of `req`; admits it now if nothing did before (a
@@ -132,59 +199,60 @@ impl TokenBrokerService {
     async fn bearer(
         &self,
         req: Request<GetBearerTokenRequest>,
+        audit: &mut Audit,
     ) -> Result<GetBearerTokenResponse, BrokerError> {
         let deadline = deadline(&req, &self.clock);
         let Admitted { state, caller } = self.admitted(&req)?;
+        audit.caller(caller.name());
         let msg = req.get_ref();
+        audit.terminal(&msg.processing_terminal_id);
         let query = validate::bearer(&msg.processing_terminal_id, msg.min_validity)
             .map_err(BrokerError::InvalidArgument)?;
         let (terminal, min_validity) = (query.processing_terminal_id.as_str(), query.min_validity);
         caller.authorize(Rpc::GetBearerToken, terminal)?;
+        audit.credential(&state.broker.credential(terminal)?.name);
         let grant = state
             .broker
             .bearer(terminal, min_validity, deadline)
             .await?;
-        tracing::info!(
-            rpc = "GetBearerToken",
-            caller = caller.name(),
-            terminal,
-            credential = %grant.credential,
-            "issued a Bearer token"
-        );
-        Ok(bearer_response(&grant.token, &grant.credential))
+        audit.upstream_status(grant.upstream_status);
+        let response = bearer_response(&grant.token, &grant.credential);
+        audit.token(&response.access_token);
+        Ok(response)
     }
 
+    /// The audit of a WatchBearerToken call covers its start: the first
+    /// token handed out (or the refusal). How the stream ends later is
+    /// logged at DEBUG, not as a second audit event.
     async fn watch(
         &self,
         req: Request<WatchBearerTokenRequest>,
+        audit: &mut Audit,
     ) -> Result<WatchStream, BrokerError> {
         let deadline = deadline(&req, &self.clock);
         let Admitted { state, caller } = self.admitted(&req)?;
+        audit.caller(caller.name());
         let msg = req.get_ref();
+        audit.terminal(&msg.processing_terminal_id);
         let query = validate::bearer(&msg.processing_terminal_id, msg.min_validity)
             .map_err(BrokerError::InvalidArgument)?;
         let terminal = query.processing_terminal_id;
         caller.authorize(Rpc::WatchBearerToken, &terminal)?;
         let credential = Arc::clone(state.broker.credential(&terminal)?);
+        audit.credential(&credential.name);
         let min_validity = query.min_validity.unwrap_or(state.broker.floor);
         // Subscribed before the first token is had, so no replacement slips
         // between the two.
         let changes = credential.subscribe();
-        let first = credential.bearer(min_validity, deadline).await?;
+        let (first, upstream_status) = credential.bearer_observed(min_validity, deadline).await?;
+        audit.upstream_status(upstream_status);
         credential.check_watchable(min_validity, &first)?;
-        // audit: as GetBearerToken (caller, terminal, credential, token) at
-        // the first token; the stream's end code is not an RPC outcome.
-        tracing::info!(
-            rpc = "WatchBearerToken",
-            caller = caller.name(),
-            terminal = %terminal,
-            credential = %credential.name,
-            "watching the Bearer token"
-        );
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let (end_tx, end_rx) = oneshot::channel::<Status>();
+        let response = bearer_response(&first, &credential.name);
+        audit.token(&response.access_token);
         // A fresh channel has room.
-        let _ = tx.try_send(bearer_response(&first, &credential.name));
+        let _ = tx.try_send(response);
         let watcher = Watcher {
             service: self.clone(),
             caller,
@@ -197,7 +265,8 @@ impl TokenBrokerService {
         };
         tokio::spawn(async move {
             if let Some(end) = watcher.follow().await {
-                let status = log_error("WatchBearerToken")(end);
+                let status = Status::from(end);
+                tracing::debug!(code = ?status.code(), error = status.message(), "watch stream ended");
                 let _ = end_tx.send(status);
             }
         });
@@ -210,13 +279,16 @@ impl TokenBrokerService {
     async fn session(
         &self,
         req: Request<CreateSessionRequest>,
+        audit: &mut Audit,
     ) -> Result<CreateSessionResponse, BrokerError> {
         let deadline = deadline(&req, &self.clock);
         let Admitted { state, caller } = self.admitted(&req)?;
+        audit.caller(caller.name());
+        audit.terminal(&req.get_ref().processing_terminal_id);
         let query = validate::session(req.into_inner()).map_err(BrokerError::InvalidArgument)?;
         caller.authorize(Rpc::CreateSession, &query.processing_terminal_id)?;
         // Unknown terminals fail before a key is generated or a token fetched.
-        state.broker.credential(&query.processing_terminal_id)?;
+        audit.credential(&state.broker.credential(&query.processing_terminal_id)?.name);
         // The caller's share of the session bulkhead, held until Payroc answers.
         let _slot = caller.session_slot()?;
 
@@ -231,17 +303,14 @@ impl TokenBrokerService {
                 .idempotency_key
                 .unwrap_or_else(|| state.broker.new_idempotency_key()),
         };
+        audit.idempotency_key(request.idempotency_key);
         let grant = state.broker.session(request, deadline).await?;
-        tracing::info!(
-            rpc = "CreateSession",
-            caller = caller.name(),
-            terminal = %grant.session.processing_terminal_id,
-            idempotency_key = %grant.idempotency_key,
-            "created a Hosted Fields session"
-        );
+        audit.upstream_status(Some(grant.session.status));
+        let session_token = secrecy::ExposeSecret::expose_secret(&grant.session.token);
+        audit.token(session_token);
         Ok(CreateSessionResponse {
             processing_terminal_id: grant.session.processing_terminal_id,
-            session_token: secrecy::ExposeSecret::expose_secret(&grant.session.token).to_owned(),
+            session_token: session_token.to_owned(),
             expires_at: Some(grant.session.expires_at.into()),
             idempotency_key: grant.idempotency_key.hyphenated().to_string(),
             lib_version: grant.lib_version,
@@ -360,20 +429,22 @@ impl proto::token_broker_server::TokenBroker for TokenBrokerService {
         &self,
         request: Request<GetBearerTokenRequest>,
     ) -> Result<Response<GetBearerTokenResponse>, Status> {
-        self.bearer(request)
-            .await
-            .map(Response::new)
-            .map_err(log_error("GetBearerToken"))
+        let (mut audit, span) = self.begin(Rpc::GetBearerToken, &request);
+        let outcome = trace::scope(audit.trace(), self.bearer(request, &mut audit))
+            .instrument(span.clone())
+            .await;
+        self.conclude(audit, &span, outcome)
     }
 
     async fn create_session(
         &self,
         request: Request<CreateSessionRequest>,
     ) -> Result<Response<CreateSessionResponse>, Status> {
-        self.session(request)
-            .await
-            .map(Response::new)
-            .map_err(log_error("CreateSession"))
+        let (mut audit, span) = self.begin(Rpc::CreateSession, &request);
+        let outcome = trace::scope(audit.trace(), self.session(request, &mut audit))
+            .instrument(span.clone())
+            .await;
+        self.conclude(audit, &span, outcome)
     }
 
     type WatchBearerTokenStream = WatchStream;
@@ -382,19 +453,19 @@ impl proto::token_broker_server::TokenBroker for TokenBrokerService {
         &self,
         request: Request<WatchBearerTokenRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        self.watch(request)
-            .await
-            .map(Response::new)
-            .map_err(log_error("WatchBearerToken"))
+        let (mut audit, span) = self.begin(Rpc::WatchBearerToken, &request);
+        let outcome = trace::scope(audit.trace(), self.watch(request, &mut audit))
+            .instrument(span.clone())
+            .await;
+        self.conclude(audit, &span, outcome)
     }
 }
 
-fn log_error(rpc: &'static str) -> impl FnOnce(BrokerError) -> Status {
-    move |e| {
-        let status = Status::from(e);
-        tracing::info!(rpc, code = ?status.code(), message = status.message(), "RPC failed");
-        status
-    }
+/// The status message of a refused call, at DEBUG (the audit event has the
+/// code): recorded as a field, so text a caller chose (quoted in it) is
+/// escaped, never able to start a line of its own.
+fn debug_refusal(status: &Status) {
+    tracing::debug!(code = ?status.code(), error = status.message(), "call refused");
 }
 
 #[cfg(test)]

@@ -429,6 +429,16 @@ impl SimPayroc {
             .unwrap_or(0)
     }
 
+    /// The `traceparent` headers received (the latest [`MAX_TRACEPARENTS`]),
+    /// oldest first, with the endpoint each came to.
+    pub fn traceparents(&self) -> Vec<(SimEndpoint, String)> {
+        lock(&self.inner.sim.books)
+            .traceparents
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// The most recent sessions requests (at most
     /// [`SimLimits::session_records`]), oldest first.
     pub fn sessions(&self) -> Vec<SessionRecord> {
@@ -507,6 +517,22 @@ struct Books {
     idempotency: HashMap<IdempotencyKey, StoredSession>,
     /// The same keys, oldest first, to expire them in order.
     idempotency_order: VecDeque<(Instant, IdempotencyKey)>,
+    /// `traceparent` headers received, the latest only.
+    traceparents: VecDeque<(SimEndpoint, String)>,
+}
+
+/// How many `traceparent` headers the simulator remembers.
+pub const MAX_TRACEPARENTS: usize = 1000;
+
+impl Books {
+    fn traceparent(&mut self, endpoint: SimEndpoint, headers: &HeaderMap) {
+        if let Some(t) = header_lossy(headers, "traceparent") {
+            if self.traceparents.len() == MAX_TRACEPARENTS {
+                self.traceparents.pop_front();
+            }
+            self.traceparents.push_back((endpoint, t));
+        }
+    }
 }
 
 type IdempotencyKey = (usize, String);
@@ -616,6 +642,7 @@ async fn authorize(State(sim): State<Arc<Sim>>, headers: HeaderMap) -> Response 
         if counted {
             *books.identity_by_key.entry(key).or_default() += 1;
         }
+        books.traceparent(SimEndpoint::Identity, &headers);
     }
     let (fault, delay) = sim.faults.take(SimEndpoint::Identity);
     pause(delay).await;
@@ -638,6 +665,7 @@ async fn create_session(
     let seq = {
         let mut books = lock(&sim.books);
         books.stats.session_requests += 1;
+        books.traceparent(SimEndpoint::Sessions, &headers);
         let authorization = header_lossy(&headers, header::AUTHORIZATION.as_str());
         let record = SessionRecord {
             terminal: terminal.clone(),

@@ -49,6 +49,8 @@ pub struct BearerToken {
     pub refresh_at: Instant,
     /// When the identity request that got it was sent.
     pub fetched_at: Instant,
+    /// The HTTP status of the identity answer that issued it.
+    pub upstream_status: u16,
 }
 
 impl BearerToken {
@@ -110,10 +112,13 @@ impl TokenSource for Arc<PayrocClient> {
         api_key: SecretString,
     ) -> impl Future<Output = Result<IdentityToken, UpstreamError>> + Send + 'static {
         let client = Arc::clone(self);
+        // Read now, in the task of the RPC that starts the fetch: the fetch
+        // runs in a task of its own.
+        let trace = crate::trace::current();
         // No deadline: the fetch is shared, so no one caller's deadline may cut
         // it short. Attempts and request_timeout bound it; callers stop
         // waiting at their own deadlines.
-        async move { client.fetch_bearer(&api_key, None).await }
+        async move { client.fetch_bearer(&api_key, None, trace).await }
     }
 }
 
@@ -223,11 +228,23 @@ impl<S: TokenSource> CredentialTokens<S> {
         min_validity: Duration,
         deadline: Option<Instant>,
     ) -> Result<Arc<BearerToken>, TokenError> {
+        self.bearer_observed(min_validity, deadline)
+            .await
+            .map(|(t, _)| t)
+    }
+
+    /// [`Self::bearer`], and the HTTP status of the identity answer it
+    /// waited for, if it waited for one (`None` when served from the cache).
+    pub async fn bearer_observed(
+        &self,
+        min_validity: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<BearerToken>, Option<u16>), TokenError> {
         let inner = &*self.inner;
         // Hit path: one atomic load and a comparison.
         if let Some(tok) = inner.cell.current() {
             if tok.remaining(inner.clock.now()) >= min_validity {
-                return Ok(tok);
+                return Ok((tok, None));
             }
             // Not satisfiable at all, or only by re-fetching a token fetched
             // moments ago: a min_validity close to the lifetime must not
@@ -260,7 +277,8 @@ impl<S: TokenSource> CredentialTokens<S> {
             FlightError::Aborted => TokenError::Aborted,
         })?;
         if tok.remaining(inner.clock.now()) >= min_validity {
-            Ok(tok)
+            let status = tok.upstream_status;
+            Ok((tok, Some(status)))
         } else {
             Err(TokenError::OutOfRange {
                 requested: min_validity,
@@ -387,6 +405,13 @@ impl<S: TokenSource> CredentialTokens<S> {
             tracing::info!(credential = %self.name, "Payroc rejected the cached Bearer token; fetching a new one");
         }
         dropped
+    }
+
+    /// Failed identity fetches in a row (0 after a success).
+    pub fn consecutive_failures(&self) -> u32 {
+        lock(&self.inner.failure)
+            .as_ref()
+            .map_or(0, |f| f.consecutive)
     }
 
     /// Identity requests started so far.
@@ -675,6 +700,7 @@ fn cache_entry(
         lifetime: t.expires_in,
         refresh_at,
         fetched_at: t.requested_at,
+        upstream_status: t.status,
     })
 }
 
@@ -842,6 +868,7 @@ mod tests {
                         expires_in: lifetime,
                         requested_at,
                         scopes: vec!["a".into(), "b".into()],
+                        status: 200,
                     }),
                     Err(status) => Err(UpstreamError::Status {
                         endpoint: crate::payroc::Endpoint::Identity,

@@ -1,6 +1,8 @@
 //! Captures every log line, at TRACE for every crate (h2, hyper, reqwest,
-//! tonic included), through full flows, and asserts no API key, Bearer token,
-//! session token or caller token appears.
+//! tonic included), in both log formats as the binary configures them,
+//! through full flows (traced, refused, rate-limited and abandoned calls
+//! too), and asserts no API key, Bearer token, session token or caller token
+//! appears.
 
 mod common;
 
@@ -14,10 +16,13 @@ use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
 };
 use payroc_broker::{
+    config::LogFormat,
+    logging,
     proto::GetBearerTokenRequest,
     sim::{Fault, SimEndpoint},
 };
 use tonic::Request;
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -38,23 +43,43 @@ const CALLERS: &str = r#"
     token_env = "CALLER_WEB"
     terminals = ["*"]
     rpcs = ["*"]
+    [[callers]]
+    name = "ops"
+    token_env = "CALLER_OPS"
+    terminals = ["*"]
+    rpcs = ["*"]
+    rate_limit = "1/m"
 "#;
 
 fn authed<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r.metadata_mut().insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            .parse()
+            .unwrap(),
+    );
     r
 }
 
 #[tokio::test]
 async fn no_secret_reaches_a_log_line() {
     let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
+    let (text, json) = (capture.clone(), capture.clone());
+    tracing_subscriber::registry()
+        .with(logging::fmt_layer(
+            LogFormat::Text,
+            move || text.clone(),
+            false,
+        ))
+        .with(logging::fmt_layer(
+            LogFormat::Json,
+            move || json.clone(),
+            false,
+        ))
+        .with(tracing_subscriber::filter::LevelFilter::TRACE)
         .init();
 
     let h = Harness::with(Options {
@@ -130,6 +155,29 @@ async fn no_secret_reaches_a_log_line() {
         .unwrap()
         .into_inner();
     secrets.push(g.access_token);
+    // Rate-limited, then abandoned while Payroc is slow.
+    c.get_bearer_token(authed(bearer("1234001"), CALLER_OPS))
+        .await
+        .unwrap();
+    c.get_bearer_token(authed(bearer("1234001"), CALLER_OPS))
+        .await
+        .unwrap_err();
+    h.sim.faults().push(
+        SimEndpoint::Sessions,
+        Fault::status(0).with_delay(std::time::Duration::from_secs(3)),
+        1,
+    );
+    let abandoned = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        c.create_session(authed(payment("1234001"), CALLER_WEB)),
+    )
+    .await;
+    assert!(abandoned.is_err());
+    eventually("the abandoned call's audit event", || {
+        let seen = String::from_utf8_lossy(&capture.0.lock().unwrap()).contains("code=CANCELLED");
+        async move { seen }
+    })
+    .await;
 
     // ext_authz: a token attached, then a request to another host refused.
     for host in [h.sim.addr().to_string(), "evil.example".into()] {
@@ -160,11 +208,19 @@ async fn no_secret_reaches_a_log_line() {
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     // The capture really saw the flows, down to the HTTP/2 frames.
     assert!(
-        logs.contains("created a Hosted Fields session"),
+        logs.contains("payroc_broker::audit: rpc caller=web rpc=CreateSession"),
         "capture is working"
     );
+    assert!(
+        logs.contains(r#""target":"payroc_broker::audit""#),
+        "{logs}"
+    );
+    assert!(logs.contains("code=RESOURCE_EXHAUSTED"));
+    assert!(logs.contains("code=CANCELLED"));
     assert!(logs.contains("fetched a Bearer token"));
-    assert!(logs.contains("attached a Bearer token"));
+    // ext_authz Checks, allowed and denied, audited like the RPCs.
+    assert!(logs.contains(r#"rpc=ExtAuthz terminal="1234001" credential=acme code=OK"#));
+    assert!(logs.contains("rpc=ExtAuthz code=PERMISSION_DENIED"));
     assert!(logs.contains("check denied"));
     assert!(logs.contains("h2::"), "transport traces were captured too");
     assert!(logs.lines().count() > 200, "{} lines", logs.lines().count());

@@ -1,6 +1,9 @@
 //! The HTTP client: one pooled reqwest client (rustls) for both endpoints.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use reqwest::{
     Url,
@@ -16,7 +19,11 @@ use super::{
     problem::Problem,
     retry::{self, RetryPolicy},
 };
-use crate::clock::{Clock, SharedEntropy};
+use crate::{
+    clock::{Clock, SharedEntropy},
+    metrics::Metrics,
+    trace::{TRACEPARENT, TraceParent},
+};
 
 /// Bodies larger than this are cut off: Payroc's answers are a few hundred
 /// bytes, and an unbounded read is a memory hazard.
@@ -35,6 +42,8 @@ pub struct IdentityToken {
     /// from here, so network latency can only make the broker more cautious.
     pub requested_at: Instant,
     pub scopes: Vec<String>,
+    /// The HTTP status the identity service answered with.
+    pub status: u16,
 }
 
 /// What a Hosted Fields session is for.
@@ -79,6 +88,8 @@ pub struct Session {
     pub processing_terminal_id: String,
     pub token: SecretString,
     pub expires_at: SystemTime,
+    /// The HTTP status the sessions endpoint answered with.
+    pub status: u16,
 }
 
 /// What the client needs to know: where Payroc is and how patiently to ask.
@@ -108,6 +119,8 @@ pub struct PayrocClient {
     identity_retry: RetryPolicy,
     clock: Clock,
     entropy: SharedEntropy,
+    /// Where each HTTP attempt is counted, when metrics are kept.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl PayrocClient {
@@ -138,7 +151,14 @@ impl PayrocClient {
             },
             clock,
             entropy,
+            metrics: None,
         })
+    }
+
+    /// Counts every HTTP attempt (status and time) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Fixes the URL and body of a session request.
@@ -179,11 +199,13 @@ impl PayrocClient {
     }
 
     /// Buys a Bearer token with an API key, retrying transient failures.
-    /// `deadline` bounds the whole exchange when given.
+    /// `deadline` bounds the whole exchange when given; `trace` is the trace
+    /// of the RPC that asked for the token, if any.
     pub async fn fetch_bearer(
         &self,
         api_key: &SecretString,
         deadline: Option<Instant>,
+        trace: Option<TraceParent>,
     ) -> Result<IdentityToken, UpstreamError> {
         retry::run(
             &self.identity_retry,
@@ -192,12 +214,16 @@ impl PayrocClient {
             self.request_timeout,
             deadline,
             Endpoint::Identity,
-            |_| self.identity_once(api_key),
+            |_| self.identity_once(api_key, trace),
         )
         .await
     }
 
-    async fn identity_once(&self, api_key: &SecretString) -> Result<IdentityToken, UpstreamError> {
+    async fn identity_once(
+        &self,
+        api_key: &SecretString,
+        trace: Option<TraceParent>,
+    ) -> Result<IdentityToken, UpstreamError> {
         const EP: Endpoint = Endpoint::Identity;
         let requested_at = self.clock.now();
         let req = self
@@ -205,7 +231,9 @@ impl PayrocClient {
             .post(self.identity_url.clone())
             .header("x-api-key", sensitive(api_key.expose_secret())?)
             .header(reqwest::header::ACCEPT, "application/json");
-        let (status, headers, body) = self.exchange(EP, req, &[api_key.expose_secret()]).await?;
+        let (status, _, body) = self
+            .exchange(EP, req, &[api_key.expose_secret()], trace)
+            .await?;
         #[derive(Deserialize)]
         struct Answer {
             access_token: String,
@@ -214,7 +242,6 @@ impl PayrocClient {
             #[serde(default)]
             scope: Option<String>,
         }
-        let _ = (status, headers);
         let a: Answer = parse_json(EP, &body)?;
         if a.access_token.is_empty() {
             return Err(malformed(EP, "access_token is empty"));
@@ -248,18 +275,21 @@ impl PayrocClient {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
+            status,
         })
     }
 
     /// Creates a session token, retrying transient failures with the same
     /// Idempotency-Key and body. A 401 is returned to the caller (who owns the
-    /// token cache) rather than retried here.
+    /// token cache) rather than retried here. Sent from the RPC's task, so
+    /// it carries the RPC's trace ([`crate::trace::current`]).
     pub async fn create_session(
         &self,
         bearer: &SecretString,
         prepared: &PreparedSession,
         deadline: Option<Instant>,
     ) -> Result<Session, UpstreamError> {
+        let trace = crate::trace::current();
         retry::run(
             &self.retry,
             &self.clock,
@@ -267,7 +297,7 @@ impl PayrocClient {
             self.request_timeout,
             deadline,
             Endpoint::Sessions,
-            |_| self.session_once(bearer, prepared),
+            |_| self.session_once(bearer, prepared, trace),
         )
         .await
     }
@@ -276,6 +306,7 @@ impl PayrocClient {
         &self,
         bearer: &SecretString,
         prepared: &PreparedSession,
+        trace: Option<TraceParent>,
     ) -> Result<Session, UpstreamError> {
         const EP: Endpoint = Endpoint::Sessions;
         let auth = format!("Bearer {}", bearer.expose_secret());
@@ -287,7 +318,9 @@ impl PayrocClient {
             .header(reqwest::header::ACCEPT, "application/json")
             .header("idempotency-key", prepared.idempotency_key.clone())
             .body(prepared.body.clone());
-        let (_, _, body) = self.exchange(EP, req, &[bearer.expose_secret()]).await?;
+        let (status, _, body) = self
+            .exchange(EP, req, &[bearer.expose_secret()], trace)
+            .await?;
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Answer {
@@ -320,18 +353,32 @@ impl PayrocClient {
                 .unwrap_or_else(|| prepared.request.processing_terminal_id.clone()),
             token: SecretString::from(a.token),
             expires_at,
+            status,
         })
     }
 
     /// Sends one request and reads a bounded body. Non-2xx answers become
     /// `UpstreamError::Status` with the problem document (redacted of
-    /// `secrets`) and any `Retry-After`.
+    /// `secrets`) and any `Retry-After`. With `trace`, the request carries a
+    /// `traceparent` of that trace with a span id of its own. Counted in the
+    /// metrics however it ends, a timeout (this future dropped) included.
     async fn exchange(
         &self,
         endpoint: Endpoint,
-        req: reqwest::RequestBuilder,
+        mut req: reqwest::RequestBuilder,
         secrets: &[&str],
+        trace: Option<TraceParent>,
     ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), UpstreamError> {
+        if let Some(t) = trace {
+            req = req.header(TRACEPARENT, t.child(&*self.entropy).to_string());
+        }
+        let mut attempt = Attempt {
+            metrics: self.metrics.as_deref(),
+            clock: &self.clock,
+            endpoint,
+            started: self.clock.now(),
+            status: None,
+        };
         let transport = |e: reqwest::Error| UpstreamError::Transport {
             endpoint,
             // Without the URL: it is ours, not news to anyone, and keeps
@@ -340,6 +387,7 @@ impl PayrocClient {
         };
         let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
+        attempt.status = Some(status);
         let headers = std::mem::take(resp.headers_mut());
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
@@ -371,6 +419,25 @@ impl PayrocClient {
             problem: problem.map(Box::new),
             retry_after,
         })
+    }
+}
+
+/// One HTTP attempt, counted in the metrics when it ends, however it ends:
+/// with a status, or none (`error`) if no response came.
+struct Attempt<'a> {
+    metrics: Option<&'a Metrics>,
+    clock: &'a Clock,
+    endpoint: Endpoint,
+    started: Instant,
+    status: Option<u16>,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.metrics {
+            let took = self.clock.now().saturating_duration_since(self.started);
+            m.upstream(self.endpoint, self.status, took);
+        }
     }
 }
 

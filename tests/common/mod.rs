@@ -59,6 +59,8 @@ pub struct Options {
     /// `payroc.api_url` (empty: the simulator's). Bearer tokens come from
     /// the simulator's identity service either way.
     pub api_url: &'static str,
+    /// Serve `/metrics` on an ephemeral port ([`Harness::scrape`]).
+    pub metrics: bool,
 }
 
 pub const KEY_REVOKED: &str = "revoked-api-key-000000";
@@ -77,6 +79,8 @@ pub struct Harness {
     pub addr: SocketAddr,
     pub client: TokenBrokerClient<Channel>,
     pub channel: Channel,
+    /// Where `/metrics` is served, with [`Options::metrics`].
+    pub metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), ServeError>>>,
     reload: mpsc::Sender<Config>,
@@ -121,11 +125,17 @@ impl Harness {
         let config = config_for(&sim, &opts);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = match opts.metrics {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let (reload, reloads) = mpsc::channel::<Config>(1);
         let server = tokio::spawn(async move {
-            server::serve(
+            server::serve_with_metrics(
                 listener,
+                metrics,
                 &config,
                 clock,
                 entropy,
@@ -150,6 +160,7 @@ impl Harness {
             addr,
             client: TokenBrokerClient::new(channel.clone()),
             channel,
+            metrics_addr,
             stop: Some(stop),
             server: Some(server),
             reload,
@@ -160,6 +171,16 @@ impl Harness {
     /// would after validating the file.
     pub async fn reload(&self, opts: &Options) {
         self.reload.send(config_for(&self.sim, opts)).await.unwrap();
+    }
+
+    /// The `/metrics` page (needs [`Options::metrics`]).
+    pub async fn scrape(&self) -> String {
+        let addr = self.metrics_addr.expect("Options::metrics is set");
+        let resp = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("metrics are served");
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
     }
 
     /// Begins graceful shutdown, as SIGTERM would.

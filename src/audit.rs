@@ -1,0 +1,287 @@
+//! The audit trail: exactly one `payroc_broker::audit` event (INFO, message
+//! `rpc`) per TokenBroker or ext_authz call, saying who asked for what from
+//! where, what they got and how it went; and the RPC metrics counted with it.
+//!
+//! A handler fills in an [`Audit`] as it learns things (caller, terminal,
+//! credential, upstream status, the token handed out) and finishes it with
+//! the gRPC code. An `Audit` dropped unfinished (the caller went away, the
+//! handler was cancelled) finishes itself as `CANCELLED`, so no exit path
+//! goes unrecorded and none is recorded twice.
+//!
+//! Values a caller chose (terminal ids) are recorded as strings, which the
+//! text format prints quoted with control characters escaped and the JSON
+//! format escapes as JSON: a caller cannot forge a log line. Values of our
+//! own (names from the configuration, codes, addresses) print unquoted. The token is
+//! recorded only as `token_fp`, the first 8 hex digits of its SHA-256,
+//! enough to match an event with a token a caller reports, useless to
+//! anyone else.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::time::Instant;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::{clock::Clock, config::Rpc, error::BrokerError, metrics::Metrics, trace::TraceParent};
+
+/// The target of audit events, for log routing and filters.
+pub const TARGET: &str = "payroc_broker::audit";
+
+/// Terminal ids as logged are cut to this many characters: a request that
+/// fails validation may carry any length.
+const MAX_LOGGED: usize = 64;
+
+/// Starts audits: the clock they time with and the metrics they count into.
+#[derive(Clone, Debug)]
+pub struct Auditor {
+    clock: Clock,
+    metrics: Arc<Metrics>,
+}
+
+impl Auditor {
+    pub fn new(clock: Clock, metrics: Arc<Metrics>) -> Self {
+        Self { clock, metrics }
+    }
+
+    /// Starts the audit of one call. `rpc` is `None` for a path that names
+    /// no known method (recorded as `unknown`, not counted in metrics).
+    pub fn start(
+        &self,
+        rpc: Option<Rpc>,
+        peer: Option<SocketAddr>,
+        trace: Option<TraceParent>,
+    ) -> Audit {
+        Audit {
+            auditor: self.clone(),
+            rpc,
+            peer,
+            trace,
+            started: self.clock.now(),
+            caller: None,
+            terminal: None,
+            credential: None,
+            upstream_status: None,
+            token_fp: None,
+            idempotency_key: None,
+            finished: false,
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
+/// One call's audit record, being filled in. See the module documentation.
+#[must_use = "an audit is emitted by finish (or as CANCELLED when dropped)"]
+pub struct Audit {
+    auditor: Auditor,
+    rpc: Option<Rpc>,
+    peer: Option<SocketAddr>,
+    trace: Option<TraceParent>,
+    started: Instant,
+    caller: Option<String>,
+    terminal: Option<String>,
+    credential: Option<Arc<str>>,
+    upstream_status: Option<u16>,
+    token_fp: Option<String>,
+    idempotency_key: Option<Uuid>,
+    finished: bool,
+}
+
+impl Audit {
+    pub fn caller(&mut self, name: &str) {
+        self.caller = Some(name.to_owned());
+    }
+
+    /// The terminal as the request gave it (before validation).
+    pub fn terminal(&mut self, terminal: &str) {
+        let cut = match terminal.char_indices().nth(MAX_LOGGED) {
+            Some((at, _)) => format!("{}…", &terminal[..at]),
+            None => terminal.to_owned(),
+        };
+        self.terminal = Some(cut);
+    }
+
+    pub fn credential(&mut self, name: &Arc<str>) {
+        self.credential = Some(Arc::clone(name));
+    }
+
+    /// The HTTP status of the last upstream response the call waited for.
+    pub fn upstream_status(&mut self, status: Option<u16>) {
+        if status.is_some() {
+            self.upstream_status = status;
+        }
+    }
+
+    /// The token handed out: only its fingerprint is kept.
+    pub fn token(&mut self, secret: &str) {
+        self.token_fp = Some(fingerprint(secret));
+    }
+
+    pub fn idempotency_key(&mut self, key: Uuid) {
+        self.idempotency_key = Some(key);
+    }
+
+    /// The trace the call came with.
+    pub fn trace(&self) -> Option<TraceParent> {
+        self.trace
+    }
+
+    /// What an error tells the audit: the upstream status behind it, the
+    /// caller it names (refusals before the caller was recorded), and a
+    /// rate-limited call for the metrics.
+    pub fn error(&mut self, e: &BrokerError) {
+        self.upstream_status(e.upstream_status());
+        match e {
+            BrokerError::CallerRateLimited { caller, .. } => {
+                self.auditor.metrics.caller_rate_limited(caller);
+                self.caller.get_or_insert_with(|| caller.clone());
+            }
+            BrokerError::CallerSessionsLimited { caller, .. }
+            | BrokerError::PermissionDenied { caller, .. } => {
+                self.caller.get_or_insert_with(|| caller.clone());
+            }
+            _ => {}
+        }
+    }
+
+    /// A span for the call, with its RPC name and trace id: log lines of the
+    /// call (retries, token fetches it starts) carry them.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "rpc",
+            rpc = self.rpc.map_or("unknown", Rpc::name),
+            trace_id = self.trace.map(|t| t.trace_id()),
+        )
+    }
+
+    /// Emits the event and counts the call.
+    pub fn finish(mut self, code: Code) {
+        self.emit(code);
+    }
+
+    fn emit(&mut self, code: Code) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let took = self
+            .auditor
+            .clock
+            .now()
+            .saturating_duration_since(self.started);
+        if let Some(rpc) = self.rpc {
+            self.auditor.metrics.rpc(rpc, code, took);
+        }
+        let duration_ms = (took.as_micros() as f64) / 1000.0;
+        tracing::info!(
+            target: TARGET,
+            caller = self.caller.as_deref().map(tracing::field::display),
+            rpc = tracing::field::display(self.rpc.map_or("unknown", Rpc::name)),
+            terminal = self.terminal.as_deref(),
+            credential = self.credential.as_deref().map(tracing::field::display),
+            code = tracing::field::display(code_name(code)),
+            upstream_status = self.upstream_status,
+            token_fp = self.token_fp.as_deref().map(tracing::field::display),
+            idempotency_key = self.idempotency_key.map(|k| tracing::field::display(k.hyphenated())),
+            peer = self.peer.map(tracing::field::display),
+            duration_ms,
+            trace_id = self.trace.map(|t| tracing::field::display(t.trace_id())),
+            "rpc"
+        );
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        // Unfinished: the call's future was dropped (the caller cancelled or
+        // its connection went away) before an answer.
+        self.emit(Code::Cancelled);
+    }
+}
+
+/// The first 8 hex digits of the SHA-256 of `secret`.
+pub fn fingerprint(secret: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The gRPC code as gRPC spells it (`OK`, `INVALID_ARGUMENT`, ...).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The RPC a request path names: `/<package>.<Service>/<Method>`.
+pub fn rpc_of_path(path: &str) -> Option<Rpc> {
+    let method = path.rsplit('/').next()?;
+    match method {
+        // ext_authz's method is `Check`; allow lists call it `ExtAuthz`.
+        "Check" if path.starts_with("/envoy.service.auth.") => Some(Rpc::ExtAuthz),
+        m => Rpc::from_name(m).filter(|r| *r != Rpc::ExtAuthz),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_8_hex_digits_of_sha256() {
+        // sha256("abc") = ba7816bf...
+        assert_eq!(fingerprint("abc"), "ba7816bf");
+    }
+
+    #[test]
+    fn long_terminals_are_cut() {
+        let auditor = Auditor::new(Clock::system(), Metrics::new());
+        let mut a = auditor.start(None, None, None);
+        a.terminal(&"é".repeat(100));
+        assert_eq!(
+            a.terminal.as_deref(),
+            Some(&*format!("{}…", "é".repeat(64)))
+        );
+        a.terminal("1234001");
+        assert_eq!(a.terminal.as_deref(), Some("1234001"));
+        a.finish(Code::Ok);
+    }
+
+    #[test]
+    fn code_names_are_grpcs() {
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(Code::Unauthenticated), "UNAUTHENTICATED");
+        assert_eq!(code_name(Code::from_i32(999)), "UNKNOWN");
+    }
+
+    #[test]
+    fn paths_name_rpcs() {
+        assert_eq!(
+            rpc_of_path("/payroc.broker.v1.TokenBroker/GetBearerToken"),
+            Some(Rpc::GetBearerToken)
+        );
+        assert_eq!(
+            rpc_of_path("/envoy.service.auth.v3.Authorization/Check"),
+            Some(Rpc::ExtAuthz)
+        );
+        assert_eq!(rpc_of_path("/payroc.broker.v1.TokenBroker/ExtAuthz"), None);
+        assert_eq!(rpc_of_path("/payroc.broker.v1.TokenBroker/Nope"), None);
+    }
+}

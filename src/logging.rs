@@ -1,0 +1,298 @@
+//! Log output: text or JSON lines on stderr that never hold up an RPC.
+//!
+//! Events are formatted on the thread that emits them and queued; one
+//! writer thread of its own empties the queue into stderr, a batch per
+//! `write`. The queue is bounded ([`MAX_QUEUED_LINES`]): when stderr is slow,
+//! full (a pipe nobody reads) or blocked, lines beyond the bound are dropped
+//! and counted ([`lines_dropped`], exported as
+//! `payroc_broker_log_lines_dropped_total`) instead of making the RPC that
+//! logs wait. Lines that stderr refuses (a closed pipe) are counted as
+//! dropped too, and never crash the process. On shutdown the [`LogGuard`]
+//! gives the writer a moment to write out what is queued.
+//!
+//! Our own queue rather than `tracing-appender`'s non-blocking writer: that
+//! one prints to stdout/stderr with `println!`/`eprintln!` when its shutdown
+//! times out or its last flush fails, which panics when those are closed;
+//! and it does not count lines lost to write errors.
+//!
+//! JSON lines are one object each with `timestamp`, `level`, `target`,
+//! `message` and the event's fields as top-level keys (and the current span's
+//! fields under `span`).
+
+use std::{
+    collections::VecDeque,
+    io::{self, Write},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tracing::Subscriber;
+use tracing_subscriber::{
+    Layer, fmt::MakeWriter, layer::SubscriberExt, registry::LookupSpan, util::SubscriberInitExt,
+};
+
+use crate::config::LogFormat;
+
+/// Lines queued at most (a few MB at typical line lengths).
+pub const MAX_QUEUED_LINES: usize = 8192;
+
+/// How long shutdown waits for queued lines to be written.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Lines dropped since start, by every queue of the process.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines dropped since the process started (queue full, or stderr
+/// refused them).
+pub fn lines_dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Installs the global subscriber: `format` lines on stderr, filtered by
+/// `RUST_LOG` (default `info`). Keep the guard until exit: dropping it
+/// flushes.
+pub fn init(format: LogFormat) -> LogGuard {
+    let queue = Queue::spawn(io::stderr(), MAX_QUEUED_LINES);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = format == LogFormat::Text && io::IsTerminal::is_terminal(&io::stderr());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer(format, QueueWriter(Arc::clone(&queue)), ansi))
+        .init();
+    LogGuard(queue)
+}
+
+/// The formatting layer for `format`, writing to `writer`: what [`init`]
+/// installs (tests install it over a writer of their own).
+pub fn fmt_layer<S, W>(
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn Layer<S> + Send + Sync + 'static>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        // Its default reports a failed write with eprintln!, which panics when
+        // stderr is a closed pipe (the queue never fails, but stay safe).
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => layer.with_ansi(ansi).boxed(),
+        LogFormat::Json => layer
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    }
+}
+
+/// Flushes the log queue when dropped (bounded wait).
+pub struct LogGuard(Arc<Queue>);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.0.flush(FLUSH_TIMEOUT);
+    }
+}
+
+/// The bounded queue between the emitting threads and the writer thread.
+pub struct Queue {
+    state: Mutex<State>,
+    /// Signalled when lines are queued.
+    queued: Condvar,
+    /// Signalled when the writer has taken and written a batch.
+    written: Condvar,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct State {
+    lines: VecDeque<Vec<u8>>,
+    /// Lines accepted into the queue so far.
+    accepted: u64,
+    /// Lines the writer has finished with (written or failed).
+    done: u64,
+}
+
+impl Queue {
+    /// A queue of at most `limit` lines and its writer thread, writing to
+    /// `out`.
+    pub fn spawn(out: impl Write + Send + 'static, limit: usize) -> Arc<Queue> {
+        let queue = Arc::new(Queue {
+            state: Mutex::new(State::default()),
+            queued: Condvar::new(),
+            written: Condvar::new(),
+            limit,
+        });
+        let q = Arc::clone(&queue);
+        // If the thread cannot start, lines pile up to the bound and are
+        // then dropped and counted: logging still never blocks.
+        let _ = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || q.write_forever(out));
+        queue
+    }
+
+    /// Queues one line, or drops and counts it when the queue is full.
+    pub fn push(&self, line: &[u8]) {
+        let mut s = lock(&self.state);
+        if s.lines.len() >= self.limit {
+            drop(s);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        s.lines.push_back(line.to_vec());
+        s.accepted += 1;
+        drop(s);
+        self.queued.notify_one();
+    }
+
+    fn write_forever(&self, mut out: impl Write) {
+        let mut batch = Vec::with_capacity(64 * 1024);
+        loop {
+            let lines = {
+                let mut s = lock(&self.state);
+                while s.lines.is_empty() {
+                    s = self.queued.wait(s).unwrap_or_else(PoisonError::into_inner);
+                }
+                std::mem::take(&mut s.lines)
+            };
+            let n = lines.len() as u64;
+            batch.clear();
+            for l in &lines {
+                batch.extend_from_slice(l);
+            }
+            if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
+                // Closed or broken: these lines are lost, and counted.
+                DROPPED.fetch_add(n, Ordering::Relaxed);
+            }
+            // Do not keep a burst's worth of memory for ever.
+            if batch.capacity() > 1024 * 1024 {
+                batch = Vec::with_capacity(64 * 1024);
+            }
+            lock(&self.state).done += n;
+            self.written.notify_all();
+        }
+    }
+
+    /// Waits until every line queued before this call has been written, or
+    /// `timeout` passed (stderr blocked). Returns whether it got there.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let s = lock(&self.state);
+        let target = s.accepted;
+        let (s, _) = self
+            .written
+            .wait_timeout_while(s, timeout, |s| s.done < target)
+            .unwrap_or_else(PoisonError::into_inner);
+        s.done >= target
+    }
+}
+
+/// Queues whatever one formatted event writes (the fmt layer writes each
+/// event with one `write_all`).
+#[derive(Clone)]
+pub struct QueueWriter(pub Arc<Queue>);
+
+impl Write for QueueWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for QueueWriter {
+    type Writer = QueueWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A writer that says when a write begins, blocks until told to go on,
+    /// then records.
+    struct Gated {
+        entered: mpsc::Sender<()>,
+        gate: mpsc::Receiver<()>,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.entered.send(());
+            let _ = self.gate.recv();
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_blocked_writer_costs_dropped_lines_not_waiting() {
+        let (open, gate) = mpsc::channel();
+        let (entered, writing) = mpsc::channel();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let q = Queue::spawn(
+            Gated {
+                entered,
+                gate,
+                out: Arc::clone(&out),
+            },
+            4,
+        );
+        let before = lines_dropped();
+        // The writer takes the first line and blocks writing it; four more
+        // fill the queue; the rest are dropped at once.
+        q.push(b"first\n");
+        writing.recv().unwrap();
+        for i in 0..10 {
+            q.push(format!("line {i}\n").as_bytes());
+        }
+        // (Other tests of this binary may drop lines too: at least ours.)
+        assert!(lines_dropped() - before >= 6);
+        for _ in 0..3 {
+            let _ = open.send(());
+        }
+        assert!(q.flush(Duration::from_secs(10)));
+        let written = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(written, "first\nline 0\nline 1\nline 2\nline 3\n");
+    }
+
+    struct Closed;
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_a_closed_stderr_refuses_are_counted() {
+        let q = Queue::spawn(Closed, 16);
+        let before = lines_dropped();
+        q.push(b"a\n");
+        q.push(b"b\n");
+        assert!(q.flush(Duration::from_secs(10)));
+        assert!(lines_dropped() - before >= 2);
+    }
+}
