@@ -92,9 +92,10 @@ impl Probe {
             return Err(UsageError("--tls-server-name needs --tls-ca".into()));
         }
         let uri = parse_addr(addr, tls_ca.is_some())?;
-        let mut endpoint = Endpoint::from(uri)
-            .connect_timeout(timeout)
-            .timeout(timeout);
+        // Only the outer limit in `check` bounds the exchange: a second
+        // per-request timer of the same length raced it and made the failure
+        // message depend on which fired first.
+        let mut endpoint = Endpoint::from(uri).connect_timeout(timeout);
         if let Some(path) = tls_ca {
             let mut tls = ClientTlsConfig::new().ca_certificate(read_ca(path)?);
             if let Some(name) = tls_server_name {
