@@ -398,7 +398,8 @@ impl Caller {
         let Some(bucket) = self.known.as_ref().and_then(|k| k.bucket.as_ref()) else {
             return Ok(());
         };
-        // metrics: payroc_broker_caller_rate_limited_total{caller} on Err.
+        // A refusal is counted in payroc_broker_caller_rate_limited_total by
+        // the audit (`crate::audit`), which sees every error.
         bucket
             .take(now)
             .map_err(|retry_in| BrokerError::CallerRateLimited {
