@@ -88,6 +88,14 @@ pub struct Admitted {
     pub caller: Caller,
 }
 
+/// A Bearer token request that passed every check before the upstream.
+struct BearerChecked {
+    state: Arc<State>,
+    caller: Caller,
+    query: validate::BearerQuery,
+    credential: Arc<crate::broker::Credential>,
+}
+
 impl TokenBrokerService {
     pub fn new(state: Arc<ArcSwap<State>>, clock: Clock, auditor: Auditor) -> Self {
         Self {
@@ -196,24 +204,56 @@ impl TokenBrokerService {
         }
     }
 
+    /// The checks GetBearerToken and WatchBearerToken share, in the
+    /// contract's order: admission (authentication, rate limit), request
+    /// fields, allow lists for `rpc`, terminal known. One piece of code, so
+    /// the two RPCs cannot drift apart.
+    fn check_bearer<T>(
+        &self,
+        req: &Request<T>,
+        rpc: Rpc,
+        processing_terminal_id: &str,
+        min_validity: Option<prost_types::Duration>,
+        audit: &mut Audit,
+    ) -> Result<BearerChecked, BrokerError> {
+        let Admitted { state, caller } = self.admitted(req)?;
+        audit.caller(caller.name());
+        audit.terminal(processing_terminal_id);
+        let query = validate::bearer(processing_terminal_id, min_validity)
+            .map_err(BrokerError::InvalidArgument)?;
+        caller.authorize(rpc, &query.processing_terminal_id)?;
+        let credential = Arc::clone(state.broker.credential(&query.processing_terminal_id)?);
+        audit.credential(&credential.name);
+        Ok(BearerChecked {
+            state,
+            caller,
+            query,
+            credential,
+        })
+    }
+
     async fn bearer(
         &self,
         req: Request<GetBearerTokenRequest>,
         audit: &mut Audit,
     ) -> Result<GetBearerTokenResponse, BrokerError> {
         let deadline = deadline(&req, &self.clock);
-        let Admitted { state, caller } = self.admitted(&req)?;
-        audit.caller(caller.name());
         let msg = req.get_ref();
-        audit.terminal(&msg.processing_terminal_id);
-        let query = validate::bearer(&msg.processing_terminal_id, msg.min_validity)
-            .map_err(BrokerError::InvalidArgument)?;
-        let (terminal, min_validity) = (query.processing_terminal_id.as_str(), query.min_validity);
-        caller.authorize(Rpc::GetBearerToken, terminal)?;
-        audit.credential(&state.broker.credential(terminal)?.name);
-        let grant = state
+        let checked = self.check_bearer(
+            &req,
+            Rpc::GetBearerToken,
+            &msg.processing_terminal_id,
+            msg.min_validity,
+            audit,
+        )?;
+        let grant = checked
+            .state
             .broker
-            .bearer(terminal, min_validity, deadline)
+            .bearer(
+                &checked.query.processing_terminal_id,
+                checked.query.min_validity,
+                deadline,
+            )
             .await?;
         audit.upstream_status(grant.upstream_status);
         let response = bearer_response(&grant.token, &grant.credential);
@@ -230,16 +270,20 @@ impl TokenBrokerService {
         audit: &mut Audit,
     ) -> Result<WatchStream, BrokerError> {
         let deadline = deadline(&req, &self.clock);
-        let Admitted { state, caller } = self.admitted(&req)?;
-        audit.caller(caller.name());
         let msg = req.get_ref();
-        audit.terminal(&msg.processing_terminal_id);
-        let query = validate::bearer(&msg.processing_terminal_id, msg.min_validity)
-            .map_err(BrokerError::InvalidArgument)?;
+        let BearerChecked {
+            state,
+            caller,
+            query,
+            credential,
+        } = self.check_bearer(
+            &req,
+            Rpc::WatchBearerToken,
+            &msg.processing_terminal_id,
+            msg.min_validity,
+            audit,
+        )?;
         let terminal = query.processing_terminal_id;
-        caller.authorize(Rpc::WatchBearerToken, &terminal)?;
-        let credential = Arc::clone(state.broker.credential(&terminal)?);
-        audit.credential(&credential.name);
         let min_validity = query.min_validity.unwrap_or(state.broker.floor);
         // Subscribed before the first token is had, so no replacement slips
         // between the two.
