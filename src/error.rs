@@ -58,6 +58,8 @@ pub enum BrokerError {
     SessionUnauthorizedAfterRefresh(UpstreamError),
     /// The caller's deadline ran out.
     DeadlineExceeded,
+    /// The request body did not arrive in full within `server.request_timeout`.
+    RequestTimeout,
     /// A bulkhead is full; the request was shed.
     Overloaded(String),
     /// A bug or shutdown; the message is safe to show.

@@ -2,25 +2,12 @@
 //! connection limits and graceful shutdown, on a listener the caller has
 //! already bound (so tests bind port 0 and learn the address first).
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    io,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{collections::HashMap, future::Future, sync::Arc};
 
 use arc_swap::ArcSwap;
 use futures_util::{Stream, StreamExt};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
-    task::JoinHandle,
-};
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -34,6 +21,7 @@ use crate::{
     proto::{self, token_broker_server::TokenBrokerServer},
     service::{State, TokenBrokerService},
     tokens::TokenHealth,
+    transport::{Transport, tls::TlsError},
 };
 
 /// The fully qualified service name, as health checks and reflection know it.
@@ -47,16 +35,20 @@ const MAX_MESSAGE: usize = 64 * 1024;
 pub enum ServeError {
     /// The HTTP client could not be built (TLS roots, for example).
     Client(reqwest::Error),
-    Transport(tonic::transport::Error),
+    /// A `[server.tls]` file could not be used.
+    Tls(TlsError),
+    /// The listening socket failed.
+    Transport(std::io::Error),
     Reflection(tonic_reflection::server::Error),
     /// `metrics_listen` could not be bound.
-    Metrics(std::net::SocketAddr, io::Error),
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 impl std::fmt::Display for ServeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ServeError::Client(e) => write!(f, "cannot build the Payroc HTTP client: {e}"),
+            ServeError::Tls(e) => write!(f, "{e}"),
             ServeError::Transport(e) => write!(f, "gRPC server failed: {e}"),
             ServeError::Reflection(e) => write!(f, "cannot build the reflection service: {e}"),
             ServeError::Metrics(addr, e) => {
@@ -219,25 +211,25 @@ pub async fn serve_with_metrics(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let incoming = LimitedIncoming {
-        inner: TcpIncoming::from(listener).with_nodelay(Some(true)),
-        gate: Arc::new(Semaphore::new(config.server.max_connections)),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(config.server.max_concurrent_streams)
+    let transport = Transport::new(&config.server, clock.clone()).map_err(ServeError::Tls)?;
+    let tls = transport.reloader();
+    let mut routes = Routes::builder();
+    routes
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(broker_service)
-        .add_optional_service(ext_authz);
-    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        .add_service(broker_service);
+    if let Some(ext_authz) = ext_authz {
+        routes.add_service(ext_authz);
+    }
+    let routes = routes.routes();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(transport.serve(listener, routes, async {
         let _ = stop_rx.await;
     }));
     tracing::info!(
         addr = %local,
+        tls = config.server.tls.is_some(),
         credentials = config.credentials.len(),
         callers = config.callers.len(),
         "payroc-broker serving"
@@ -252,13 +244,14 @@ pub async fn serve_with_metrics(
             finished = &mut server => {
                 // The server stopped on its own: that is an error worth exiting on.
                 ready.abort();
-                return finished.map_err(|e| ServeError::Transport(panic_to_error(e)))?.map_err(ServeError::Transport);
+                return finished.map_err(panic_to_error)?.map_err(ServeError::Transport);
             }
             () = &mut shutdown => break,
             Some(next) = reloads.next() => {
                 if next.ext_authz != config.ext_authz {
                     tracing::warn!("[ext_authz] settings changed; they take effect at the next restart");
                 }
+                tls.reload(next.server.tls.as_ref());
                 reload(&state, &next, &server_config, &clock, &entropy, &metrics, &mut credential_health).await;
                 signals.reloaded();
             }
@@ -274,7 +267,7 @@ pub async fn serve_with_metrics(
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
         Ok(result) => result
-            .map_err(|e| ServeError::Transport(panic_to_error(e)))?
+            .map_err(panic_to_error)?
             .map_err(ServeError::Transport)?,
         Err(_) => {
             tracing::warn!("grace period over; abandoning the RPCs still in flight");
@@ -321,7 +314,13 @@ async fn reload(
                 .any(|o| Arc::ptr_eq(o, c))
         })
         .count();
-    if next.server != *server {
+    // TLS files are re-read above on every reload; other [server] keys need
+    // a restart.
+    let unchanged_tls = |s: &crate::config::ServerConfig| crate::config::ServerConfig {
+        tls: None,
+        ..s.clone()
+    };
+    if unchanged_tls(&next.server) != unchanged_tls(server) {
         tracing::warn!("[server] settings changed; they take effect at the next restart");
     }
     credential_health.follow(&broker).await;
@@ -399,89 +398,7 @@ impl CredentialHealth {
     }
 }
 
-/// Accepts connections while fewer than `gate`'s permits are open; beyond
-/// that, closes new ones at once (the client sees UNAVAILABLE and can go to
-/// another replica) instead of letting them pile up.
-struct LimitedIncoming {
-    inner: TcpIncoming,
-    gate: Arc<Semaphore>,
-}
-
-impl Stream for LimitedIncoming {
-    type Item = io::Result<LimitedConn>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            match std::task::ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-                Some(Ok(stream)) => match Arc::clone(&self.gate).try_acquire_owned() {
-                    Ok(permit) => {
-                        return Poll::Ready(Some(Ok(LimitedConn {
-                            stream,
-                            _permit: permit,
-                        })));
-                    }
-                    Err(_) => {
-                        tracing::warn!(peer = ?stream.peer_addr().ok(), "connection limit reached; closing a new connection");
-                        drop(stream);
-                    }
-                },
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => return Poll::Ready(None),
-            }
-        }
-    }
-}
-
-/// A connection holding one permit of the connection limit.
-struct LimitedConn {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Connected for LimitedConn {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for LimitedConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for LimitedConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
-
-fn panic_to_error(e: tokio::task::JoinError) -> tonic::transport::Error {
+fn panic_to_error(e: tokio::task::JoinError) -> ServeError {
     std::panic::resume_unwind(e.into_panic())
 }
 

@@ -88,6 +88,13 @@ impl From<BrokerError> for Status {
             BrokerError::DeadlineExceeded => {
                 Status::deadline_exceeded("the deadline ran out before Payroc answered")
             }
+            BrokerError::RequestTimeout => broker_raised(
+                Code::DeadlineExceeded,
+                "the request did not arrive in full within the server's request_timeout".into(),
+                "REQUEST_TIMEOUT",
+                &[],
+                None,
+            ),
             BrokerError::Overloaded(msg) => {
                 broker_raised(Code::ResourceExhausted, msg, "OVERLOADED", &[], None)
             }

@@ -1,0 +1,279 @@
+//! One accepted connection, from TCP to HTTP/2: the TLS handshake and the
+//! HTTP/2 client preface under one deadline, then hyper's HTTP/2 server with
+//! an idle timeout, a maximum age and graceful shutdown.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::watch,
+};
+
+use super::{
+    Limits, PeerInfo,
+    limits::Activity,
+    request::{ConnService, Shared},
+    tls::{TlsAcceptor, peer_cert},
+};
+
+/// What a client sends first on an HTTP/2 connection (RFC 9113 §3.4).
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Flow-control windows, small on purpose: requests are a few hundred bytes,
+/// and the windows bound what a client can make the server buffer (see the
+/// memory ceiling in README).
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Header blocks above this are refused (hyper's default is 16 KiB too; set
+/// so the README's ceiling does not depend on a default).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// Serves one accepted TCP connection until it closes, the limits close it,
+/// or `stop` turns true (server shutdown: graceful, no deadline here; the
+/// server bounds the whole drain).
+pub async fn serve(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    tls: Option<Arc<TlsAcceptor>>,
+    shared: Shared,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+) {
+    let local = tcp.local_addr().ok();
+    let handshake = tokio::time::timeout(limits.handshake_timeout, async {
+        match tls {
+            None => {
+                let io = read_preface(tcp).await?;
+                Ok::<_, io::Error>(Established::Plain(io))
+            }
+            Some(tls) => {
+                let stream = tls.acceptor().accept(tcp).await?;
+                let cert = peer_cert(stream.get_ref().1.peer_certificates()).map(Arc::new);
+                let io = read_preface(stream).await?;
+                Ok(Established::Tls(Box::new(io), cert))
+            }
+        }
+    })
+    .await;
+    let established = match handshake {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            // Scanners, plaintext clients on a TLS port, failed client
+            // certificates: routine, and the client learns it from the close.
+            tracing::debug!(peer = %remote, error = %e, "connection closed before HTTP/2 began");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %remote, timeout = ?limits.handshake_timeout, "handshake not completed in time; connection closed");
+            return;
+        }
+    };
+    if *stop.borrow() {
+        return;
+    }
+    match established {
+        Established::Plain(io) => serve_http(io, remote, local, None, shared, limits, stop).await,
+        Established::Tls(io, cert) => {
+            serve_http(io, remote, local, cert, shared, limits, stop).await
+        }
+    }
+}
+
+enum Established {
+    Plain(Replay<TcpStream>),
+    /// Boxed: rustls's connection state is large.
+    Tls(
+        Box<Replay<tokio_rustls::server::TlsStream<TcpStream>>>,
+        Option<Arc<super::PeerCert>>,
+    ),
+}
+
+async fn serve_http<IO>(
+    io: IO,
+    remote: SocketAddr,
+    local: Option<SocketAddr>,
+    cert: Option<Arc<super::PeerCert>>,
+    shared: Shared,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::default();
+    let service = ConnService {
+        shared,
+        peer: PeerInfo { remote, cert },
+        local,
+        activity: activity.clone(),
+    };
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        // A peer that stops answering pings is gone (or not reading):
+        // its connection is closed instead of held.
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+
+    let age = tokio::time::sleep(limits.max_connection_age);
+    let idle = activity.idle_for(limits.idle_timeout);
+    let mut age = std::pin::pin!(age);
+    let mut idle = std::pin::pin!(idle);
+    // Once closing for idleness or age, open streams get `close_grace` to
+    // finish; a peer that does not read the GOAWAY cannot hold it open.
+    let mut forced = std::pin::pin!(futures_util::future::OptionFuture::from(None));
+    let mut closing = false;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            result = &mut conn => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = &mut idle, if !closing => {
+                tracing::debug!(peer = %remote, "idle connection closed (server.idle_timeout)");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                forced.set(Some(tokio::time::sleep(limits.close_grace)).into());
+            }
+            () = &mut age, if !closing => {
+                tracing::debug!(peer = %remote, "connection closed at its maximum age (server.max_connection_age)");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                forced.set(Some(tokio::time::sleep(limits.close_grace)).into());
+            }
+            Some(()) = &mut forced => {
+                tracing::debug!(peer = %remote, "connection did not close in time; dropped");
+                return;
+            }
+            _ = stop.wait_for(|s| *s), if !stopping => {
+                // Server shutdown: the server bounds the drain as a whole.
+                stopping = true;
+                if !closing {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the HTTP/2 client preface, refusing the connection at the first byte
+/// that differs (an HTTP/1 request, TLS on a plaintext port), and hands back
+/// an IO that replays it to hyper.
+async fn read_preface<IO: AsyncRead + Unpin>(mut io: IO) -> io::Result<Replay<IO>> {
+    let mut buf = [0u8; PREFACE.len()];
+    let mut got = 0;
+    while got < buf.len() {
+        let n = io.read(&mut buf[got..]).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the HTTP/2 preface",
+            ));
+        }
+        if buf[got..got + n] != PREFACE[got..got + n] {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not an HTTP/2 client preface (HTTP/1, or TLS on a plaintext port?)",
+            ));
+        }
+        got += n;
+    }
+    Ok(Replay { pos: 0, inner: io })
+}
+
+/// An IO whose first bytes read are the preface already consumed.
+struct Replay<IO> {
+    pos: usize,
+    inner: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < PREFACE.len() {
+            let rest = &PREFACE[self.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Replay<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_preface_is_replayed_to_the_reader() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(PREFACE).await.unwrap();
+        client.write_all(b"after").await.unwrap();
+        let mut io = read_preface(server).await.unwrap();
+        let mut got = vec![0u8; PREFACE.len() + 5];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..PREFACE.len()], PREFACE);
+        assert_eq!(&got[PREFACE.len()..], b"after");
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_refused_at_the_first_wrong_byte() {
+        for wrong in [&b"GET / HTTP/1.1\r\n"[..], &[0x16, 0x03, 0x01][..]] {
+            let (mut client, server) = tokio::io::duplex(64);
+            // The connection stays open: the refusal must not wait for the
+            // rest of the 24 bytes.
+            client.write_all(wrong).await.unwrap();
+            let e = read_preface(server).await.err().expect("refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Connection bookkeeping: slots per remote address, a rate-limited log line
+//! for refused connections, and per-connection activity (open requests) for
+//! the idle timeout.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+
+/// Open connections per remote IP address, at most `max` each.
+#[derive(Debug)]
+pub struct PeerSlots {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PeerSlots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `ip`, or `None` when it already has `max` connections.
+    /// IPv4-mapped IPv6 addresses count as their IPv4 address, so a dual-stack
+    /// listener cannot be used to double a peer's share.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let ip = ip.to_canonical();
+        // The map is only ever left consistent (no panics while held), so a
+        // poisoned lock still holds valid counts.
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            slots: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// Open connections of `ip` (tests and diagnostics).
+    pub fn open(&self, ip: IpAddr) -> usize {
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+}
+
+/// One connection's share of its peer's slots, given back on drop.
+#[derive(Debug)]
+pub struct PeerSlot {
+    slots: Arc<PeerSlots>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .slots
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                // Entries of peers with no connection go, so the map is
+                // bounded by open connections, not by every address ever seen.
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// At most one WARN line per `every` about refused connections, with the
+/// number refused since the last line: an attacker opening thousands of
+/// sockets must not also flood the logs.
+#[derive(Debug)]
+pub struct RefusalLog {
+    every: Duration,
+    state: Mutex<RefusalState>,
+}
+
+#[derive(Debug, Default)]
+struct RefusalState {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: Mutex::new(RefusalState::default()),
+        }
+    }
+
+    /// Counts one refusal at `now`; returns how many refusals the line to
+    /// log now covers (this one included), or `None` when it stays quiet.
+    pub fn record(&self, now: Instant) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.suppressed += 1;
+        let due = s.last.is_none_or(|last| now >= last + self.every);
+        if !due {
+            return None;
+        }
+        s.last = Some(now);
+        Some(std::mem::take(&mut s.suppressed))
+    }
+}
+
+/// Open requests (HTTP/2 streams with a live response) of one connection.
+#[derive(Debug, Clone)]
+pub struct Activity {
+    open: Arc<watch::Sender<usize>>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            open: Arc::new(watch::Sender::new(0)),
+        }
+    }
+}
+
+impl Activity {
+    /// Marks a request open until the guard is dropped.
+    pub fn begin(&self) -> ActiveRequest {
+        self.open.send_modify(|n| *n += 1);
+        ActiveRequest {
+            open: Arc::clone(&self.open),
+        }
+    }
+
+    /// Completes once the connection has had no open request for `idle`
+    /// without a break.
+    pub async fn idle_for(&self, idle: Duration) {
+        let mut rx = self.open.subscribe();
+        loop {
+            if *rx.borrow_and_update() == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(idle) => return,
+                    _ = rx.changed() => {}
+                }
+            } else if rx.changed().await.is_err() {
+                // Cannot happen while `self` holds the sender.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// One open request; closes it on drop.
+#[derive(Debug)]
+pub struct ActiveRequest {
+    open: Arc<watch::Sender<usize>>,
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.open.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_slots_cap_each_address_and_come_back() {
+        let slots = PeerSlots::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = slots.try_acquire(a).unwrap();
+        let _second = slots.try_acquire(mapped).expect("same peer, second slot");
+        assert!(slots.try_acquire(a).is_none(), "third refused");
+        assert!(
+            slots.try_acquire(mapped).is_none(),
+            "the mapped form is the same peer"
+        );
+        assert!(slots.try_acquire(b).is_some(), "other peers unaffected");
+        drop(first);
+        assert_eq!(slots.open(a), 1);
+        assert!(slots.try_acquire(a).is_some(), "a slot came back");
+    }
+
+    #[test]
+    fn peer_slots_forget_peers_with_no_connection() {
+        let slots = PeerSlots::new(1);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        drop(slots.try_acquire(a));
+        assert!(slots.open.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusal_log_speaks_once_per_period_with_a_count() {
+        let log = RefusalLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(log.record(t0), Some(1), "the first refusal is logged");
+        for i in 1..=99 {
+            assert_eq!(log.record(t0 + Duration::from_millis(i * 10)), None);
+        }
+        assert_eq!(
+            log.record(t0 + Duration::from_secs(10)),
+            Some(100),
+            "the next line counts the 99 suppressed and itself"
+        );
+        assert_eq!(log.record(t0 + Duration::from_secs(11)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_waits_for_no_open_request_for_the_whole_period() {
+        let activity = Activity::default();
+        let idle = Duration::from_secs(5);
+        let start = Instant::now();
+        let req = activity.begin();
+        let waiter = tokio::spawn({
+            let a = activity.clone();
+            async move {
+                a.idle_for(idle).await;
+                Instant::now()
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!waiter.is_finished(), "a request is open: never idle");
+        drop(req);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let again = activity.begin(); // activity restarts the period
+        drop(again);
+        let done = waiter.await.unwrap();
+        assert_eq!(done - start, Duration::from_secs(23 + 5));
+    }
+}
