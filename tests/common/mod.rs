@@ -101,28 +101,10 @@ impl Harness {
     }
 
     pub async fn with(opts: Options) -> Harness {
+        let sim = start_sim(&opts).await;
+        let config = config_for(&sim, &opts);
         let clock = Clock::system();
         let entropy: SharedEntropy = Arc::new(OsEntropy);
-        let mut sim_config = SimConfig::new(
-            clock.clone(),
-            Arc::clone(&entropy),
-            vec![
-                SimAccount::new(KEY_ACME, &["1234001", "1234002"]),
-                SimAccount::new(KEY_GLOBEX, &["5678001", "5678002"]),
-                SimAccount::new(KEY_GLOBEX_NEW, &["5678001", "5678002"]),
-            ],
-        );
-        if opts.token_lifetime > 0 {
-            sim_config.token_lifetime = Duration::from_secs(opts.token_lifetime);
-        }
-        let sim = SimPayroc::start(sim_config)
-            .await
-            .expect("simulator starts");
-        sim.faults().set_latency(
-            SimEndpoint::Identity,
-            Duration::from_millis(opts.identity_latency_ms),
-        );
-        let config = config_for(&sim, &opts);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = match opts.metrics {
@@ -245,6 +227,76 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.begin_shutdown();
+    }
+}
+
+/// The simulated Payroc of the standard setup (see [`Harness`]).
+pub async fn start_sim(opts: &Options) -> SimPayroc {
+    let clock = Clock::system();
+    let entropy: SharedEntropy = Arc::new(OsEntropy);
+    let mut sim_config = SimConfig::new(
+        clock,
+        entropy,
+        vec![
+            SimAccount::new(KEY_ACME, &["1234001", "1234002"]),
+            SimAccount::new(KEY_GLOBEX, &["5678001", "5678002"]),
+            SimAccount::new(KEY_GLOBEX_NEW, &["5678001", "5678002"]),
+        ],
+    );
+    if opts.token_lifetime > 0 {
+        sim_config.token_lifetime = Duration::from_secs(opts.token_lifetime);
+    }
+    let sim = SimPayroc::start(sim_config)
+        .await
+        .expect("simulator starts");
+    sim.faults().set_latency(
+        SimEndpoint::Identity,
+        Duration::from_millis(opts.identity_latency_ms),
+    );
+    sim
+}
+
+/// A broker serving `config` on an ephemeral loopback port, no client yet
+/// (for tests that connect their own way: TLS, raw sockets).
+pub struct Served {
+    pub addr: SocketAddr,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub server: Option<JoinHandle<Result<(), ServeError>>>,
+    /// Sends a configuration as SIGHUP would after validating it.
+    pub reload: mpsc::Sender<Config>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn serve(config: Config) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (reload, reloads) = mpsc::channel::<Config>(1);
+    let server = tokio::spawn(async move {
+        server::serve(
+            listener,
+            &config,
+            Clock::system(),
+            Arc::new(OsEntropy),
+            async {
+                let _ = stopped.await;
+            },
+            ReceiverStream::new(reloads),
+        )
+        .await
+    });
+    Served {
+        addr,
+        stop: Some(stop),
+        server: Some(server),
+        reload,
     }
 }
 
