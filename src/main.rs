@@ -13,7 +13,7 @@ use payroc_broker::{
     config::{self, CONFIG_ENV, CapturedEnv, Config, LogFormat},
     logging,
     probe::{self, Probe},
-    server,
+    server, transport,
 };
 use tokio::net::TcpListener;
 
@@ -151,6 +151,10 @@ fn main() -> ExitCode {
         )),
         Command::CheckConfig { config } => match Config::load(&config, &config::process_env) {
             Ok(c) => {
+                if let Err(e) = check_tls(&config, &c) {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
                 // Warnings do not fail the check (exit status stays 0).
                 for w in c.warnings() {
                     eprintln!("warning: {}: {w}", config.display());
@@ -245,6 +249,7 @@ impl ServePolicy {
     fn load(&self) -> Result<Config, Vec<String>> {
         let mut c = Config::load_with(&self.path, &self.env)
             .map_err(|e| e.to_string().lines().map(str::to_owned).collect::<Vec<_>>())?;
+        check_tls(&self.path, &c).map_err(|e| vec![e])?;
         if c.callers.is_empty() && !self.allow_unauthenticated {
             return Err(vec![format!(
                 "{}: no [[callers]] are configured, so anyone who can reach the port would get \
@@ -381,6 +386,23 @@ fn health(probe: Result<Probe, probe::UsageError>) -> ExitCode {
         }
     }
     ExitCode::from(outcome.exit_code())
+}
+
+/// The `[server.tls]` files parse and fit together; a configuration error
+/// (exit 2) naming the key and file otherwise.
+fn check_tls(path: &std::path::Path, c: &Config) -> Result<(), String> {
+    match &c.server.tls {
+        None => Ok(()),
+        Some(tls) => transport::tls::load(tls).map(drop).map_err(|e| {
+            format!(
+                "{}: {}: {}: {}",
+                path.display(),
+                e.key,
+                e.file.display(),
+                e.reason
+            )
+        }),
+    }
 }
 
 fn config_error(e: &config::ConfigError) -> ExitCode {

@@ -7,7 +7,6 @@
 
 use std::{
     fmt,
-    io::Read,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -19,13 +18,13 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
+use zeroize::Zeroizing;
 
 use super::PeerCert;
-use crate::config::TlsConfig;
-
-/// PEM files of certificates and keys are a few KB; a bigger file is a mistake
-/// (or `/dev/zero`), refused before it is read whole.
-const MAX_PEM_FILE: u64 = 1024 * 1024;
+use crate::config::{
+    TlsConfig,
+    secret_file::{MAX_PUBLIC_FILE_BYTES, MAX_SECRET_FILE_BYTES, read_public},
+};
 
 /// The one application protocol the port speaks.
 const ALPN_H2: &[u8] = b"h2";
@@ -66,7 +65,12 @@ pub fn load(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     };
 
     let certs = read_certs(&config.cert_file).map_err(|r| err(CERT_KEY, &config.cert_file, r))?;
-    let key_pem = read_pem_file(&config.key_file).map_err(|r| err(KEY_KEY, &config.key_file, r))?;
+    // Wiped when dropped. `read_public`: the configuration already warned
+    // about the file's mode when it was loaded; once is enough.
+    let key_pem = Zeroizing::new(
+        read_public(&config.key_file, MAX_SECRET_FILE_BYTES)
+            .map_err(|e| err(KEY_KEY, &config.key_file, e.reason))?,
+    );
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| err(KEY_KEY, &config.key_file, pem_reason(&e, "PRIVATE KEY")))?;
     drop(key_pem);
@@ -111,7 +115,7 @@ pub fn load(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
 
 /// Every `CERTIFICATE` block of a PEM file, at least one.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = read_pem_file(path)?;
+    let pem = read_public(path, MAX_PUBLIC_FILE_BYTES).map_err(|e| e.reason)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_reason(&e, "CERTIFICATE"))?;
@@ -119,30 +123,6 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err("holds no PEM `CERTIFICATE` block".into());
     }
     Ok(certs)
-}
-
-/// Reads a regular file (symbolic links followed: Kubernetes Secret volumes
-/// are links) of at most `MAX_PEM_FILE` bytes. A FIFO or device would block or
-/// never end, so those are refused before opening them for reading.
-fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read it: {e}"))?;
-    if !meta.is_file() {
-        return Err("is not a regular file".into());
-    }
-    if meta.len() > MAX_PEM_FILE {
-        return Err(format!(
-            "is {} bytes, more than a PEM file of this kind can need ({MAX_PEM_FILE})",
-            meta.len()
-        ));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read it: {e}"))?;
-    if bytes.len() as u64 > MAX_PEM_FILE {
-        return Err("grew past the size limit while being read".into());
-    }
-    Ok(bytes)
 }
 
 /// A reason for a PEM failure that never quotes the file: pki-types' own
@@ -227,4 +207,132 @@ pub fn peer_cert(chain: Option<&[CertificateDer<'_>]>) -> Option<PeerCert> {
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed server certificate and its key, in PEM.
+    fn self_signed() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    struct Files(PathBuf);
+
+    impl Files {
+        fn new() -> Files {
+            let dir = std::env::temp_dir().join(format!(
+                "payroc-tls-unit-{}",
+                crate::clock::Entropy::uuid_v4(&crate::clock::OsEntropy)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Files(dir)
+        }
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(files: &Files, cert: &str, key: &str) -> TlsConfig {
+        TlsConfig {
+            cert_file: files.write("tls.crt", cert),
+            key_file: files.write("tls.key", key),
+            client_ca_file: None,
+            require_client_cert: false,
+        }
+    }
+
+    #[test]
+    fn a_good_pair_loads_with_h2_only() {
+        let files = Files::new();
+        let (cert, key) = self_signed();
+        let server = load(&config(&files, &cert, &key)).unwrap();
+        assert_eq!(server.alpn_protocols, vec![b"h2".to_vec()]);
+    }
+
+    #[test]
+    fn bad_files_name_the_key_and_file_and_never_quote_the_key() {
+        let (cert, key) = self_signed();
+        let (_, other_key) = self_signed();
+        // A key whose body is intact but whose BEGIN line is mangled, so a
+        // parser that quoted lines would print key material.
+        let body: String = key.lines().nth(1).unwrap().to_owned();
+        let mangled = key.replace("BEGIN PRIVATE KEY", "BEGIN PRIVATE KEY-- ");
+        let cases = [
+            ("", key.as_str(), "server.tls.cert_file", "no PEM"),
+            (&cert, "garbage", "server.tls.key_file", "no PEM"),
+            (&cert, &other_key, "server.tls.key_file", "does not fit"),
+            (&key, &key, "server.tls.cert_file", "no PEM"),
+            (&cert, &mangled, "server.tls.key_file", "malformed"),
+        ];
+        for (cert, key, expected_key, reason) in cases {
+            let files = Files::new();
+            let tls = config(&files, cert, key);
+            let e = load(&tls).expect_err("refused");
+            assert_eq!(e.key, expected_key, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+            let text = e.to_string();
+            assert!(text.contains(expected_key), "{text}");
+            assert!(text.contains(&files.0.display().to_string()), "{text}");
+            assert!(!text.contains(&body[..20]), "key material in: {text}");
+        }
+    }
+
+    #[test]
+    fn missing_files_directories_and_huge_files_are_refused_before_reading() {
+        let files = Files::new();
+        let (cert, key) = self_signed();
+        let mut tls = config(&files, &cert, &key);
+        tls.cert_file = files.0.join("absent.crt");
+        assert_eq!(load(&tls).unwrap_err().key, "server.tls.cert_file");
+        tls.cert_file = files.0.clone();
+        let e = load(&tls).unwrap_err();
+        assert!(e.reason.contains("not a regular file"), "{e}");
+        tls.cert_file = files.write("huge.crt", &"x".repeat(2 * 1024 * 1024));
+        let e = load(&tls).unwrap_err();
+        assert!(e.reason.contains("bytes"), "{e}");
+        tls.cert_file = files.write("tls.crt", &cert);
+        tls.key_file = files.write("huge.key", &"x".repeat(64 * 1024));
+        assert_eq!(load(&tls).unwrap_err().key, "server.tls.key_file");
+    }
+
+    #[test]
+    fn a_client_ca_file_must_hold_a_certificate() {
+        let files = Files::new();
+        let (cert, key) = self_signed();
+        let mut tls = config(&files, &cert, &key);
+        tls.client_ca_file = Some(files.write("ca.crt", "nothing here"));
+        assert_eq!(load(&tls).unwrap_err().key, "server.tls.client_ca_file");
+        tls.client_ca_file = Some(files.write("ca.crt", &cert));
+        load(&tls).expect("a certificate is a usable trust anchor");
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_configuration_in_force() {
+        let files = Files::new();
+        let (cert, key) = self_signed();
+        let tls = config(&files, &cert, &key);
+        let acceptor = TlsAcceptor::new(&tls).unwrap();
+        let before = acceptor.current.load_full();
+        files.write("tls.key", "garbage");
+        assert!(acceptor.reload(&tls).is_err());
+        assert!(Arc::ptr_eq(&before, &acceptor.current.load_full()));
+        let (cert, key) = self_signed();
+        acceptor.reload(&config(&files, &cert, &key)).unwrap();
+        assert!(!Arc::ptr_eq(&before, &acceptor.current.load_full()));
+    }
 }
