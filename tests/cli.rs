@@ -528,3 +528,51 @@ fn check_config_warns_about_bearer_tokens_for_part_of_a_credential() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_config_parses_the_tls_files_and_names_the_bad_one() {
+    let self_signed = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (cert, key) = self_signed();
+    let (_, other_key) = self_signed();
+    let cert_path = temp_config("tls.crt", &cert);
+    let config = format!(
+        "[server.tls]\ncert_file = \"{}\"\nkey_file = \"tls.key\"\n{MINIMAL}",
+        cert_path.display()
+    );
+    let path = temp_config("tls.toml", &config);
+    let check = |key_text: &str| {
+        temp_config("tls.key", key_text);
+        broker()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("PAYROC_API_KEY_ACME", "secret-from-env-123")
+            .output()
+            .unwrap()
+    };
+    for bad in [
+        other_key.as_str(),
+        "-----BEGIN PRIVATE KEY-----\nnot base64 !!\n",
+    ] {
+        let out = check(bad);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("server.tls.key_file"), "{stderr}");
+        assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+        let body = bad.lines().nth(1).unwrap();
+        assert!(!stderr.contains(body), "key material in: {stderr}");
+    }
+    let out = check(&key);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -487,3 +487,48 @@ async fn a_reload_rereads_certificates_and_keeps_open_connections() {
         .expect("the certificate in force keeps serving");
     drop(pki.dir);
 }
+
+#[tokio::test]
+async fn a_client_certificate_identifies_its_caller_end_to_end() {
+    use payroc_broker::proto::{GetBearerTokenRequest, token_broker_client::TokenBrokerClient};
+    let pki = Pki::new(false);
+    let opts = Options {
+        callers: r#"
+            [[callers]]
+            name = "checkout-web"
+            spiffe_id = "spiffe://test.local/ns/shop/sa/checkout-web"
+            terminals = ["1234001"]
+            rpcs = ["GetBearerToken"]
+        "#,
+        ..Options::default()
+    };
+    let sim = start_sim(&opts).await;
+    let mut config = config_for(&sim, &opts);
+    config.server.tls = Some(pki.tls.clone());
+    let served = serve(config).await;
+    let call = |leaf: Option<Leaf>| {
+        let trust = client_config(&pki.server_ca, leaf.as_ref(), BOTH);
+        async move {
+            let channel = tls_channel(served.addr, trust).await.unwrap();
+            TokenBrokerClient::new(channel)
+                .get_bearer_token(GetBearerTokenRequest {
+                    processing_terminal_id: "1234001".into(),
+                    min_validity: None,
+                })
+                .await
+        }
+    };
+    call(Some(pki.client_ca.client()))
+        .await
+        .expect("the certificate's SPIFFE ID is checkout-web's");
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.subject_alt_names = vec![SanType::URI(
+        "spiffe://test.local/ns/shop/sa/someone-else"
+            .try_into()
+            .unwrap(),
+    )];
+    let e = call(Some(pki.client_ca.sign(other))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = call(None).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+}
