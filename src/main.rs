@@ -50,6 +50,14 @@ enum Command {
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Serve TLS with a throwaway CA made at start-up; the one caller is
+        /// the client certificate written next to it (paths are printed).
+        #[arg(long)]
+        tls: bool,
+        /// Where `--tls` writes its certificates and keys (default: a new
+        /// directory under the system's temporary directory).
+        #[arg(long, value_name = "DIR", requires = "tls")]
+        tls_dir: Option<PathBuf>,
         /// Log line format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormatArg,
@@ -193,7 +201,12 @@ fn main() -> ExitCode {
             };
             run(async move { Ok((c, None, Some(policy))) })
         }
-        Command::Sandbox { listen, .. } => sandbox(listen),
+        Command::Sandbox {
+            listen,
+            tls,
+            tls_dir,
+            ..
+        } => sandbox(listen, tls.then(|| tls_dir.unwrap_or_else(default_tls_dir))),
     }
 }
 
@@ -204,18 +217,24 @@ type SandboxHandle = payroc_broker::sandbox::Sandbox;
 #[cfg(not(feature = "sandbox"))]
 type SandboxHandle = std::convert::Infallible;
 
+/// Per process, so two sandboxes never share (or overwrite) their keys.
+fn default_tls_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("payroc-broker-sandbox-{}", std::process::id()))
+}
+
 #[cfg(feature = "sandbox")]
-fn sandbox(listen: SocketAddr) -> ExitCode {
+fn sandbox(listen: SocketAddr, tls_dir: Option<PathBuf>) -> ExitCode {
     run(async move {
         let entropy: SharedEntropy = Arc::new(OsEntropy);
-        let sandbox = SandboxHandle::start(listen, Clock::system(), entropy).await?;
+        let sandbox =
+            SandboxHandle::start_with(listen, Clock::system(), entropy, tls_dir.as_deref()).await?;
         Ok((sandbox.config.clone(), Some(sandbox), None))
     })
 }
 
 /// Production builds (`--no-default-features`) carry no simulated Payroc.
 #[cfg(not(feature = "sandbox"))]
-fn sandbox(_listen: SocketAddr) -> ExitCode {
+fn sandbox(_listen: SocketAddr, _tls_dir: Option<PathBuf>) -> ExitCode {
     eprintln!(
         "error: this payroc-broker was built without the `sandbox` feature, so it has no \
          simulated Payroc; use a build with default features to try it out"

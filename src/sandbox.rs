@@ -2,8 +2,16 @@
 //! with demo credentials and terminals, so it runs on a fresh machine with no
 //! Payroc account. The configuration goes through the same parser and
 //! validation as a real file.
+//!
+//! `sandbox --tls` adds a throwaway CA ([`pki`]): the port speaks only TLS,
+//! and the one caller is the workload named in the client certificate, so a
+//! client without it gets nothing (as in production with `[[callers]]`).
+
+pub mod pki;
 
 use std::{net::SocketAddr, path::Path};
+
+pub use pki::{CLIENT_SPIFFE_ID, SandboxPki};
 
 use crate::{
     clock::{Clock, SharedEntropy},
@@ -19,6 +27,8 @@ pub const DEMO_CREDENTIALS: &[(&str, &[&str])] =
 pub struct Sandbox {
     pub sim: SimPayroc,
     pub config: Config,
+    /// The certificates of `sandbox --tls`.
+    pub pki: Option<SandboxPki>,
 }
 
 impl Sandbox {
@@ -29,6 +39,19 @@ impl Sandbox {
         clock: Clock,
         entropy: SharedEntropy,
     ) -> Result<Sandbox, String> {
+        Self::start_with(listen, clock, entropy, None).await
+    }
+
+    /// [`Sandbox::start`], serving TLS with certificates made into `tls_dir`
+    /// when given: client certificates are verified against the sandbox CA,
+    /// and the caller [`CLIENT_SPIFFE_ID`] may call everything.
+    pub async fn start_with(
+        listen: SocketAddr,
+        clock: Clock,
+        entropy: SharedEntropy,
+        tls_dir: Option<&Path>,
+    ) -> Result<Sandbox, String> {
+        let pki = tls_dir.map(SandboxPki::create).transpose()?;
         // Fresh random API keys each run: nothing to leak, nothing to reuse.
         let keys: Vec<String> = DEMO_CREDENTIALS
             .iter()
@@ -53,6 +76,17 @@ impl Sandbox {
             sim.identity_url(),
             sim.api_url()
         );
+        if let Some(pki) = &pki {
+            // Paths as TOML strings (Debug quotes and escapes them).
+            text.push_str(&format!(
+                "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
+                 [[callers]]\nname = \"example-client\"\nspiffe_id = \"{CLIENT_SPIFFE_ID}\"\n\
+                 terminals = [\"*\"]\nrpcs = [\"*\"]\n",
+                pki.server_cert.display().to_string(),
+                pki.server_key.display().to_string(),
+                pki.ca_cert.display().to_string(),
+            ));
+        }
         for (i, (name, terminals)) in DEMO_CREDENTIALS.iter().enumerate() {
             text.push_str(&format!(
                 "[[credentials]]\nname = \"{name}\"\napi_key_env = \"SANDBOX_KEY_{i}\"\nterminals = {terminals:?}\n"
@@ -65,7 +99,7 @@ impl Sandbox {
         };
         let config = Config::parse(&text, Path::new("<sandbox>"), Path::new("."), &env)
             .map_err(|e| e.to_string())?;
-        Ok(Sandbox { sim, config })
+        Ok(Sandbox { sim, config, pki })
     }
 
     /// How to call the sandbox at `addr`, printed at start-up.
@@ -77,13 +111,40 @@ impl Sandbox {
                 ts.join(", ")
             ));
         }
+        let conn = self.grpcurl_flags();
+        let (transport, tls_files, python_tls, health_tls) = match &self.pki {
+            None => ("gRPC", String::new(), String::new(), String::new()),
+            Some(pki) => (
+                "gRPC over TLS",
+                format!(
+                    "TLS: a throwaway CA made for this run, in {dir}\n  \
+                     ca.crt      trust it for the server; client certificates are verified against it\n  \
+                     client.crt  client.key: the caller {CLIENT_SPIFFE_ID}\n\
+                     A client without this certificate is refused (UNAUTHENTICATED).\n\n",
+                    dir = pki.dir.display()
+                ),
+                format!(
+                    " \\\n      --ca {} --cert {} --key {}",
+                    pki.ca_cert.display(),
+                    pki.client_cert.display(),
+                    pki.client_key.display()
+                ),
+                format!(" --tls-ca {}", pki.ca_cert.display()),
+            ),
+        };
+        let health_addr = match &self.pki {
+            None => addr.to_string(),
+            Some(_) => format!("https://{addr}"),
+        };
         format!(
-            "payroc-broker sandbox: gRPC on {addr}, simulated Payroc on {sim}\n\
+            "payroc-broker sandbox: {transport} on {addr}, simulated Payroc on {sim}\n\
              {terminals}\n\
+             {tls_files}\
              Call it with grpcurl (server reflection is on):\n  \
-             grpcurl -plaintext -d '{{\"processing_terminal_id\": \"1234001\"}}' {addr} payroc.broker.v1.TokenBroker/GetBearerToken\n  \
-             grpcurl -plaintext -d '{{\"processing_terminal_id\": \"1234001\", \"scenario\": \"SCENARIO_PAYMENT\"}}' {addr} payroc.broker.v1.TokenBroker/CreateSession\n  \
-             grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n\
+             grpcurl {conn} -d '{{\"processing_terminal_id\": \"1234001\"}}' {addr} payroc.broker.v1.TokenBroker/GetBearerToken\n  \
+             grpcurl {conn} -d '{{\"processing_terminal_id\": \"1234001\", \"scenario\": \"SCENARIO_PAYMENT\"}}' {addr} payroc.broker.v1.TokenBroker/CreateSession\n  \
+             grpcurl {conn} {addr} grpc.health.v1.Health/Check\n  \
+             payroc-broker health --addr {health_addr}{health_tls}\n\
              \n\
              Envoy's ext_authz Check, as an egress proxy in front of Payroc asks it (the answer\n\
              sets `authorization: Bearer ...` and removes `x-api-key`; another host gets a 403):\n  \
@@ -91,12 +152,26 @@ impl Sandbox {
              \n\
              Or from Python (stubs are generated from proto/ on the fly):\n  \
              python3 -m pip install grpcio grpcio-tools\n  \
-             python3 examples/python/client.py --target {addr} --terminal 1234001\n\
+             python3 examples/python/client.py --target {addr} --terminal 1234001{python_tls}\n\
              \n\
              Ctrl-C stops it.",
             sim = self.sim.api_url(),
             check = self.check_example(addr),
         )
+    }
+
+    /// How grpcurl connects: plaintext, or TLS with the sandbox's client
+    /// certificate.
+    fn grpcurl_flags(&self) -> String {
+        match &self.pki {
+            None => "-plaintext".to_owned(),
+            Some(pki) => format!(
+                "-cacert {} -cert {} -key {}",
+                pki.ca_cert.display(),
+                pki.client_cert.display(),
+                pki.client_key.display()
+            ),
+        }
     }
 
     /// A grpcurl line for an ext_authz Check that the sandbox allows: a
@@ -113,9 +188,10 @@ impl Sandbox {
             DEMO_CREDENTIALS[0].1[0]
         );
         format!(
-            "grpcurl -plaintext -d '{{\"attributes\": {{\"request\": {{\"http\": {{\"method\": \"POST\", \
+            "grpcurl {conn} -d '{{\"attributes\": {{\"request\": {{\"http\": {{\"method\": \"POST\", \
              \"host\": \"{authority}\", \"path\": \"{path}\", \"headers\": {{\"x-api-key\": \"none\"}}}}}}}}}}' \
-             {addr} envoy.service.auth.v3.Authorization/Check"
+             {addr} envoy.service.auth.v3.Authorization/Check",
+            conn = self.grpcurl_flags(),
         )
     }
 }

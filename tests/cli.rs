@@ -224,6 +224,67 @@ async fn sandbox_serves_and_stops_cleanly_on_sigterm() {
 }
 
 #[tokio::test]
+async fn sandbox_tls_serves_the_client_certificate_it_wrote_and_refuses_others() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let dir = std::env::temp_dir().join(format!("payroc-broker-cli-tls-{}", std::process::id()));
+    let mut child = broker()
+        .args(["sandbox", "--tls", "--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = Running(child);
+    let first = line_with(stdout, "gRPC over TLS on").await;
+    let addr: SocketAddr = (first.split("gRPC over TLS on ").nth(1).unwrap())
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    // Keys are the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("client.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "client.key mode {mode:o}");
+    let ca = Certificate::from_pem(read("ca.crt"));
+    let channel = |tls: ClientTlsConfig| async move {
+        let endpoint = Endpoint::from_shared(format!("https://{addr}")).unwrap();
+        endpoint.tls_config(tls).unwrap().connect().await.unwrap()
+    };
+    let request = || GetBearerTokenRequest {
+        processing_terminal_id: "1234001".into(),
+        min_validity: None,
+    };
+
+    // The printed client certificate is the sandbox's caller.
+    let with_cert = ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .domain_name("localhost")
+        .identity(Identity::from_pem(read("client.crt"), read("client.key")));
+    let mut c = TokenBrokerClient::new(channel(with_cert).await);
+    let token = c.get_bearer_token(request()).await.unwrap().into_inner();
+    assert_eq!(token.credential, "demo");
+
+    // Without it: the TLS handshake succeeds (certificates are optional, so
+    // health probes need none), but nothing identifies the caller.
+    let without = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .domain_name("localhost");
+    let mut c = TokenBrokerClient::new(channel(without).await);
+    let err = c.get_bearer_token(request()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    signal(&child.0, "-TERM");
+    assert_eq!(exit_code(child).await, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn serve_runs_a_real_config_and_stops_cleanly_on_sigint() {
     let sim = SimPayroc::start(SimConfig::new(
         Clock::system(),
