@@ -1,0 +1,810 @@
+//! `broker-bench`: the release `payroc-broker` binary, run as a child process
+//! with production logging (default level, JSON, to a file) and metrics on,
+//! in front of the simulated Payroc (run in this process), driven over
+//! loopback gRPC. See BENCHMARKS.md for the method and the figures.
+//!
+//! ```sh
+//! cargo run --release --bin broker-bench -- --json          # everything, ~2 minutes
+//! cargo run --release --bin broker-bench -- --only bearer,session --rounds 10
+//! ```
+//!
+//! Scenarios (`--only`, comma-separated; default all):
+//!
+//! | name | what |
+//! |---|---|
+//! | `bearer` | health Check (`noop`) vs cached GetBearerToken, interleaved rounds at saturation; then GetBearerToken paced at half the noop rate |
+//! | `session` | CreateSession, a fixed number in flight, the simulator answering after L |
+//! | `peer` | the same session workload from N processes that each fetch their own Bearer token (SDK per service) |
+//! | `fanin` | N GetBearerToken calls at once across C cold credentials |
+//! | `scale` | RSS of a broker with 10,000 terminals under 1,000 warm credentials |
+//!
+//! The last line of stdout with `--json` is one JSON object with every figure.
+
+#![allow(clippy::disallowed_methods)] // a load generator measures real time
+#![allow(clippy::cast_precision_loss)]
+
+mod child;
+mod load;
+mod peer;
+mod stats;
+
+use std::{
+    collections::BTreeSet,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use clap::Parser;
+use payroc_broker::{
+    clock::{Clock, OsEntropy},
+    sim::{SimAccount, SimConfig, SimEndpoint, SimPayroc},
+};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    child::{Broker, Flags, Setup},
+    load::{Rpc, Target},
+    stats::{Sample, r3},
+};
+
+const SCENARIOS: [&str; 5] = ["bearer", "session", "peer", "fanin", "scale"];
+const CALLER_TOKEN: &str = "broker-bench-caller-token-7f3a9c2e41d8";
+const CALLER_ENV: &str = "BROKER_BENCH_CALLER_TOKEN";
+const LIB_VERSION: &str = "1.7.0.261457";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "broker-bench",
+    about = "Benchmarks the release payroc-broker binary with production logging"
+)]
+struct Opts {
+    /// Print one JSON object with every figure as the last line.
+    #[arg(long)]
+    json: bool,
+    /// Scenarios to run, comma-separated: bearer, session, peer, fanin, scale.
+    #[arg(long, value_delimiter = ',', default_values_t = SCENARIOS.map(String::from))]
+    only: Vec<String>,
+    /// The payroc-broker binary (default: built with `cargo build --release`).
+    #[arg(long)]
+    broker: Option<PathBuf>,
+    /// Keep the work directory (configurations, broker logs).
+    #[arg(long)]
+    keep: bool,
+    /// Short phases and small counts: checks the tool, measures nothing.
+    #[arg(long)]
+    quick: bool,
+
+    /// bearer: seconds per side per round.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// bearer: interleaved rounds (noop then bearer, bearer then noop, ...).
+    #[arg(long, default_value_t = 6)]
+    rounds: u32,
+    /// bearer: HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// bearer: RPCs in flight at saturation.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// bearer: seconds of the paced run at half the noop rate.
+    #[arg(long, default_value_t = 5.0)]
+    paced_seconds: f64,
+
+    /// session: the simulator's latency L, in ms.
+    #[arg(long, default_value_t = 50)]
+    session_latency_ms: u64,
+    /// session: CreateSession calls in flight.
+    #[arg(long, default_value_t = 500)]
+    session_concurrency: usize,
+    /// session: HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    session_connections: usize,
+    /// session (and peer): measured seconds, after 2 s of warm-up.
+    #[arg(long, default_value_t = 10.0)]
+    session_seconds: f64,
+
+    /// peer: processes, each with its own token and HTTP client.
+    #[arg(long, default_value_t = 10)]
+    peers: usize,
+
+    /// fanin: calls, all at once.
+    #[arg(long, default_value_t = 10_000)]
+    fanin_calls: usize,
+    /// fanin: cold credentials the calls spread over.
+    #[arg(long, default_value_t = 100)]
+    fanin_credentials: usize,
+    /// fanin: the identity service's latency, in ms (so calls pile up on fetches in flight).
+    #[arg(long, default_value_t = 200)]
+    fanin_identity_latency_ms: u64,
+    /// fanin: HTTP/2 connections.
+    #[arg(long, default_value_t = 8)]
+    fanin_connections: usize,
+
+    /// scale: terminals, spread evenly over the credentials.
+    #[arg(long, default_value_t = 10_000)]
+    scale_terminals: usize,
+    /// scale: warm credentials.
+    #[arg(long, default_value_t = 1_000)]
+    scale_credentials: usize,
+}
+
+impl Opts {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.iter().any(|s| s == scenario)
+    }
+
+    fn shrink(&mut self) {
+        self.seconds = 0.5;
+        self.rounds = 2;
+        self.paced_seconds = 1.0;
+        self.session_seconds = 1.0;
+        self.session_concurrency = self.session_concurrency.min(50);
+        self.peers = self.peers.min(3);
+        self.fanin_calls = self.fanin_calls.min(1000);
+        self.fanin_credentials = self.fanin_credentials.min(10);
+        self.scale_terminals = self.scale_terminals.min(200);
+        self.scale_credentials = self.scale_credentials.min(20);
+    }
+}
+
+/// What every scenario needs.
+struct Ctx {
+    opts: Opts,
+    bin: PathBuf,
+    flags: Flags,
+    dir: PathBuf,
+    sim_rt: tokio::runtime::Runtime,
+    /// Every figure for the JSON line.
+    out: Map<String, Value>,
+    /// Human-readable results, printed at the end.
+    text: String,
+}
+
+fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("peer-worker") {
+        return peer::worker(peer::WorkerArgs::parse_from(std::env::args().skip(1)));
+    }
+    let mut opts = Opts::parse();
+    if let Some(bad) = opts.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+        eprintln!("broker-bench: unknown scenario `{bad}`; known: {SCENARIOS:?}");
+        return ExitCode::from(2);
+    }
+    if opts.quick {
+        opts.shrink();
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("broker-bench: WARNING: a debug build of the load generator; use --release");
+    }
+    let bin = match child::locate(opts.broker.as_deref()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("broker-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let flags = Flags::detect(&bin);
+    let dir = std::env::temp_dir().join(format!("broker-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the work directory");
+    // The simulator and the load generator each get one worker thread, so
+    // neither spreads over both cores; the broker has its own process.
+    let sim_rt = runtime("sim");
+    let load_rt = runtime("load");
+    let mut ctx = Ctx {
+        bin,
+        flags,
+        dir,
+        sim_rt,
+        out: Map::new(),
+        text: String::new(),
+        opts,
+    };
+    let load_start = stats::load_average();
+    load_rt.block_on(async {
+        let session = if ctx.opts.wants("bearer") || ctx.opts.wants("session") {
+            Some(bearer_and_session(&mut ctx).await)
+        } else {
+            None
+        };
+        if ctx.opts.wants("peer") {
+            peer_comparison(&mut ctx, session.as_ref()).await;
+        }
+        if ctx.opts.wants("fanin") {
+            fanin(&mut ctx).await;
+        }
+        if ctx.opts.wants("scale") {
+            scale(&mut ctx).await;
+        }
+    });
+    let load_end = stats::load_average();
+    conditions(&mut ctx, load_start, load_end);
+    targets(&mut ctx);
+    print!("{}", ctx.text);
+    if ctx.opts.keep {
+        println!("work directory kept: {}", ctx.dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&ctx.dir);
+    }
+    if ctx.opts.json {
+        println!("{}", Value::Object(ctx.out));
+    }
+    let _ = std::io::stdout().flush();
+    ExitCode::SUCCESS
+}
+
+fn runtime(name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("bench-{name}"))
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn note(line: impl AsRef<str>) {
+    eprintln!("broker-bench: {}", line.as_ref());
+}
+
+/// Starts a simulator on the simulator's runtime.
+async fn start_sim(ctx: &Ctx, accounts: Vec<SimAccount>) -> SimPayroc {
+    let config = SimConfig::new(Clock::system(), Arc::new(OsEntropy), accounts);
+    ctx.sim_rt
+        .spawn(SimPayroc::start(config))
+        .await
+        .expect("simulator task")
+        .expect("simulator starts")
+}
+
+/// `[payroc]`, `[[credentials]]` (one per key, `terminals[i]` under key i)
+/// and the one caller, as TOML.
+fn payroc_toml(sim: &SimPayroc, payroc_extra: &str, credentials: &str) -> String {
+    format!(
+        "[payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n{payroc_extra}\n{credentials}\n\
+         [[callers]]\nname = \"bench\"\ntoken_env = \"{CALLER_ENV}\"\nterminals = [\"*\"]\nrpcs = [\"*\"]\n",
+        sim.identity_url(),
+        sim.api_url()
+    )
+}
+
+fn terminal_ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i:06}")).collect()
+}
+
+/// Noop vs cached bearer, paced bearer, then sessions, on one broker process.
+/// Returns the session sample for the peer comparison.
+async fn bearer_and_session(ctx: &mut Ctx) -> Sample {
+    let o = &ctx.opts;
+    let key = "broker-bench-api-key-0123456789";
+    let terminals = terminal_ids("T", 8);
+    let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
+    let sim = start_sim(ctx, vec![SimAccount::new(key, &refs)]).await;
+    let sessions = (2 * o.session_concurrency).max(64);
+    let rest = payroc_toml(
+        &sim,
+        &format!(
+            "max_concurrent_sessions = {sessions}\nmax_concurrent_sessions_per_caller = {sessions}"
+        ),
+        &format!(
+            "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n"
+        ),
+    );
+    let broker = Broker::start(
+        &ctx.bin,
+        ctx.flags,
+        &ctx.dir,
+        Setup {
+            name: "main",
+            server: "warm_start_timeout = \"30s\"".into(),
+            rest,
+            env: vec![
+                ("BROKER_BENCH_KEY".into(), key.into()),
+                (CALLER_ENV.into(), CALLER_TOKEN.into()),
+            ],
+        },
+    )
+    .await;
+    note(format!("broker pid {} on {}", broker.pid, broker.addr));
+    let mut session_sample = Sample::default();
+
+    if o.wants("bearer") {
+        let target =
+            Target::connect(broker.addr, o.connections, CALLER_TOKEN, terminals.clone()).await;
+        let side = Duration::from_secs_f64(o.seconds);
+        let warm = Duration::from_millis(300);
+        let (mut noop, mut bearer) = (Sample::default(), Sample::default());
+        let (mut noop_cpu, mut bearer_cpu) = (0.0, 0.0);
+        let mut rows = String::new();
+        for round in 0..o.rounds {
+            let run = async |rpc: Rpc| {
+                let cpu = broker.cpu_seconds();
+                let s = load::closed_loop(&target, rpc, o.concurrency, warm, side).await;
+                // The warm-up's CPU is in the delta too: scale to the window.
+                let used =
+                    (broker.cpu_seconds() - cpu) * side.as_secs_f64() / (side + warm).as_secs_f64();
+                (s, used)
+            };
+            let ((n, nc), (b, bc)) = if round % 2 == 0 {
+                let n = run(Rpc::Noop).await;
+                (n, run(Rpc::Bearer).await)
+            } else {
+                let b = run(Rpc::Bearer).await;
+                (run(Rpc::Noop).await, b)
+            };
+            rows.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.3} |\n",
+                round + 1,
+                n.rps(),
+                b.rps(),
+                b.rps() / n.rps()
+            ));
+            note(format!(
+                "round {}: noop {:.0} rps, bearer {:.0} rps",
+                round + 1,
+                n.rps(),
+                b.rps()
+            ));
+            noop_cpu += nc;
+            bearer_cpu += bc;
+            // Windows add up: merged rps is the mean over rounds.
+            let (nw, bw) = (noop.window + n.window, bearer.window + b.window);
+            noop.merge(n);
+            bearer.merge(b);
+            noop.window = nw;
+            bearer.window = bw;
+        }
+        let ratio = bearer.rps() / noop.rps();
+        let cpu_us = |cpu: f64, s: &Sample| cpu * 1e6 / s.ok().max(1) as f64;
+        let rate = noop.rps() / 2.0;
+        note(format!("bearer paced at {rate:.0}/s"));
+        let paced = load::paced(
+            &target,
+            Rpc::Bearer,
+            rate,
+            Duration::from_secs(1),
+            Duration::from_secs_f64(o.paced_seconds),
+        )
+        .await;
+        let (ns, bs, ps) = (noop.summary(), bearer.summary(), paced.summary());
+        ctx.text.push_str(&format!(
+            "\n## noop vs cached GetBearerToken: {} interleaved rounds of {} s per side, \
+             {} in flight over {} connections\n\n\
+             | round | noop rps | bearer rps | ratio |\n|---|---|---|---|\n{rows}\n\
+             | path | rps | p50 / p90 / p99 / max ms | broker CPU µs per call | failures |\n|---|---|---|---|---|\n\
+             | noop (health Check) | {:.0} | {} | {:.1} | {} |\n\
+             | bearer (cache hit) | {:.0} | {} | {:.1} | {} |\n\
+             | bearer paced at {rate:.0}/s | {:.0} | {} | | {} |\n\n\
+             bearer_over_noop (ratio of mean rps) = {ratio:.3}\n",
+            o.rounds,
+            o.seconds,
+            o.concurrency,
+            o.connections,
+            noop.rps(),
+            ns.cells(),
+            cpu_us(noop_cpu, &noop),
+            noop.failures(),
+            bearer.rps(),
+            bs.cells(),
+            cpu_us(bearer_cpu, &bearer),
+            bearer.failures(),
+            paced.rps(),
+            ps.cells(),
+            paced.failures(),
+        ));
+        let out = &mut ctx.out;
+        out.insert("noop_rps".into(), json!(noop.rps().round()));
+        out.insert("bearer_rps".into(), json!(bearer.rps().round()));
+        out.insert("bearer_over_noop".into(), json!(r3(ratio)));
+        out.insert("bearer_p99_ms".into(), json!(r3(ps.p99)));
+        out.insert("bearer_paced_rps".into(), json!(paced.rps().round()));
+        out.insert("bearer_paced".into(), ps.json());
+        out.insert("noop_saturated".into(), ns.json());
+        out.insert("bearer_saturated".into(), bs.json());
+        out.insert(
+            "noop_cpu_us_per_call".into(),
+            json!(r3(cpu_us(noop_cpu, &noop))),
+        );
+        out.insert(
+            "bearer_cpu_us_per_call".into(),
+            json!(r3(cpu_us(bearer_cpu, &bearer))),
+        );
+        out.insert(
+            "bearer_failures".into(),
+            json!(noop.failures() + bearer.failures() + paced.failures()),
+        );
+    }
+
+    if o.wants("session") || o.wants("peer") {
+        let latency = Duration::from_millis(o.session_latency_ms);
+        sim.faults().set_latency(SimEndpoint::Sessions, latency);
+        let target = Target::connect(
+            broker.addr,
+            o.session_connections,
+            CALLER_TOKEN,
+            terminals.clone(),
+        )
+        .await;
+        let before = sim.stats();
+        let cpu = broker.cpu_seconds();
+        let s = load::closed_loop(
+            &target,
+            Rpc::Session,
+            o.session_concurrency,
+            Duration::from_secs(2),
+            Duration::from_secs_f64(o.session_seconds),
+        )
+        .await;
+        let cpu = broker.cpu_seconds() - cpu;
+        let after = sim.stats();
+        let sum = s.summary();
+        let l = o.session_latency_ms as f64;
+        let connections = sim.connections_accepted();
+        ctx.text.push_str(&format!(
+            "\n## CreateSession: {} in flight over {} connections, simulator latency L = {l} ms, {} s\n\n\
+             | sessions/s | p50 / p90 / p99 / max ms | p50 − L | p99 − L | failures | upstream TCP connections | broker CPU µs per session |\n\
+             |---|---|---|---|---|---|---|\n\
+             | {:.0} | {} | {:.3} | {:.3} | {} | {connections} | {:.1} |\n",
+            o.session_concurrency,
+            o.session_connections,
+            o.session_seconds,
+            s.rps(),
+            sum.cells(),
+            sum.p50 - l,
+            sum.p99 - l,
+            s.failures(),
+            cpu * 1e6 / (after.session_requests - before.session_requests).max(1) as f64,
+        ));
+        let out = &mut ctx.out;
+        out.insert("session_latency_ms".into(), json!(o.session_latency_ms));
+        out.insert("session_concurrency".into(), json!(o.session_concurrency));
+        out.insert("session_rps".into(), json!(s.rps().round()));
+        out.insert("session".into(), sum.json());
+        out.insert("session_added_p50_ms".into(), json!(r3(sum.p50 - l)));
+        out.insert("session_added_p99_ms".into(), json!(r3(sum.p99 - l)));
+        out.insert("session_upstream_connections".into(), json!(connections));
+        out.insert("session_failures".into(), json!(s.failures()));
+        out.insert("session_errors".into(), json!(s.errors));
+        out.insert(
+            "session_identity_requests".into(),
+            json!(sim.stats().identity_requests),
+        );
+        session_sample = s;
+    }
+
+    let logs = broker.log_figures();
+    let metrics = broker.scrape_metrics().await;
+    let (hwm, rss) = broker.rss_kib();
+    let status = broker.stop();
+    ctx.text.push_str(&format!(
+        "\nbroker log: {} lines ({} JSON), {} bytes; /metrics {}; RSS peak {} KiB, at the end {} KiB; exit {:?}\n",
+        logs.lines,
+        logs.json,
+        logs.bytes,
+        match &metrics {
+            Some(m) => format!("answered ({} lines)", m.lines().count()),
+            None => "did not answer".into(),
+        },
+        hwm,
+        rss,
+        status.map(|s| s.to_string()),
+    ));
+    let out = &mut ctx.out;
+    out.insert("log_lines".into(), json!(logs.lines));
+    out.insert("log_json_lines".into(), json!(logs.json));
+    out.insert("log_bytes".into(), json!(logs.bytes));
+    out.insert("metrics_scraped".into(), json!(metrics.is_some()));
+    out.insert("main_peak_rss_mb".into(), json!(r3(hwm as f64 / 1024.0)));
+    session_sample
+}
+
+/// The session workload without the broker: N processes, own tokens.
+async fn peer_comparison(ctx: &mut Ctx, broker_side: Option<&Sample>) {
+    let o = &ctx.opts;
+    let key = "broker-bench-peer-api-key-0123456789";
+    let terminals = terminal_ids("T", 8);
+    let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
+    let sim = start_sim(ctx, vec![SimAccount::new(key, &refs)]).await;
+    sim.faults().set_latency(
+        SimEndpoint::Sessions,
+        Duration::from_millis(o.session_latency_ms),
+    );
+    note(format!("{} peer processes", o.peers));
+    let mut s = peer::run(peer::PeerRun {
+        processes: o.peers,
+        concurrency: o.session_concurrency,
+        identity_url: sim.identity_url(),
+        api_url: sim.api_url(),
+        api_key: key,
+        terminals: &terminals,
+        lib_version: LIB_VERSION,
+        warmup: Duration::from_secs(2),
+        window: Duration::from_secs_f64(o.session_seconds),
+        dir: &ctx.dir,
+    })
+    .await;
+    s.window = o.session_seconds;
+    let l = o.session_latency_ms as f64;
+    let identity = sim.stats().identity_requests;
+    let connections = sim.connections_accepted();
+    let sum = s.summary();
+    let mut rows = String::new();
+    if let Some(b) = broker_side {
+        let bs = b.summary();
+        rows.push_str(&format!(
+            "| one broker | 1 broker + 1 client | {} | {:.0} | {} | {:.3} | {:.3} | {} |\n",
+            ctx.out
+                .get("session_identity_requests")
+                .cloned()
+                .unwrap_or(json!("?")),
+            b.rps(),
+            bs.cells(),
+            bs.p50 - l,
+            bs.p99 - l,
+            b.failures(),
+        ));
+    }
+    rows.push_str(&format!(
+        "| SDK per service | {} processes | {identity} | {:.0} | {} | {:.3} | {:.3} | {} |\n",
+        o.peers,
+        s.rps(),
+        sum.cells(),
+        sum.p50 - l,
+        sum.p99 - l,
+        s.failures(),
+    ));
+    ctx.text.push_str(&format!(
+        "\n## Side by side: {} sessions in flight, L = {l} ms, {} s\n\n\
+         | path | processes | identity requests | sessions/s | p50 / p90 / p99 / max ms | p50 − L | p99 − L | failures |\n\
+         |---|---|---|---|---|---|---|---|\n{rows}\
+         (SDK per service: {connections} TCP connections to the simulator)\n",
+        o.session_concurrency, o.session_seconds,
+    ));
+    let out = &mut ctx.out;
+    out.insert("peer_processes".into(), json!(o.peers));
+    out.insert("peer_identity_requests".into(), json!(identity));
+    out.insert("peer_rps".into(), json!(s.rps().round()));
+    out.insert("peer_session".into(), sum.json());
+    out.insert("peer_added_p50_ms".into(), json!(r3(sum.p50 - l)));
+    out.insert("peer_added_p99_ms".into(), json!(r3(sum.p99 - l)));
+    out.insert("peer_failures".into(), json!(s.failures()));
+    out.insert("peer_upstream_connections".into(), json!(connections));
+}
+
+/// Writes `secret` to a 0600 file in the work directory.
+fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .expect("write a key file");
+    f.write_all(secret.as_bytes()).expect("write a key file");
+    path
+}
+
+/// `credentials` keys in files, `per` terminals each, as sim accounts and TOML.
+fn many_credentials(
+    dir: &Path,
+    tag: &str,
+    credentials: usize,
+    per: usize,
+) -> (Vec<SimAccount>, String, Vec<String>) {
+    let keys_dir = dir.join(format!("{tag}-keys"));
+    std::fs::create_dir_all(&keys_dir).expect("key directory");
+    let (mut accounts, mut toml, mut all) = (Vec::new(), String::new(), Vec::new());
+    for c in 0..credentials {
+        let key = format!("{tag}-api-key-{c:06}-0123456789");
+        let terminals: Vec<String> = (0..per).map(|t| format!("{tag}{c:05}x{t:03}")).collect();
+        let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
+        accounts.push(SimAccount::new(&key, &refs));
+        let file = key_file(&keys_dir, &format!("c{c}"), &key);
+        toml.push_str(&format!(
+            "[[credentials]]\nname = \"c{c}\"\napi_key_file = \"{}\"\nterminals = {terminals:?}\n",
+            file.display()
+        ));
+        all.extend(terminals);
+    }
+    (accounts, toml, all)
+}
+
+/// `calls` GetBearerToken at once across cold credentials.
+async fn fanin(ctx: &mut Ctx) {
+    let o = &ctx.opts;
+    let (accounts, credentials, terminals) =
+        many_credentials(&ctx.dir, "F", o.fanin_credentials, 2);
+    let sim = start_sim(ctx, accounts).await;
+    sim.faults().set_latency(
+        SimEndpoint::Identity,
+        Duration::from_millis(o.fanin_identity_latency_ms),
+    );
+    let streams = o.fanin_calls.div_ceil(o.fanin_connections.max(1)) + 16;
+    let broker = Broker::start(
+        &ctx.bin,
+        ctx.flags,
+        &ctx.dir,
+        Setup {
+            name: "fanin",
+            // Cold: no warm start (first fetches put off by up to a day),
+            // serving at once. Limits raised so every call is in flight at once.
+            server: format!(
+                "warm_start_timeout = \"0s\"\nmax_concurrent_streams = {streams}\n\
+                 max_in_flight_requests = {}",
+                2 * o.fanin_calls
+            ),
+            rest: payroc_toml(&sim, "warm_start_spread = \"24h\"", &credentials),
+            env: vec![(CALLER_ENV.into(), CALLER_TOKEN.into())],
+        },
+    )
+    .await;
+    let before = sim.stats().identity_requests;
+    let target = Target::connect(broker.addr, o.fanin_connections, CALLER_TOKEN, terminals).await;
+    note(format!(
+        "fanin: {} calls across {} cold credentials",
+        o.fanin_calls, o.fanin_credentials
+    ));
+    let (s, took) = load::burst(&target, Rpc::Bearer, o.fanin_calls).await;
+    let identity = sim.stats().identity_requests;
+    let sum = s.summary();
+    let (hwm, _) = broker.rss_kib();
+    let _ = broker.stop();
+    ctx.text.push_str(&format!(
+        "\n## Fan-in: {} GetBearerToken at once across {} cold credentials, identity latency {} ms, {} connections\n\n\
+         | identity requests | failures | all answered after | p50 / p90 / p99 / max ms | broker peak RSS |\n\
+         |---|---|---|---|---|\n| {identity} (before: {before}) | {} {:?} | {:.1} ms | {} | {} KiB |\n",
+        o.fanin_calls,
+        o.fanin_credentials,
+        o.fanin_identity_latency_ms,
+        o.fanin_connections,
+        s.failures(),
+        s.errors,
+        took.as_secs_f64() * 1e3,
+        sum.cells(),
+        hwm,
+    ));
+    let out = &mut ctx.out;
+    out.insert("fanin_calls".into(), json!(o.fanin_calls));
+    out.insert("fanin_credentials".into(), json!(o.fanin_credentials));
+    out.insert("fanin_identity_requests".into(), json!(identity));
+    out.insert("fanin_failures".into(), json!(s.failures()));
+    out.insert("fanin_errors".into(), json!(s.errors));
+    out.insert("fanin_ms".into(), json!(r3(took.as_secs_f64() * 1e3)));
+    out.insert("fanin_latency".into(), sum.json());
+}
+
+/// RSS with many terminals under many warm credentials, after traffic.
+async fn scale(ctx: &mut Ctx) {
+    let o = &ctx.opts;
+    let per = o.scale_terminals.div_ceil(o.scale_credentials.max(1));
+    let (accounts, credentials, terminals) =
+        many_credentials(&ctx.dir, "S", o.scale_credentials, per);
+    let sim = start_sim(ctx, accounts).await;
+    note(format!(
+        "scale: {} terminals under {} credentials: warm start",
+        terminals.len(),
+        o.scale_credentials
+    ));
+    let sessions = 256;
+    let broker = Broker::start(
+        &ctx.bin,
+        ctx.flags,
+        &ctx.dir,
+        Setup {
+            name: "scale",
+            // SERVING once every credential has its first token.
+            server: "warm_start_timeout = \"170s\"".into(),
+            rest: payroc_toml(
+                &sim,
+                &format!(
+                    "max_concurrent_sessions = {sessions}\nmax_concurrent_sessions_per_caller = {sessions}"
+                ),
+                &credentials,
+            ),
+            env: vec![(CALLER_ENV.into(), CALLER_TOKEN.into())],
+        },
+    )
+    .await;
+    let warm = broker.rss_kib();
+    let warm_identity = sim.stats().identity_requests;
+    let target = Target::connect(broker.addr, 4, CALLER_TOKEN, terminals.clone()).await;
+    // Every terminal twice, then one session per credential.
+    let bearer = load::sweep(&target, Rpc::Bearer, 2 * terminals.len(), 256).await;
+    let one_per_credential: Vec<String> = terminals.iter().step_by(per).cloned().collect();
+    let target = Target::connect(broker.addr, 4, CALLER_TOKEN, one_per_credential.clone()).await;
+    let session = load::sweep(&target, Rpc::Session, one_per_credential.len(), 64).await;
+    let (hwm, rss) = broker.rss_kib();
+    let _ = broker.stop();
+    let distinct: BTreeSet<&String> = terminals.iter().collect();
+    ctx.text.push_str(&format!(
+        "\n## Scale: {} terminals under {} warm credentials\n\n\
+         | identity requests at warm start | RSS when warm | GetBearerToken calls (failures) | CreateSession calls (failures) | RSS after | peak RSS |\n\
+         |---|---|---|---|---|---|\n| {warm_identity} | {} KiB | {} ({}) | {} ({}) | {rss} KiB | {hwm} KiB |\n",
+        distinct.len(),
+        o.scale_credentials,
+        warm.1,
+        bearer.ok() + bearer.failures(),
+        bearer.failures(),
+        session.ok() + session.failures(),
+        session.failures(),
+    ));
+    let out = &mut ctx.out;
+    out.insert("scale_terminals".into(), json!(distinct.len()));
+    out.insert("scale_credentials".into(), json!(o.scale_credentials));
+    out.insert(
+        "scale_failures".into(),
+        json!(bearer.failures() + session.failures()),
+    );
+    out.insert(
+        "scale_warm_rss_mb".into(),
+        json!(r3(warm.1 as f64 / 1024.0)),
+    );
+    out.insert("peak_rss_mb".into(), json!(r3(hwm as f64 / 1024.0)));
+}
+
+fn conditions(ctx: &mut Ctx, load_start: f64, load_end: f64) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let out = &mut ctx.out;
+    out.insert("cores".into(), json!(cores));
+    out.insert("load_avg_start".into(), json!(load_start));
+    out.insert("load_avg_end".into(), json!(load_end));
+    out.insert("log_format_flag".into(), json!(ctx.flags.log_format));
+    out.insert("quick".into(), json!(ctx.opts.quick));
+    ctx.text.push_str(&format!(
+        "\nconditions: {cores} cores; 1-minute load average {load_start:.2} at the start, {load_end:.2} at the end; \
+         broker {}; --log-format json {}\n",
+        ctx.bin.display(),
+        if ctx.flags.log_format { "passed" } else { "not supported by this build (config log_format = \"json\" set)" },
+    ));
+}
+
+/// The issue's targets, checked against this run.
+fn targets(ctx: &mut Ctx) {
+    let get = |k: &str| ctx.out.get(k).and_then(Value::as_f64);
+    let o = &ctx.opts;
+    let mut t = Map::new();
+    let mut check = |name: &str, ok: Option<bool>| {
+        if let Some(ok) = ok {
+            t.insert(name.into(), json!(ok));
+        }
+    };
+    check(
+        "bearer_over_noop",
+        get("bearer_over_noop").map(|r| r >= 0.95),
+    );
+    check("bearer_p99_ms", get("bearer_p99_ms").map(|p| p <= 1.0));
+    let at_spec = o.session_latency_ms == 50 && o.session_concurrency == 500;
+    check(
+        "session_added_p50_ms",
+        get("session_added_p50_ms").map(|p| p <= 0.3 && at_spec),
+    );
+    check(
+        "session_added_p99_ms",
+        get("session_added_p99_ms").map(|p| p <= 2.0 && at_spec),
+    );
+    check(
+        "session_upstream_connections",
+        get("session_upstream_connections").map(|c| {
+            c <= (o.session_concurrency + 1) as f64 && get("session_failures") == Some(0.0)
+        }),
+    );
+    let fanin_spec = o.fanin_calls == 10_000 && o.fanin_credentials == 100;
+    check(
+        "fanin",
+        get("fanin_identity_requests").map(|n| {
+            n == o.fanin_credentials as f64 && get("fanin_failures") == Some(0.0) && fanin_spec
+        }),
+    );
+    let scale_spec = o.scale_terminals == 10_000 && o.scale_credentials == 1_000;
+    check(
+        "peak_rss_mb",
+        get("peak_rss_mb").map(|m| m <= 32.0 && scale_spec && get("scale_failures") == Some(0.0)),
+    );
+    let all = t.values().all(|v| v == &json!(true));
+    ctx.text
+        .push_str(&format!("\ntargets: {}\n", Value::Object(t.clone())));
+    ctx.out.insert("targets".into(), Value::Object(t));
+    ctx.out.insert("all_targets_met".into(), json!(all));
+}
