@@ -27,6 +27,7 @@ mod child;
 mod load;
 mod peer;
 mod stats;
+mod timer;
 
 use std::{
     collections::BTreeSet,
@@ -41,7 +42,7 @@ use std::{
 use clap::Parser;
 use payroc_broker::{
     clock::{Clock, OsEntropy},
-    sim::{SimAccount, SimConfig, SimEndpoint, SimPayroc},
+    sim::{Pause, SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
 use serde_json::{Map, Value, json};
 
@@ -158,6 +159,8 @@ struct Ctx {
     flags: Flags,
     dir: PathBuf,
     sim_rt: tokio::runtime::Runtime,
+    /// The simulators' wait for injected latency (one timer thread for all).
+    pause: Pause,
     /// Every figure for the JSON line.
     out: Map<String, Value>,
     /// Human-readable results, printed at the end.
@@ -198,6 +201,7 @@ fn main() -> ExitCode {
         flags,
         dir,
         sim_rt,
+        pause: timer::precise_pause(),
         out: Map::new(),
         text: String::new(),
         opts,
@@ -250,7 +254,8 @@ fn note(line: impl AsRef<str>) {
 
 /// Starts a simulator on the simulator's runtime.
 async fn start_sim(ctx: &Ctx, accounts: Vec<SimAccount>) -> SimPayroc {
-    let config = SimConfig::new(Clock::system(), Arc::new(OsEntropy), accounts);
+    let mut config = SimConfig::new(Clock::system(), Arc::new(OsEntropy), accounts);
+    config.pause = Some(Arc::clone(&ctx.pause));
     ctx.sim_rt
         .spawn(SimPayroc::start(config))
         .await
