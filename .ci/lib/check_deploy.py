@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Checks deploy/ beyond the Kubernetes schemas (which kubernetes-validate covers):
+
+- every YAML file under deploy/ parses, and each document has what its kind
+  needs (apiVersion/kind for Kubernetes and Istio objects, static_resources
+  for an Envoy bootstrap);
+- the broker.toml inside the ConfigMap is a configuration the broker accepts:
+  `payroc-broker check-config` on a copy whose key-file paths point at the
+  example Secret's values written to a scratch directory;
+- the Deployment, ConfigMap and Secret agree (mount paths, ports, names);
+- the Envoy bootstrap and Istio objects point at the broker's port and
+  Payroc's API host.
+
+Usage: check_deploy.py BROKER_BINARY SCRATCH_DIR
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import yaml
+
+DEPLOY = "deploy"
+PAYROC_API_HOST = "api.payroc.com"
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def load_all(path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return [d for d in yaml.safe_load_all(f) if d is not None]
+        except yaml.YAMLError as e:
+            fail(f"{path}: not valid YAML: {e}")
+
+
+def by_kind(docs, kind, name=None):
+    found = [d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
+    if len(found) != 1:
+        fail(f"expected one {kind} {name or ''}, found {len(found)}")
+    return found[0]
+
+
+def main():
+    broker, scratch = sys.argv[1], os.path.abspath(sys.argv[2])
+    os.makedirs(scratch, exist_ok=True)
+
+    files = sorted(glob.glob(f"{DEPLOY}/**/*.yaml", recursive=True))
+    if not files:
+        fail("no YAML under deploy/")
+    docs = {}
+    for path in files:
+        docs[path] = load_all(path)
+        for d in docs[path]:
+            if path.startswith(f"{DEPLOY}/envoy/"):
+                if "static_resources" not in d:
+                    fail(f"{path}: an Envoy bootstrap needs static_resources")
+            elif not (d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name")):
+                fail(f"{path}: a document without apiVersion, kind or metadata.name")
+        print(f"parsed {path}: {len(docs[path])} document(s)")
+
+    k8s = [d for p, ds in docs.items() if p.startswith(f"{DEPLOY}/kubernetes/") for d in ds]
+    deployment = by_kind(k8s, "Deployment")
+    configmap = by_kind(k8s, "ConfigMap")
+    secret = by_kind(k8s, "Secret")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+
+    # Volumes: the ConfigMap and Secret the pod mounts are the ones here.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    cm_volume = next(n for n, v in volumes.items() if "configMap" in v)
+    secret_volume = next(n for n, v in volumes.items() if "secret" in v)
+    if volumes[cm_volume]["configMap"]["name"] != configmap["metadata"]["name"]:
+        fail("the Deployment mounts another ConfigMap")
+    if volumes[secret_volume]["secret"]["secretName"] != secret["metadata"]["name"]:
+        fail("the Deployment mounts another Secret")
+    if any("subPath" in m for m in container["volumeMounts"]):
+        fail("subPath mounts are never updated in place: key rotation would not reach the pod")
+    config_path = container["args"][container["args"].index("--config") + 1]
+    if os.path.dirname(config_path) != mounts[cm_volume]:
+        fail(f"--config {config_path} is not in the ConfigMap mount {mounts[cm_volume]}")
+    toml_text = configmap["data"][os.path.basename(config_path)]
+
+    # Ports: probes, metrics annotation and config agree.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    listen_port = int(re.search(r'^listen = "[^"]*:(\d+)"', toml_text, re.M).group(1))
+    metrics_port = int(re.search(r'^metrics_listen = "[^"]*:(\d+)"', toml_text, re.M).group(1))
+    if ports["grpc"] != listen_port or ports["metrics"] != metrics_port:
+        fail(f"container ports {ports} do not match listen {listen_port} / metrics_listen {metrics_port}")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    if int(annotations["prometheus.io/port"]) != metrics_port:
+        fail("prometheus.io/port is not metrics_listen's port")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if container[probe]["grpc"]["port"] != listen_port:
+            fail(f"{probe} does not probe the gRPC port")
+
+    # The configuration itself, as `payroc-broker check-config` sees it, with
+    # each api_key_file read from the example Secret.
+    keys_dir = mounts[secret_volume]
+    key_dir = os.path.join(scratch, "keys")
+    os.makedirs(key_dir, exist_ok=True)
+    for name, value in secret.get("stringData", {}).items():
+        path = os.path.join(key_dir, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(value)
+    referenced = re.findall(r'^api_key_file = "([^"]+)"', toml_text, re.M)
+    if not referenced:
+        fail("the ConfigMap's broker.toml names no api_key_file")
+    for path in referenced:
+        if os.path.dirname(path) != keys_dir:
+            fail(f"api_key_file {path} is outside the Secret mount {keys_dir}")
+        if os.path.basename(path) not in secret.get("stringData", {}):
+            fail(f"api_key_file {path}: the example Secret has no key {os.path.basename(path)}")
+    local_toml = os.path.join(scratch, "broker.toml")
+    with open(local_toml, "w", encoding="utf-8") as f:
+        f.write(toml_text.replace(f'"{keys_dir}/', f'"{key_dir}/'))
+    out = subprocess.run([broker, "check-config", "--config", local_toml], capture_output=True, text=True)
+    print(out.stdout.strip())
+    if out.returncode != 0:
+        fail(f"check-config refused the ConfigMap's broker.toml:\n{out.stderr}")
+
+    # Envoy egress: ext_authz calls the broker over HTTP/2, upstream TLS to Payroc.
+    (envoy,) = docs[f"{DEPLOY}/envoy/egress.yaml"]
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    text = yaml.safe_dump(envoy)
+    if "envoy.filters.http.ext_authz" not in text:
+        fail("the Envoy bootstrap has no ext_authz filter")
+    authz_cluster = re.search(r"cluster_name: (\S+)", text).group(1)
+    broker_cluster = clusters[authz_cluster]
+    if str(listen_port) not in yaml.safe_dump(broker_cluster["load_assignment"]):
+        fail("the Envoy ext_authz cluster does not point at the broker's port")
+    if "http2_protocol_options" not in yaml.safe_dump(broker_cluster):
+        fail("the Envoy ext_authz cluster must speak HTTP/2 (gRPC)")
+    upstream = [c for n, c in clusters.items() if n != authz_cluster]
+    if not any(
+        "UpstreamTlsContext" in yaml.safe_dump(c.get("transport_socket", {})) and PAYROC_API_HOST in yaml.safe_dump(c)
+        for c in upstream
+    ):
+        fail(f"no Envoy cluster originates TLS to {PAYROC_API_HOST}")
+
+    # Istio: a CUSTOM policy whose provider is declared in meshConfig.
+    istio = [d for p, ds in docs.items() if p.startswith(f"{DEPLOY}/istio/") for d in ds]
+    policy = by_kind(istio, "AuthorizationPolicy")
+    if policy["spec"]["action"] != "CUSTOM":
+        fail("the Istio AuthorizationPolicy must use action CUSTOM")
+    provider = policy["spec"]["provider"]["name"]
+    mesh = by_kind(istio, "IstioOperator")
+    providers = {p["name"]: p for p in mesh["spec"]["meshConfig"]["extensionProviders"]}
+    if provider not in providers or "envoyExtAuthzGrpc" not in providers[provider]:
+        fail(f"meshConfig.extensionProviders has no envoyExtAuthzGrpc provider {provider!r}")
+    if providers[provider]["envoyExtAuthzGrpc"]["port"] != listen_port:
+        fail("the Istio extension provider does not point at the broker's port")
+    print("deploy/: Kubernetes, Envoy and Istio files agree with each other and the broker")
+
+
+if __name__ == "__main__":
+    main()
