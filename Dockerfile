@@ -25,20 +25,29 @@ WORKDIR /src
 
 # Dependencies first, in their own layer: this layer is rebuilt only when the
 # manifest, lock file or proto change, not on every source edit. Stub sources
-# stand in for the crate (benches/ because Cargo.toml declares a bench).
+# stand in for the crate. Cargo refuses a manifest whose declared [[bench]],
+# [[example]] or [[test]] targets have no file, so each gets an empty stub
+# (never compiled: `cargo build` builds the library and binary only); the
+# names come from Cargo.toml so that a new test does not break the image.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY third_party third_party
-RUN mkdir -p src benches \
+RUN mkdir -p src benches examples tests \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/cached_path.rs \
+    && awk '/^\[\[bench\]\]/ { dir = "benches"; next } \
+            /^\[\[example\]\]/ { dir = "examples"; next } \
+            /^\[\[test\]\]/ { dir = "tests"; next } \
+            /^\[/ { dir = "" } \
+            dir != "" && $1 == "name" { gsub(/"/, "", $3); print "fn main() {}" > (dir "/" $3 ".rs"); dir = "" }' \
+           Cargo.toml \
     && cargo build --release --locked ${CARGO_FEATURE_FLAGS} \
-    && rm -rf src benches target/release/.fingerprint/payroc-broker-*
+    && rm -rf src target/release/.fingerprint/payroc-broker-*
 
-# The crate itself. protox compiles proto/ in build.rs: no system protoc.
+# The crate itself (the stubs of the other targets stay). protox compiles
+# proto/ in build.rs: no system protoc. The fingerprints removed above make
+# cargo rebuild the crate even though COPY keeps the sources' older mtimes.
 COPY src src
-COPY benches benches
 RUN cargo build --release --locked ${CARGO_FEATURE_FLAGS} \
     && install -m 0755 target/release/payroc-broker /usr/local/bin/payroc-broker
 

@@ -9,7 +9,11 @@
   example Secret's values written to a scratch directory;
 - the Deployment, ConfigMap and Secret agree (mount paths, ports, names);
 - the Envoy bootstrap and Istio objects point at the broker's port and
-  Payroc's API host.
+  Payroc's API host;
+- the Dockerfile's dependency layer leaves a manifest Cargo accepts: its
+  stub-making RUN is replayed on a copy of what the build stage COPYs, with
+  `cargo build` standing for a manifest parse (no Docker engine here, and a
+  declared test or example without a file fails the image build).
 
 Usage: check_deploy.py BROKER_BINARY SCRATCH_DIR
 """
@@ -17,6 +21,8 @@ Usage: check_deploy.py BROKER_BINARY SCRATCH_DIR
 import glob
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -44,6 +50,72 @@ def by_kind(docs, kind, name=None):
     if len(found) != 1:
         fail(f"expected one {kind} {name or ''}, found {len(found)}")
     return found[0]
+
+
+def dockerfile_instructions(path):
+    """(INSTRUCTION, arguments) of the build stage (up to the second FROM),
+    with line continuations joined and comment lines dropped as Docker does."""
+    instructions, current = [], ""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.lstrip().startswith("#") or (not current and not line.strip()):
+                continue
+            if line.endswith("\\"):
+                current += line[:-1]
+                continue
+            current += line
+            word, _, rest = current.strip().partition(" ")
+            instructions.append((word.upper(), rest.strip()))
+            current = ""
+    froms = [i for i, (word, _) in enumerate(instructions) if word == "FROM"]
+    return instructions[froms[0] : froms[1]] if len(froms) > 1 else instructions
+
+
+def check_dependency_layer(scratch):
+    """Replays the build stage up to its first `cargo build` in SCRATCH_DIR/docker,
+    where `cargo` only parses the manifest: Cargo must accept it."""
+    work = os.path.join(scratch, "docker")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(work, "bin"))
+    src = os.path.join(work, "src-root")
+    os.makedirs(src)
+    real_cargo = shutil.which("cargo")
+    shim = os.path.join(work, "bin", "cargo")
+    with open(shim, "w", encoding="utf-8") as f:
+        # A package spec that matches nothing: Cargo loads the manifest (and
+        # fails on a missing target file) before it reports the spec.
+        f.write(
+            "#!/bin/sh\n"
+            f"out=$({shlex.quote(real_cargo)} build --offline --locked -p manifest-probe 2>&1)\n"
+            'case "$out" in *"did not match any packages"*) exit 0;; esac\n'
+            'echo "$out" >&2\nexit 1\n'
+        )
+    os.chmod(shim, 0o755)
+    env = dict(os.environ, PATH=f"{os.path.dirname(shim)}:{os.environ['PATH']}")
+    for word, rest in dockerfile_instructions("Dockerfile"):
+        if word == "ARG" and "=" in rest:
+            name, value = rest.split("=", 1)
+            env[name] = shlex.split(value)[0] if value else ""
+        elif word == "COPY":
+            if rest.startswith("--"):
+                fail(f"Dockerfile: COPY {rest}: options are not replayed here")
+            *sources, dest = shlex.split(rest)
+            target = os.path.normpath(os.path.join(src, dest))
+            for source in sources:
+                if os.path.isdir(source):
+                    shutil.copytree(source, os.path.join(target, os.path.basename(source.rstrip("/")))
+                                    if dest.endswith("/") else target, dirs_exist_ok=True)
+                else:
+                    os.makedirs(target if dest.endswith("/") else os.path.dirname(target), exist_ok=True)
+                    shutil.copy(source, target)
+        elif word == "RUN" and "cargo build" in rest:
+            out = subprocess.run(["sh", "-c", rest], cwd=src, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                fail(f"Dockerfile: the dependency layer's RUN fails:\n{out.stderr}")
+            print("Dockerfile: the dependency layer's stubs satisfy Cargo.toml")
+            return
+    fail("Dockerfile: no RUN with `cargo build` in the build stage")
 
 
 def main():
@@ -157,6 +229,8 @@ def main():
     if providers[provider]["envoyExtAuthzGrpc"]["port"] != listen_port:
         fail("the Istio extension provider does not point at the broker's port")
     print("deploy/: Kubernetes, Envoy and Istio files agree with each other and the broker")
+
+    check_dependency_layer(scratch)
 
 
 if __name__ == "__main__":
