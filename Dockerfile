@@ -25,21 +25,30 @@ WORKDIR /src
 
 # Dependencies first, in their own layer: this layer is rebuilt only when the
 # manifest, lock file or proto change, not on every source edit. Stub sources
-# stand in for the crate. Cargo refuses a manifest whose declared [[bench]],
-# [[example]] or [[test]] targets have no file, so each gets an empty stub
-# (never compiled: `cargo build` builds the library and binary only); the
-# names come from Cargo.toml so that a new test does not break the image.
+# stand in for the crate. Every [[bin]], [[bench]], [[example]] and [[test]]
+# that Cargo.toml declares needs a file (Cargo refuses the manifest, or a
+# build with the sandbox feature fails, otherwise), so each gets an empty
+# stub at its `path` or default place; the names come from Cargo.toml so that
+# a new target does not break the image. Only the library and binaries are
+# compiled here.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY third_party third_party
 RUN mkdir -p src benches examples tests \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && awk '/^\[\[bench\]\]/ { dir = "benches"; next } \
-            /^\[\[example\]\]/ { dir = "examples"; next } \
-            /^\[\[test\]\]/ { dir = "tests"; next } \
-            /^\[/ { dir = "" } \
-            dir != "" && $1 == "name" { gsub(/"/, "", $3); print "fn main() {}" > (dir "/" $3 ".rs"); dir = "" }' \
+    && awk 'function stub(file) { if (file != "") { d = file; sub(/\/[^\/]*$/, "", d); \
+                                                    system("mkdir -p \"" d "\""); \
+                                                    print "fn main() {}" > file } } \
+            /^\[/ { stub(path != "" ? path : (dir != "" && name != "" ? dir "/" name ".rs" : "")); \
+                    dir = ""; name = ""; path = "" } \
+            /^\[\[bin\]\]/ { dir = "src/bin" } \
+            /^\[\[bench\]\]/ { dir = "benches" } \
+            /^\[\[example\]\]/ { dir = "examples" } \
+            /^\[\[test\]\]/ { dir = "tests" } \
+            dir != "" && ($1 == "name" || $1 == "path") { v = $3; gsub(/"/, "", v); \
+                                                         if ($1 == "name") name = v; else path = v } \
+            END { stub(path != "" ? path : (dir != "" && name != "" ? dir "/" name ".rs" : "")) }' \
            Cargo.toml \
     && cargo build --release --locked ${CARGO_FEATURE_FLAGS} \
     && rm -rf src target/release/.fingerprint/payroc-broker-*

@@ -12,8 +12,9 @@
   Payroc's API host;
 - the Dockerfile's dependency layer leaves a manifest Cargo accepts: its
   stub-making RUN is replayed on a copy of what the build stage COPYs, with
-  `cargo build` standing for a manifest parse (no Docker engine here, and a
-  declared test or example without a file fails the image build).
+  `cargo build` standing for a manifest parse and a look for every declared
+  target's file (no Docker engine here, and a declared target without a
+  file fails the image build).
 
 Usage: check_deploy.py BROKER_BINARY SCRATCH_DIR
 """
@@ -84,12 +85,23 @@ def check_dependency_layer(scratch):
     shim = os.path.join(work, "bin", "cargo")
     with open(shim, "w", encoding="utf-8") as f:
         # A package spec that matches nothing: Cargo loads the manifest (and
-        # fails on a missing target file) before it reports the spec.
+        # fails on a target file it has to search for) before it reports the
+        # spec. Targets with an explicit `path` are only read when compiled,
+        # so their files are looked for in `cargo metadata`.
         f.write(
-            "#!/bin/sh\n"
-            f"out=$({shlex.quote(real_cargo)} build --offline --locked -p manifest-probe 2>&1)\n"
-            'case "$out" in *"did not match any packages"*) exit 0;; esac\n'
-            'echo "$out" >&2\nexit 1\n'
+            f"""#!{sys.executable}
+import json, os, subprocess, sys
+probe = subprocess.run([{real_cargo!r}, "build", "--offline", "--locked", "-p", "manifest-probe"],
+                       capture_output=True, text=True)
+if "did not match any packages" not in probe.stderr:
+    sys.exit(probe.stderr)
+meta = subprocess.run([{real_cargo!r}, "metadata", "--no-deps", "--offline", "--format-version", "1"],
+                      capture_output=True, text=True, check=True)
+missing = [t["src_path"] for p in json.loads(meta.stdout)["packages"] for t in p["targets"]
+           if not os.path.exists(t["src_path"])]
+if missing:
+    sys.exit("declared targets without a file: " + ", ".join(missing))
+"""
         )
     os.chmod(shim, 0o755)
     env = dict(os.environ, PATH=f"{os.path.dirname(shim)}:{os.environ['PATH']}")
