@@ -150,9 +150,9 @@ impl Sandbox {
              sets `authorization: Bearer ...` and removes `x-api-key`; another host gets a 403):\n  \
              {check}\n\
              \n\
-             Or from Python (stubs are generated from proto/ on the fly):\n  \
-             python3 -m pip install grpcio grpcio-tools\n  \
-             python3 examples/python/client.py --target {addr} --terminal 1234001{python_tls}\n\
+             Or with an example client (Python, Node, Go: README.md, \"Clients\"):\n  \
+             python3 -m pip install -r examples/clients/python/requirements.txt\n  \
+             python3 examples/clients/python/client.py --target {addr} --terminal 1234001{python_tls}\n\
              \n\
              Ctrl-C stops it.",
             sim = self.sim.api_url(),

@@ -3,11 +3,14 @@
 
 It builds the Python stubs from proto/ at start-up, so nothing generated is
 checked in. It asks for a Bearer token and a Hosted Fields session token for one
-processing terminal and prints them, masking the secrets.
+processing terminal and prints them, masking the secrets; takes the current
+token from WatchBearerToken; then sends two deliberately bad requests and
+prints the rich error details (google.rpc BadRequest, ErrorInfo, RetryInfo)
+the broker answers with.
 
-    python3 -m pip install grpcio grpcio-tools grpcio-status
+    python3 -m pip install -r examples/clients/python/requirements.txt
     payroc-broker sandbox --listen 127.0.0.1:50051 &
-    python3 examples/python/client.py --target 127.0.0.1:50051 --terminal 1234001
+    python3 examples/clients/python/client.py --target 127.0.0.1:50051 --terminal 1234001
 
 With --check it also checks the broker's behaviour against the sandbox
 (`payroc-broker sandbox`) and exits non-zero on the first thing that is wrong.
@@ -17,6 +20,7 @@ import argparse
 import datetime
 import importlib
 import importlib.resources
+import os
 import sys
 import tempfile
 import uuid
@@ -25,7 +29,7 @@ from pathlib import Path
 import grpc
 from grpc_tools import protoc
 
-PROTO_ROOT = Path(__file__).resolve().parent.parent.parent / "proto"
+PROTO_ROOT = Path(__file__).resolve().parents[3] / "proto"
 PROTO_FILE = "payroc/broker/v1/token_broker.proto"
 TIMEOUT = 5  # seconds: the gRPC deadline of every call
 
@@ -141,7 +145,52 @@ def demo(pb2, stub, terminal, opts):
     print(f"  idempotency_key {session.idempotency_key}")
     print(f"  lib_version     {session.lib_version}")
     print(f"  expires_at      {when(session.expires_at).isoformat()}")
-    return token, session
+
+    # A long-lived client follows the token instead of polling: the first
+    # message is the current token, each later one replaces it before it
+    # runs out. Here only the first is taken.
+    watch = stub.WatchBearerToken(
+        pb2.WatchBearerTokenRequest(processing_terminal_id=terminal), **opts
+    )
+    try:
+        watched = next(watch)
+    finally:
+        watch.cancel()
+    print(f"WatchBearerToken({terminal}): first message")
+    print(f"  access_token {mask(watched.access_token)}")
+    print(f"  expires_at   {when(watched.expires_at).isoformat()}")
+    return token, session, watched
+
+
+def bad_requests(pb2, stub, terminal, session, opts):
+    """Two deliberately bad requests, and the rich details of their errors:
+    a terminal id that is too short (the broker's own BadRequest), and an
+    idempotency key reused for another request (Payroc's 409, as ErrorInfo)."""
+    errors = {}
+    for label, call in [
+        ("GetBearerToken with processing_terminal_id \"12\"",
+         lambda: stub.GetBearerToken(
+             pb2.GetBearerTokenRequest(processing_terminal_id="12"), **opts)),
+        ("CreateSession reusing an idempotency_key for another scenario",
+         lambda: stub.CreateSession(
+             pb2.CreateSessionRequest(
+                 processing_terminal_id=terminal,
+                 scenario=pb2.SCENARIO_TOKENIZATION,
+                 idempotency_key=session.idempotency_key,
+             ),
+             **opts,
+         )),
+    ]:
+        try:
+            call()
+        except grpc.RpcError as err:
+            print(f"{label}:")
+            print("  " + describe_error(err).replace("\n", "\n  "))
+            errors[label] = err
+        else:
+            print(f"{label}: unexpectedly succeeded")
+            errors[label] = None
+    return list(errors.values())
 
 
 class CheckFailed(Exception):
@@ -163,12 +212,7 @@ def expect_error(call, code, field=None):
         if err.code() != code:
             raise CheckFailed(f"expected {code.name}, got {describe_error(err)}")
         if field is not None:
-            status = rich_status(err)
-            fields = [
-                name
-                for detail in (status.details if status else [])
-                for name, _ in bad_request_violations(detail)
-            ]
+            fields = violation_fields(err)
             if field not in fields:
                 raise CheckFailed(
                     f"{code.name} without a BadRequest violation naming {field!r} "
@@ -178,8 +222,49 @@ def expect_error(call, code, field=None):
     raise CheckFailed(f"expected {code.name}, but the call succeeded")
 
 
-def check(pb2, stub, terminal, opts, token, session):
+def violation_fields(err):
+    """The request fields named by the error's google.rpc.BadRequest details."""
+    status = rich_status(err)
+    return [
+        name
+        for detail in (status.details if status else [])
+        for name, _ in bad_request_violations(detail)
+    ]
+
+
+def error_infos(err):
+    status = rich_status(err)
+    return [
+        info
+        for detail in (status.details if status else [])
+        for info in [unpack(detail, "ErrorInfo")]
+        if info is not None
+    ]
+
+
+def check(pb2, stub, terminal, opts, token, session, watched, errors):
     now = datetime.datetime.now(datetime.timezone.utc)
+
+    expect(
+        watched.access_token == token.access_token and watched.credential == token.credential,
+        "WatchBearerToken starts with the token GetBearerToken returned (one shared cache)",
+    )
+    too_short, reused_key = errors
+    expect(
+        too_short is not None
+        and too_short.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "processing_terminal_id" in violation_fields(too_short),
+        "the short terminal id is INVALID_ARGUMENT with a BadRequest naming processing_terminal_id",
+    )
+    expect(
+        reused_key is not None
+        and reused_key.code() == grpc.StatusCode.ALREADY_EXISTS
+        and any(
+            i.domain == "payroc.com" and i.reason == "IDEMPOTENCY_KEY_IN_USE" and "status" in i.metadata
+            for i in error_infos(reused_key)
+        ),
+        "the reused idempotency_key is ALREADY_EXISTS with ErrorInfo payroc.com IDEMPOTENCY_KEY_IN_USE",
+    )
 
     expect(token.token_type == "Bearer", 'token_type is "Bearer"')
     expect(token.access_token != "", "access_token is not empty")
@@ -251,7 +336,9 @@ def main():
     parser.add_argument("--terminal", default="1234001", help="processing terminal id")
     parser.add_argument(
         "--caller-token",
-        help="sent as `authorization: Bearer <token>` (needed when the broker has [[callers]])",
+        default=os.environ.get("BROKER_CALLER_TOKEN"),
+        help="sent as `authorization: Bearer <token>`, needed when the broker has [[callers]] "
+        "(default: $BROKER_CALLER_TOKEN; the environment keeps it out of `ps`)",
     )
     parser.add_argument(
         "--check", action="store_true", help="also check the broker's behaviour (against the sandbox)"
@@ -269,9 +356,10 @@ def main():
     with grpc.insecure_channel(args.target) as channel:
         stub = pb2_grpc.TokenBrokerStub(channel)
         try:
-            token, session = demo(pb2, stub, args.terminal, opts)
+            token, session, watched = demo(pb2, stub, args.terminal, opts)
+            errors = bad_requests(pb2, stub, args.terminal, session, opts)
             if args.check:
-                check(pb2, stub, args.terminal, opts, token, session)
+                check(pb2, stub, args.terminal, opts, token, session, watched, errors)
                 print(f"check passed against {args.target}")
         except grpc.RpcError as err:
             sys.exit(f"{'check FAILED' if args.check else 'error'}: {describe_error(err)}")
