@@ -13,7 +13,10 @@
 //	bash examples/clients/go/run.sh -target 127.0.0.1:50051 -terminal 1234001
 //
 // With -check it also checks the answers (against `payroc-broker sandbox`)
-// and exits non-zero on the first thing that is wrong.
+// and exits non-zero on the first thing that is wrong. With -check-rate-limit
+// it only checks a broker whose caller (this token) may make one call a
+// minute, as .ci/run starts: UNAUTHENTICATED without the token, then
+// CALLER_RATE_LIMITED with RetryInfo.
 package main
 
 import (
@@ -277,6 +280,59 @@ func check(terminal string, r *results) error {
 	return nil
 }
 
+// checkRateLimit runs against a broker whose caller (our token) may make one
+// call a minute: a call without the token is UNAUTHENTICATED, and of two
+// calls with it the second is RESOURCE_EXHAUSTED with ErrorInfo
+// CALLER_RATE_LIMITED and a RetryInfo saying when to come back. Proves the
+// token is sent and that RetryInfo decodes.
+func checkRateLimit(stub brokerv1.TokenBrokerClient, terminal, callerToken string) error {
+	request := &brokerv1.GetBearerTokenRequest{ProcessingTerminalId: terminal}
+	anonymous, cancel := callContext("")
+	defer cancel()
+	_, err := stub.GetBearerToken(anonymous, request)
+	if err := expect(status.Code(err) == codes.Unauthenticated, "a call without the caller token is UNAUTHENTICATED"); err != nil {
+		return err
+	}
+	var last error
+	for attempt := 1; attempt <= 2; attempt++ {
+		ctx, cancel := callContext(callerToken)
+		_, last = stub.GetBearerToken(ctx, request)
+		cancel()
+		fmt.Printf("call %d with the caller token:\n", attempt)
+		if last == nil {
+			fmt.Println("  OK")
+			continue
+		}
+		fmt.Printf("  %s\n", strings.ReplaceAll(describeError(last), "\n", "\n  "))
+		if err := expect(status.Code(last) != codes.Unauthenticated,
+			fmt.Sprintf("call %d with the caller token is not UNAUTHENTICATED", attempt)); err != nil {
+			return err
+		}
+	}
+	limited, retry := false, false
+	for _, detail := range status.Convert(last).Details() {
+		switch d := detail.(type) {
+		case *errdetails.ErrorInfo:
+			limited = limited || (d.GetDomain() == "payroc-broker" && d.GetReason() == "CALLER_RATE_LIMITED")
+		case *errdetails.RetryInfo:
+			retry = retry || d.GetRetryDelay().AsDuration() > 0
+		}
+	}
+	for _, c := range []struct {
+		ok   bool
+		what string
+	}{
+		{status.Code(last) == codes.ResourceExhausted, "the second call with the caller token is RESOURCE_EXHAUSTED"},
+		{limited, "it carries ErrorInfo payroc-broker CALLER_RATE_LIMITED"},
+		{retry, "it carries a RetryInfo with a positive retry_delay"},
+	} {
+		if err := expect(c.ok, c.what); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func main() {
 	target := flag.String("target", "127.0.0.1:50051", "broker address (host:port)")
 	terminal := flag.String("terminal", "1234001", "processing terminal id")
@@ -284,10 +340,13 @@ func main() {
 		"sent as `authorization: Bearer <token>`, needed when the broker has [[callers]] "+
 			"(default: $BROKER_CALLER_TOKEN; the environment keeps it out of `ps`)")
 	checkMode := flag.Bool("check", false, "also check the broker's behaviour (against the sandbox)")
+	checkRateLimitMode := flag.Bool("check-rate-limit", false,
+		"only check a broker whose caller (this token) may make 1 call a minute (see .ci/run): "+
+			"UNAUTHENTICATED without the token, then CALLER_RATE_LIMITED with RetryInfo")
 	flag.Parse()
 
 	prefix := "error"
-	if *checkMode {
+	if *checkMode || *checkRateLimitMode {
 		prefix = "check FAILED"
 	}
 	// Plaintext, as the sandbox serves; use grpc.WithTransportCredentials
@@ -299,9 +358,15 @@ func main() {
 	}
 	defer conn.Close()
 
-	r, err := demo(brokerv1.NewTokenBrokerClient(conn), *terminal, *callerToken)
-	if err == nil && *checkMode {
-		err = check(*terminal, r)
+	stub := brokerv1.NewTokenBrokerClient(conn)
+	if *checkRateLimitMode {
+		err = checkRateLimit(stub, *terminal, *callerToken)
+	} else {
+		var r *results
+		r, err = demo(stub, *terminal, *callerToken)
+		if err == nil && *checkMode {
+			err = check(*terminal, r)
+		}
 	}
 	if err != nil {
 		if errors.Is(err, errCheck) {
@@ -312,7 +377,9 @@ func main() {
 		conn.Close()
 		os.Exit(1)
 	}
-	if *checkMode {
+	if *checkRateLimitMode {
+		fmt.Printf("rate-limit check passed against %s\n", *target)
+	} else if *checkMode {
 		fmt.Printf("check passed against %s\n", *target)
 	}
 }

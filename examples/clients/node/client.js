@@ -13,7 +13,10 @@
 //   node client.js --target 127.0.0.1:50051 --terminal 1234001
 //
 // With --check it also asserts the answers (against `payroc-broker sandbox`)
-// and exits non-zero on the first thing that is wrong.
+// and exits non-zero on the first thing that is wrong. With --check-rate-limit
+// it only checks a broker whose caller (this token) may make one call a
+// minute, as .ci/run starts: UNAUTHENTICATED without the token, then
+// CALLER_RATE_LIMITED with RetryInfo.
 'use strict';
 
 const path = require('node:path');
@@ -248,6 +251,48 @@ function check(errorTypes, terminal, { token, session, watched, tooShort, reused
   );
 }
 
+// Against a broker whose caller (our token) may make one call a minute: a
+// call without the token is UNAUTHENTICATED, and of two calls with it the
+// second is RESOURCE_EXHAUSTED with ErrorInfo CALLER_RATE_LIMITED and a
+// RetryInfo saying when to come back. Proves the token is sent and that
+// RetryInfo decodes.
+async function checkRateLimit(stub, errorTypes, terminal, metadata) {
+  const request = { processing_terminal_id: terminal };
+  const anonymous = await failure(() => unary(stub, 'GetBearerToken', request, new grpc.Metadata()));
+  expect(
+    anonymous !== null && anonymous.code === grpc.status.UNAUTHENTICATED,
+    'a call without the caller token is UNAUTHENTICATED',
+  );
+  let last = null;
+  for (const attempt of [1, 2]) {
+    const err = await failure(() => unary(stub, 'GetBearerToken', request, metadata));
+    console.log(`call ${attempt} with the caller token:`);
+    console.log(err ? `  ${describeError(errorTypes, err).replace(/\n/g, '\n  ')}` : '  OK');
+    if (err) {
+      expect(err.code !== grpc.status.UNAUTHENTICATED, `call ${attempt} with the caller token is not UNAUTHENTICATED`);
+    }
+    last = err;
+  }
+  expect(
+    last !== null && last.code === grpc.status.RESOURCE_EXHAUSTED,
+    'the second call with the caller token is RESOURCE_EXHAUSTED',
+  );
+  const details = richDetails(errorTypes, last);
+  expect(
+    details.some(
+      (d) => d.type === 'google.rpc.ErrorInfo' && d.value.domain === 'payroc-broker' && d.value.reason === 'CALLER_RATE_LIMITED',
+    ),
+    'it carries ErrorInfo payroc-broker CALLER_RATE_LIMITED',
+  );
+  expect(
+    details.some((d) => {
+      if (d.type !== 'google.rpc.RetryInfo' || !d.value.retry_delay) return false;
+      return Number(d.value.retry_delay.seconds) + d.value.retry_delay.nanos / 1e9 > 0;
+    }),
+    'it carries a RetryInfo with a positive retry_delay',
+  );
+}
+
 // --- main --------------------------------------------------------------------
 
 async function main() {
@@ -259,6 +304,10 @@ async function main() {
       // [[callers]] (default: $BROKER_CALLER_TOKEN; the environment keeps it out of `ps`).
       'caller-token': { type: 'string' },
       check: { type: 'boolean', default: false },
+      // Only check a broker whose caller (this token) may make 1 call a
+      // minute (see .ci/run): UNAUTHENTICATED without the token, then
+      // CALLER_RATE_LIMITED with RetryInfo.
+      'check-rate-limit': { type: 'boolean', default: false },
     },
   });
   const TokenBroker = loadService();
@@ -269,13 +318,18 @@ async function main() {
   // Plaintext, as the sandbox serves; use grpc.credentials.createSsl(ca) with [server.tls].
   const stub = new TokenBroker(args.target, grpc.credentials.createInsecure());
   try {
+    if (args['check-rate-limit']) {
+      await checkRateLimit(stub, errorTypes, args.terminal, metadata);
+      console.log(`rate-limit check passed against ${args.target}`);
+      return;
+    }
     const results = await demo(stub, errorTypes, args.terminal, metadata);
     if (args.check) {
       check(errorTypes, args.terminal, results);
       console.log(`check passed against ${args.target}`);
     }
   } catch (err) {
-    const prefix = args.check ? 'check FAILED' : 'error';
+    const prefix = args.check || args['check-rate-limit'] ? 'check FAILED' : 'error';
     console.error(err instanceof CheckFailed ? `${prefix} against ${args.target}: ${err.message}` : `${prefix}: ${err.code !== undefined ? describeError(errorTypes, err) : err.stack}`);
     process.exitCode = 1;
   } finally {

@@ -14,6 +14,9 @@ the broker answers with.
 
 With --check it also checks the broker's behaviour against the sandbox
 (`payroc-broker sandbox`) and exits non-zero on the first thing that is wrong.
+With --check-rate-limit it only checks a broker whose caller (this token) may
+make one call a minute, as .ci/run starts: UNAUTHENTICATED without the token,
+then CALLER_RATE_LIMITED with RetryInfo.
 """
 
 import argparse
@@ -330,6 +333,54 @@ def check(pb2, stub, terminal, opts, token, session, watched, errors):
     print("ok: a malformed idempotency_key is INVALID_ARGUMENT, BadRequest names idempotency_key")
 
 
+def retry_infos(err):
+    status = rich_status(err)
+    return [
+        retry
+        for detail in (status.details if status else [])
+        for retry in [unpack(detail, "RetryInfo")]
+        if retry is not None
+    ]
+
+
+def check_rate_limit(pb2, stub, terminal, opts):
+    """Against a broker whose caller (our token) may make one call a minute:
+    a call without the token is UNAUTHENTICATED, and of two calls with it the
+    second is RESOURCE_EXHAUSTED with ErrorInfo CALLER_RATE_LIMITED and a
+    RetryInfo saying when to come back. Proves the token is sent and that
+    RetryInfo decodes."""
+    request = pb2.GetBearerTokenRequest(processing_terminal_id=terminal)
+    expect_error(
+        lambda: stub.GetBearerToken(request, timeout=TIMEOUT), grpc.StatusCode.UNAUTHENTICATED
+    )
+    print("ok: a call without the caller token is UNAUTHENTICATED")
+    last = None
+    for attempt in (1, 2):
+        try:
+            stub.GetBearerToken(request, **opts)
+            print(f"call {attempt} with the caller token: OK")
+        except grpc.RpcError as err:
+            print(f"call {attempt} with the caller token:")
+            print("  " + describe_error(err).replace("\n", "\n  "))
+            expect(
+                err.code() != grpc.StatusCode.UNAUTHENTICATED,
+                f"call {attempt} with the caller token is not UNAUTHENTICATED",
+            )
+            last = err
+    expect(
+        last is not None and last.code() == grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "the second call with the caller token is RESOURCE_EXHAUSTED",
+    )
+    expect(
+        any(i.domain == "payroc-broker" and i.reason == "CALLER_RATE_LIMITED" for i in error_infos(last)),
+        "it carries ErrorInfo payroc-broker CALLER_RATE_LIMITED",
+    )
+    expect(
+        any(r.retry_delay.ToTimedelta() > datetime.timedelta(0) for r in retry_infos(last)),
+        "it carries a RetryInfo with a positive retry_delay",
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="127.0.0.1:50051", help="broker address (host:port)")
@@ -343,8 +394,14 @@ def main():
     parser.add_argument(
         "--check", action="store_true", help="also check the broker's behaviour (against the sandbox)"
     )
+    parser.add_argument(
+        "--check-rate-limit",
+        action="store_true",
+        help="only check a broker whose caller (this token) may make 1 call a minute "
+        "(see .ci/run): UNAUTHENTICATED without the token, then CALLER_RATE_LIMITED with RetryInfo",
+    )
     args = parser.parse_args()
-    if args.check:
+    if args.check or args.check_rate_limit:
         try:
             import grpc_status  # noqa: F401  (decodes the google.rpc error details)
         except ImportError:
@@ -355,6 +412,13 @@ def main():
     # Plaintext, as the sandbox serves; use grpc.secure_channel in production.
     with grpc.insecure_channel(args.target) as channel:
         stub = pb2_grpc.TokenBrokerStub(channel)
+        if args.check_rate_limit:
+            try:
+                check_rate_limit(pb2, stub, args.terminal, opts)
+            except CheckFailed as failed:
+                sys.exit(f"check FAILED against {args.target}: {failed}")
+            print(f"rate-limit check passed against {args.target}")
+            return
         try:
             token, session, watched = demo(pb2, stub, args.terminal, opts)
             errors = bad_requests(pb2, stub, args.terminal, session, opts)
