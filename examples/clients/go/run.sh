@@ -30,4 +30,10 @@ protoc --proto_path="$repo/proto" \
 
 export GO111MODULE=off
 export GOPATH="$gopath:/usr/share/gocode"
+# Go needs a build cache; without HOME (as in some CI environments) it has no
+# default, so one under target/ unless the caller chose one.
+export GOCACHE="${GOCACHE:-$(go env GOCACHE 2>/dev/null || true)}"
+if [[ -z "$GOCACHE" || "$GOCACHE" == off ]]; then
+    export GOCACHE="$repo/target/ci/go-build"
+fi
 exec go run "$repo/examples/clients/go/client.go" "$@"
