@@ -17,6 +17,11 @@ With --check it also checks the broker's behaviour against the sandbox
 With --check-rate-limit it only checks a broker whose caller (this token) may
 make one call a minute, as .ci/run starts: UNAUTHENTICATED without the token,
 then CALLER_RATE_LIMITED with RetryInfo.
+
+Against `payroc-broker sandbox --tls`, pass the files it prints: --ca (trust
+for the server), --cert and --key (the client certificate, the caller's
+identity); --check then also checks that the same call over TLS without the
+certificate is UNAUTHENTICATED.
 """
 
 import argparse
@@ -381,6 +386,40 @@ def check_rate_limit(pb2, stub, terminal, opts):
     )
 
 
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def open_channel(target, ca=None, cert=None, key=None):
+    """Plaintext (the sandbox's default) without `ca`; else TLS trusting only
+    `ca`, presenting the client certificate when given (mTLS: with
+    `sandbox --tls`, the certificate is the caller's identity)."""
+    if ca is None:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read_file(ca),
+        private_key=read_file(key) if key else None,
+        certificate_chain=read_file(cert) if cert else None,
+    )
+    return grpc.secure_channel(target, credentials)
+
+
+def check_certificate_is_the_identity(pb2, pb2_grpc, target, ca, terminal):
+    """Over TLS without the client certificate (and without a caller token)
+    the broker knows no caller: UNAUTHENTICATED. So the certificate, not the
+    connection, is what got the tokens above."""
+    with open_channel(target, ca) as channel:
+        stub = pb2_grpc.TokenBrokerStub(channel)
+        expect_error(
+            lambda: stub.GetBearerToken(
+                pb2.GetBearerTokenRequest(processing_terminal_id=terminal), timeout=TIMEOUT
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+    print("ok: over TLS without the client certificate, GetBearerToken is UNAUTHENTICATED")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="127.0.0.1:50051", help="broker address (host:port)")
@@ -400,7 +439,14 @@ def main():
         help="only check a broker whose caller (this token) may make 1 call a minute "
         "(see .ci/run): UNAUTHENTICATED without the token, then CALLER_RATE_LIMITED with RetryInfo",
     )
+    parser.add_argument(
+        "--ca", help="TLS: trust only this CA for the broker's certificate (PEM); without it, plaintext"
+    )
+    parser.add_argument("--cert", help="TLS: client certificate chain (PEM), the caller's identity")
+    parser.add_argument("--key", help="TLS: the client certificate's private key (PEM)")
     args = parser.parse_args()
+    if (args.cert is None) != (args.key is None) or (args.cert and not args.ca):
+        parser.error("--cert and --key go together, and need --ca")
     if args.check or args.check_rate_limit:
         try:
             import grpc_status  # noqa: F401  (decodes the google.rpc error details)
@@ -409,8 +455,7 @@ def main():
 
     pb2, pb2_grpc = load_stubs()
     opts = call_options(args.caller_token)
-    # Plaintext, as the sandbox serves; use grpc.secure_channel in production.
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, args.ca, args.cert, args.key) as channel:
         stub = pb2_grpc.TokenBrokerStub(channel)
         if args.check_rate_limit:
             try:
@@ -424,6 +469,8 @@ def main():
             errors = bad_requests(pb2, stub, args.terminal, session, opts)
             if args.check:
                 check(pb2, stub, args.terminal, opts, token, session, watched, errors)
+                if args.cert:
+                    check_certificate_is_the_identity(pb2, pb2_grpc, args.target, args.ca, args.terminal)
                 print(f"check passed against {args.target}")
         except grpc.RpcError as err:
             sys.exit(f"{'check FAILED' if args.check else 'error'}: {describe_error(err)}")
