@@ -9,8 +9,11 @@
 //!   `O_NONBLOCK` and checked again through the open descriptor, so swapping
 //!   the path for a FIFO in between cannot block either.
 //! - The size is capped, before and while reading.
-//! - A secret file that group or others may read is worth a warning at
-//!   start-up (and on each reload), naming the file and its mode.
+//! - A secret file that others, or a group other than the process's own, may
+//!   read is worth a warning at start-up (and on each reload), naming the
+//!   file and its mode. The process's own group is exempt because that is how
+//!   a non-root pod reads a Kubernetes Secret: the files stay owned by root
+//!   and `fsGroup` makes them group-readable (0440), whatever `defaultMode`.
 //! - Secret bytes are read into one buffer allocated up front (no reallocation
 //!   leaves copies behind) that is wiped when dropped.
 //!
@@ -21,7 +24,7 @@ use std::{
     fmt,
     fs::{File, Metadata, OpenOptions},
     io::Read,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -56,12 +59,15 @@ impl std::error::Error for ReadError {}
 pub fn read(path: &Path, max_bytes: u64) -> Result<Zeroizing<Vec<u8>>, ReadError> {
     let (mut file, meta) = open_regular(path, max_bytes)?;
     let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
+    // SAFETY: getegid has no preconditions and cannot fail.
+    let own_group = unsafe { libc::getegid() };
+    if readable_beyond_owner(mode, meta.gid(), own_group) {
         tracing::warn!(
             file = %path.display(),
             mode = %format_args!("{:o}", mode & 0o7777),
-            "a secret file is readable by group or others; make it 0600 or 0400 \
-             (Kubernetes: defaultMode 0400 on the Secret volume)"
+            "a secret file is readable by others or by another group than the broker's; make \
+             it 0600 or 0400, or 0440 with the broker's group (Kubernetes: fsGroup and \
+             defaultMode 0440 on the Secret volume)"
         );
     }
     // Capacity for the cap and one byte more (to tell "too big"), so the
@@ -70,6 +76,12 @@ pub fn read(path: &Path, max_bytes: u64) -> Result<Zeroizing<Vec<u8>>, ReadError
     let mut buf = Zeroizing::new(Vec::with_capacity(cap + 1));
     read_capped(&mut file, path, max_bytes, &mut buf)?;
     Ok(buf)
+}
+
+/// Whether a secret file with `mode`, owned by group `file_group`, can be read
+/// by anyone but its owner and the members of `own_group` (the broker's).
+fn readable_beyond_owner(mode: u32, file_group: u32, own_group: u32) -> bool {
+    mode & 0o007 != 0 || (mode & 0o070 != 0 && file_group != own_group)
 }
 
 /// Reads a file that is not secret (a certificate chain, a CA bundle) with
@@ -220,11 +232,7 @@ mod tests {
     #[test]
     fn a_file_others_can_read_is_warned_about_by_name_and_mode() {
         let dir = Scratch::new("mode");
-        for (mode, shown) in [
-            (0o644, "mode=644"),
-            (0o640, "mode=640"),
-            (0o604, "mode=604"),
-        ] {
+        for (mode, shown) in [(0o644, "mode=644"), (0o604, "mode=604")] {
             let path = dir.write("key", b"secret-key", mode);
             let (got, logs) = warnings_of(|| read(&path, MAX_SECRET_FILE_BYTES));
             assert!(got.is_ok());
@@ -233,11 +241,28 @@ mod tests {
             assert!(logs.contains(shown), "{logs}");
             assert!(!logs.contains("secret-key"), "{logs}");
         }
+        // Group-readable with the process's own group (a file it created):
+        // the fsGroup arrangement of a non-root Kubernetes pod, no warning.
+        let path = dir.write("key", b"secret-key", 0o440);
+        let (got, logs) = warnings_of(|| read(&path, MAX_SECRET_FILE_BYTES));
+        assert!(got.is_ok());
+        assert_eq!(logs, "");
         // Certificates are public: no warning.
         let path = dir.write("cert", b"cert", 0o644);
         let (got, logs) = warnings_of(|| read_public(&path, MAX_PUBLIC_FILE_BYTES));
         assert_eq!(got.unwrap(), b"cert");
         assert_eq!(logs, "");
+    }
+
+    #[test]
+    fn group_access_counts_only_for_another_group() {
+        let (file_group, own) = (65532, 65532);
+        assert!(!readable_beyond_owner(0o100600, file_group, own));
+        assert!(!readable_beyond_owner(0o100440, file_group, own));
+        assert!(readable_beyond_owner(0o100440, 0, own));
+        assert!(readable_beyond_owner(0o100640, 1000, own));
+        assert!(readable_beyond_owner(0o100444, file_group, own));
+        assert!(readable_beyond_owner(0o100604, file_group, own));
     }
 
     /// A Kubernetes Secret volume: `key -> ..data/key`, `..data -> ..<timestamp>`.
