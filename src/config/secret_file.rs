@@ -80,8 +80,12 @@ pub fn read(path: &Path, max_bytes: u64) -> Result<Zeroizing<Vec<u8>>, ReadError
 
 /// Whether a secret file with `mode`, owned by group `file_group`, can be read
 /// by anyone but its owner and the members of `own_group` (the broker's).
+/// Group 0 is never exempt: a broker running as root would otherwise silence
+/// the warning for every root-owned 0640 file, the case it exists for (root's
+/// group is shared by system accounts, a pod's fsGroup is not).
 fn readable_beyond_owner(mode: u32, file_group: u32, own_group: u32) -> bool {
-    mode & 0o007 != 0 || (mode & 0o070 != 0 && file_group != own_group)
+    let own = file_group == own_group && own_group != 0;
+    mode & 0o007 != 0 || (mode & 0o070 != 0 && !own)
 }
 
 /// Reads a file that is not secret (a certificate chain, a CA bundle) with
@@ -242,11 +246,14 @@ mod tests {
             assert!(!logs.contains("secret-key"), "{logs}");
         }
         // Group-readable with the process's own group (a file it created):
-        // the fsGroup arrangement of a non-root Kubernetes pod, no warning.
+        // the fsGroup arrangement of a non-root Kubernetes pod, no warning;
+        // except for group 0 (tests running as root), which is never exempt.
         let path = dir.write("key", b"secret-key", 0o440);
         let (got, logs) = warnings_of(|| read(&path, MAX_SECRET_FILE_BYTES));
         assert!(got.is_ok());
-        assert_eq!(logs, "");
+        // SAFETY: getegid has no preconditions and cannot fail.
+        let root_group = unsafe { libc::getegid() } == 0;
+        assert_eq!(logs.contains("mode=440"), root_group, "{logs}");
         // Certificates are public: no warning.
         let path = dir.write("cert", b"cert", 0o644);
         let (got, logs) = warnings_of(|| read_public(&path, MAX_PUBLIC_FILE_BYTES));
@@ -263,6 +270,9 @@ mod tests {
         assert!(readable_beyond_owner(0o100640, 1000, own));
         assert!(readable_beyond_owner(0o100444, file_group, own));
         assert!(readable_beyond_owner(0o100604, file_group, own));
+        // Root's group is never "the broker's own".
+        assert!(readable_beyond_owner(0o100640, 0, 0));
+        assert!(!readable_beyond_owner(0o100600, 0, 0));
     }
 
     /// A Kubernetes Secret volume: `key -> ..data/key`, `..data -> ..<timestamp>`.
