@@ -20,6 +20,7 @@
 //! | [`ext_authz`] | Envoy's external authorization: attach a Bearer token to requests bound for Payroc |
 //! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
 //! | [`server`] | assembly: health, reflection, graceful shutdown |
+//! | [`reload`], [`file_watch`] | when `serve` reloads: SIGHUP, or a changed config, key or TLS file |
 //! | [`audit`] | one audit event per call, and the RPC metrics |
 //! | [`metrics`] | Prometheus counters, gauges read at scrape time, `/metrics` |
 //! | [`logging`] | text or JSON log lines through a bounded queue, never blocking |
@@ -38,6 +39,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod ext_authz;
+pub mod file_watch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
@@ -46,6 +48,7 @@ pub mod metrics;
 pub mod payroc;
 pub mod probe;
 pub mod proto;
+pub mod reload;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod server;

@@ -13,7 +13,7 @@ use payroc_broker::{
     config::{self, CONFIG_ENV, CapturedEnv, Config, LogFormat},
     logging,
     probe::{self, Probe},
-    server, transport,
+    reload, server, transport,
 };
 use tokio::net::TcpListener;
 
@@ -44,6 +44,11 @@ enum Command {
         /// Log line format, overriding `server.log_format`.
         #[arg(long, value_enum)]
         log_format: Option<LogFormatArg>,
+        /// How often to look for changes to the configuration file, the
+        /// `api_key_file`s and the `[server.tls]` files (a change reloads, as
+        /// SIGHUP does); 0s: only on SIGHUP.
+        #[arg(long, default_value = "5s", value_name = "DUR", value_parser = humantime::parse_duration)]
+        watch_interval: Duration,
     },
     /// Serve against a built-in simulated Payroc with demo terminals (not in
     /// builds without the `sandbox` feature).
@@ -183,12 +188,14 @@ fn main() -> ExitCode {
             listen,
             allow_unauthenticated,
             log_format: _,
+            watch_interval,
         } => {
             let policy = ServePolicy {
                 path,
                 listen,
                 allow_unauthenticated,
                 env,
+                watch_interval,
             };
             let c = match policy.load() {
                 Ok(c) => c,
@@ -253,7 +260,7 @@ fn instructions(sandbox: &SandboxHandle, _addr: SocketAddr) -> String {
 }
 
 /// How `serve` turns the configuration file into a running configuration,
-/// at start-up and again on each SIGHUP.
+/// at start-up and again on each reload (SIGHUP, or a changed file).
 struct ServePolicy {
     path: PathBuf,
     listen: Option<SocketAddr>,
@@ -261,6 +268,8 @@ struct ServePolicy {
     /// The secret variables as read at start-up: they are no longer in the
     /// environment when a SIGHUP reload needs them again.
     env: CapturedEnv,
+    /// How often the configuration's files are looked at (zero: never).
+    watch_interval: Duration,
 }
 
 impl ServePolicy {
@@ -285,31 +294,27 @@ impl ServePolicy {
         Ok(c)
     }
 
-    /// Re-reads the file on every SIGHUP; valid configurations flow out, an
-    /// invalid one is logged and dropped (the running one keeps serving).
-    fn reloads(self) -> std::io::Result<impl futures_util::Stream<Item = Config>> {
+    /// Re-reads the file on every SIGHUP and whenever one of its files
+    /// changes; valid configurations flow out, an invalid one is logged and
+    /// dropped (the running one keeps serving).
+    fn reloads(
+        self,
+        current: &Config,
+    ) -> std::io::Result<impl futures_util::Stream<Item = Config> + use<>> {
         use tokio::signal::unix::{SignalKind, signal};
         // Installed before serving starts: SIGHUP's default action is to exit.
-        let mut hangups = signal(SignalKind::hangup())?;
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(async move {
-            while hangups.recv().await.is_some() {
-                tracing::info!(file = %self.path.display(), "SIGHUP received: reloading the configuration");
-                match self.load() {
-                    Ok(c) => {
-                        if tx.send(c).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(lines) => {
-                        for problem in lines {
-                            tracing::error!(%problem, "reload refused; the running configuration keeps serving");
-                        }
-                    }
-                }
-            }
+        let hangups = signal(SignalKind::hangup())?;
+        let hangups = futures_util::stream::unfold(hangups, |mut s| async move {
+            s.recv().await.map(|()| ((), s))
         });
-        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+        let (path, poll) = (self.path.clone(), Some(self.watch_interval));
+        Ok(reload::reloads(
+            path,
+            current,
+            move || self.load(),
+            hangups,
+            poll,
+        ))
     }
 }
 
@@ -348,7 +353,7 @@ fn run(prepare: impl Future<Output = Result<Prepared, String>>) -> ExitCode {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}", instructions(sandbox, addr)).and_then(|()| out.flush());
         }
-        let reloads = match policy.map(ServePolicy::reloads).transpose() {
+        let reloads = match policy.map(|p| p.reloads(&config)).transpose() {
             Ok(Some(r)) => r.left_stream(),
             Ok(None) => futures_util::stream::pending().right_stream(),
             Err(e) => {

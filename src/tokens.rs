@@ -1448,6 +1448,7 @@ mod tests {
             name: name.into(),
             api_key: SecretString::from(key.to_owned()),
             terminals: terminals.iter().map(|t| t.to_string()).collect(),
+            api_key_file: None,
         }
     }
 

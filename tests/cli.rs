@@ -462,6 +462,100 @@ async fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
     assert_eq!(exit_code(child).await, Some(0));
 }
 
+/// Kubernetes updates a Secret volume in place: new files in a new
+/// directory, the `..data` link renamed over to point at it, the old
+/// directory removed. `serve` notices by looking at its files and reloads as
+/// SIGHUP would: Payroc sees the new key on the next identity request, and no
+/// signal was sent.
+#[tokio::test]
+async fn a_key_rotated_in_a_secret_volume_is_used_without_a_signal() {
+    use std::os::unix::fs::symlink;
+    let sim = SimPayroc::start(SimConfig::new(
+        Clock::system(),
+        Arc::new(OsEntropy),
+        vec![
+            SimAccount::new("watch-key-one-123456", &["1234001"]),
+            SimAccount::new("watch-key-two-123456", &["1234002"]),
+        ],
+    ))
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("payroc-broker-cli-watch-{}", std::process::id()));
+    let keys = dir.join("keys");
+    let _ = std::fs::remove_dir_all(&dir);
+    // What the kubelet writes: `acme -> ..data/acme`, `..data -> ..<version>`.
+    let publish = |version: &str, key: &str| {
+        std::fs::create_dir_all(keys.join(version)).unwrap();
+        std::fs::write(keys.join(version).join("acme"), key).unwrap();
+        symlink(version, keys.join("..data_tmp")).unwrap();
+        std::fs::rename(keys.join("..data_tmp"), keys.join("..data")).unwrap();
+    };
+    publish("..v1", "watch-key-one-123456");
+    symlink("..data/acme", keys.join("acme")).unwrap();
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n[[credentials]]\nname = \"acme\"\n\
+             api_key_file = \"keys/acme\"\nterminals = [\"1234001\"]\n",
+            sim.identity_url(),
+            sim.api_url()
+        ),
+    )
+    .unwrap();
+    let mut child = broker()
+        .args([
+            "serve",
+            "--allow-unauthenticated",
+            "--listen",
+            "127.0.0.1:0",
+            "--watch-interval",
+            "50ms",
+            "--config",
+        ])
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = lines_of(child.stderr.take().unwrap());
+    let child = Running(child);
+    let line = next_with(&mut lines, "payroc-broker serving").await;
+    let addr = serving_addr(&line);
+    let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let ask = || GetBearerTokenRequest {
+        processing_terminal_id: "1234001".into(),
+        min_validity: None,
+    };
+    let first = c.get_bearer_token(ask()).await.unwrap().into_inner();
+    assert_eq!(sim.identity_requests("watch-key-one-123456"), 1);
+    assert_eq!(sim.identity_requests("watch-key-two-123456"), 0);
+
+    publish("..v2", "watch-key-two-123456");
+    std::fs::remove_dir_all(keys.join("..v1")).unwrap();
+    let why = next_with(&mut lines, "files of the configuration changed").await;
+    assert!(why.contains("keys/acme"), "{why}");
+    next_with(&mut lines, "configuration reloaded").await;
+    let second = c.get_bearer_token(ask()).await.unwrap().into_inner();
+    assert_ne!(second.access_token, first.access_token);
+    assert_eq!(second.credential, "acme");
+    assert_eq!(sim.identity_requests("watch-key-two-123456"), 1);
+
+    signal(&child.0, "-TERM");
+    assert_eq!(exit_code(child).await, Some(0));
+    // Nothing changed after the rotation: no second reload, however many
+    // looks there were until the exit.
+    let mut more = 0;
+    while let Some(l) = lines.recv().await {
+        more += usize::from(l.contains("configuration reloaded"));
+    }
+    assert_eq!(more, 0, "a second reload nobody asked for");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `serve` removes the secret variables it read from its environment (so
 /// `/proc/PID/environ` no longer shows them), a SIGHUP reload still finds
 /// them, and the process is not dumpable.

@@ -16,6 +16,9 @@ pub struct CredentialConfig {
     pub name: String,
     pub api_key: SecretString,
     pub terminals: Vec<String>,
+    /// The file the key was read from (`api_key_file`, made absolute), so
+    /// that a change to it can trigger a reload; `None` for `api_key_env`.
+    pub api_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -45,6 +48,7 @@ pub(super) fn check(raw: Vec<RawCredential>, c: &mut Checker<'_>) -> Vec<Credent
             );
         }
         let api_key_from_file = cred.api_key_file.is_some();
+        let api_key_file = cred.api_key_file.as_ref().map(|p| c.base_dir.join(p));
         let api_key = match (cred.api_key_env, cred.api_key_file) {
             (Some(var), None) => c.env_secret(&format!("{at}.api_key_env"), &var),
             (None, Some(path)) => c.file_secret(&format!("{at}.api_key_file"), &path),
@@ -94,6 +98,7 @@ pub(super) fn check(raw: Vec<RawCredential>, c: &mut Checker<'_>) -> Vec<Credent
             name: cred.name,
             api_key: api_key.unwrap_or_else(|| SecretString::from("")),
             terminals: cred.terminals,
+            api_key_file,
         });
     }
     if out.is_empty() {
