@@ -327,8 +327,9 @@ impl Authorization for ExtAuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        // One audit event per Check (code: the decision's), in the call's
-        // span and trace scope, as for the TokenBroker RPCs.
+        // One audit event per Check (code: the decision's); the decision in
+        // the call's span and trace scope, the event after it, as for the
+        // TokenBroker RPCs (see `TokenBrokerService::conclude`).
         let trace = TraceParent::from_metadata(request.metadata());
         let peer = peer_of(request.extensions()).map(|p| p.remote);
         let mut audit = self.auditor.start(Some(Rpc::ExtAuthz), peer, trace);
@@ -336,7 +337,6 @@ impl Authorization for ExtAuthzService {
         let decision = trace::scope(trace, self.decide(&request, &mut audit))
             .instrument(span.clone())
             .await;
-        let _entered = span.enter();
         let response = match decision {
             Ok(allowed) => {
                 audit.finish(Code::Ok);
@@ -344,11 +344,13 @@ impl Authorization for ExtAuthzService {
             }
             Err(denial) => {
                 // The reason as a field: text from the request in it is escaped.
-                tracing::debug!(
-                    http_status = denial.http as i32,
-                    reason = denial.message.as_str(),
-                    "check denied"
-                );
+                span.in_scope(|| {
+                    tracing::debug!(
+                        http_status = denial.http as i32,
+                        reason = denial.message.as_str(),
+                        "check denied"
+                    );
+                });
                 audit.finish(denial.code);
                 denial.into_response()
             }
