@@ -230,6 +230,44 @@ mod tests {
         assert_eq!(key(&next), "key-two");
     }
 
+    fn self_signed() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tls_secret_update_reloads_too() {
+        let scratch = Scratch::new("tls");
+        let _keys = SecretVolume::new(&scratch.0.join("keys"), &[("acme", "key-one")]);
+        let (cert, key) = self_signed();
+        let mut tls = SecretVolume::new(
+            &scratch.0.join("tls"),
+            &[("tls.crt", cert.as_str()), ("tls.key", key.as_str())],
+        );
+        let path = write_config(&scratch.0, "\"1234001\"");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "[server.tls]\ncert_file = \"tls/tls.crt\"\nkey_file = \"tls/tls.key\"\n{text}"
+            ),
+        )
+        .unwrap();
+        let mut load = loader(&path);
+        let first = load().unwrap();
+        let mut reloads = Box::pin(reloads(path, &first, load, stream::pending(), Some(POLL)));
+        quiet(&mut reloads).await;
+
+        let (cert, key) = self_signed();
+        tls.update(&[("tls.crt", cert.as_str()), ("tls.key", key.as_str())]);
+        let next = timeout(POLL * 2, reloads.next()).await.unwrap().unwrap();
+        assert!(next.server.tls.is_some());
+    }
+
     #[test]
     fn the_watched_files_are_the_config_key_files_and_tls_files() {
         let scratch = Scratch::new("files");
