@@ -303,3 +303,144 @@ async fn connections_are_closed_at_their_maximum_age() {
     let closed = timeout(PATIENCE, conn).await;
     assert!(closed.is_ok(), "the connection outlived its maximum age");
 }
+
+/// An HTTP/2 connection from `from` that has served one health Check and is
+/// now idle, as an attacker who completes the preface and then waits would
+/// hold it.
+async fn idle_h2_from(
+    from: &str,
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tcp_from(from, addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(connection);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut ready = client.ready().await.unwrap();
+    let (response, mut body) = ready.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    assert_eq!(grpc_status(response).await, "0", "served before going idle");
+    (ready, conn)
+}
+
+#[tokio::test]
+async fn silent_sockets_from_many_addresses_do_not_lock_out_health_checks() {
+    let (served, _sim) = serve_adjusted(|c| {
+        c.server.max_connections = 4;
+        c.server.max_connections_per_peer = 2;
+        // Long, so only eviction can be what saves the port.
+        c.server.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Three addresses, two sockets each: more than max_connections, none
+    // past its per-peer share.
+    let mut held = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        for _ in 0..2 {
+            held.push(tcp_from(from, served.addr).await.unwrap());
+        }
+    }
+    for _ in 0..3 {
+        check_from("127.0.0.1", served.addr)
+            .await
+            .expect("a health check takes the place of a silent socket");
+    }
+    drop(held);
+}
+
+#[tokio::test]
+async fn idle_connections_from_many_addresses_do_not_lock_out_health_checks() {
+    let (served, _sim) = serve_adjusted(|c| {
+        c.server.max_connections = 4;
+        c.server.max_connections_per_peer = 2;
+        c.server.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut held = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..2 {
+            held.push(idle_h2_from(from, served.addr).await);
+        }
+    }
+    // The last response may still be on its way out (its request counts as
+    // open until then): wait for the idle connection rather than a delay.
+    eventually(
+        "a health check takes the place of an idle connection",
+        || async { check_from("127.0.0.1", served.addr).await.is_ok() },
+    )
+    .await;
+    eventually("the evicted connection is closed", || async {
+        held.iter().any(|(_, conn)| conn.is_finished())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connections_with_a_request_in_flight_are_never_evicted() {
+    let (served, _sim) = serve_adjusted(|c| {
+        c.server.max_connections = 2;
+        c.server.request_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let (mut client, conn) = h2_connect(served.addr).await;
+        let (response, body) = partial_request(&mut client, served.addr).await;
+        busy.push((client, conn, response, body));
+    }
+    // Both requests are held by the server: a new connection finds no place.
+    eventually("the server is full of busy connections", || async {
+        check_from("127.0.0.1", served.addr).await.is_err()
+    })
+    .await;
+    for (_, conn, _, _) in &busy {
+        assert!(!conn.is_finished(), "a busy connection was closed");
+    }
+    // Once a request ends, its connection is idle and may give way.
+    let (_, _, response, mut body) = busy.pop().unwrap();
+    body.send_data(Bytes::from(vec![0u8; 97]), true).unwrap();
+    let _ = grpc_status(response).await;
+    eventually("the idle connection gives way", || async {
+        check_from("127.0.0.1", served.addr).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_evicted_idle_connection_is_closed_at_once_not_after_the_grace() {
+    let (served, _sim) = serve_adjusted(|c| {
+        c.server.max_connections = 1;
+        c.server.idle_timeout = Duration::from_secs(600);
+        // The grace of a graceful close: an evicted peer that never answers
+        // the GOAWAY's ping must not keep its socket for this long.
+        c.server.request_timeout = Duration::from_secs(600);
+    })
+    .await;
+    // The preface and SETTINGS, then nothing, not even the acknowledgements.
+    let mut attacker = tcp_from("127.0.0.2", served.addr).await.unwrap();
+    attacker.write_all(PREFACE).await.unwrap();
+    attacker
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    // The server's SETTINGS: the connection is past its handshake.
+    let mut first = [0u8; 9];
+    timeout(PATIENCE, attacker.read_exact(&mut first))
+        .await
+        .expect("the server speaks HTTP/2")
+        .unwrap();
+    assert_eq!(first[3], 4, "a SETTINGS frame");
+    check_from("127.0.0.1", served.addr)
+        .await
+        .expect("the health check takes the idle connection's place");
+    closed_after(attacker).await;
+}

@@ -1,8 +1,10 @@
 //! One accepted connection, from TCP to HTTP/2: the TLS handshake and the
 //! HTTP/2 client preface under one deadline, then hyper's HTTP/2 server with
-//! an idle timeout, a maximum age and graceful shutdown.
+//! an idle timeout, a maximum age and graceful shutdown; closed early when
+//! its place in the connection table goes to a new connection.
 
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -19,7 +21,7 @@ use tokio::{
 
 use super::{
     Limits, PeerInfo,
-    limits::Activity,
+    limits::{Activity, ConnSlot},
     request::{ConnService, Shared},
     tls::{TlsAcceptor, peer_cert},
 };
@@ -37,8 +39,9 @@ const CONNECTION_WINDOW: u32 = 256 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// Serves one accepted TCP connection until it closes, the limits close it,
-/// or `stop` turns true (server shutdown: graceful, no deadline here; the
-/// server bounds the whole drain).
+/// `slot` is evicted, or `stop` turns true (server shutdown: graceful, no
+/// deadline here; the server bounds the whole drain).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     tcp: TcpStream,
     remote: SocketAddr,
@@ -46,8 +49,10 @@ pub async fn serve(
     shared: Shared,
     limits: Limits,
     stop: watch::Receiver<bool>,
+    slot: &ConnSlot,
 ) {
     let local = tcp.local_addr().ok();
+    let mut evicted = std::pin::pin!(slot.evicted());
     let handshake = tokio::time::timeout(limits.handshake_timeout, async {
         match tls {
             None => {
@@ -61,8 +66,14 @@ pub async fn serve(
                 Ok(Established::Tls(Box::new(io), cert))
             }
         }
-    })
-    .await;
+    });
+    let handshake = tokio::select! {
+        done = handshake => done,
+        () = &mut evicted => {
+            tracing::debug!(peer = %remote, "connection in its handshake evicted for a new one (server.max_connections)");
+            return;
+        }
+    };
     let established = match handshake {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {
@@ -80,9 +91,11 @@ pub async fn serve(
         return;
     }
     match established {
-        Established::Plain(io) => serve_http(io, remote, local, None, shared, limits, stop).await,
+        Established::Plain(io) => {
+            serve_http(io, remote, local, None, shared, limits, stop, slot, evicted).await
+        }
         Established::Tls(io, cert) => {
-            serve_http(io, remote, local, cert, shared, limits, stop).await
+            serve_http(io, remote, local, cert, shared, limits, stop, slot, evicted).await
         }
     }
 }
@@ -96,6 +109,7 @@ enum Established {
     ),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<IO>(
     io: IO,
     remote: SocketAddr,
@@ -104,10 +118,13 @@ async fn serve_http<IO>(
     shared: Shared,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
+    slot: &ConnSlot,
+    mut evicted: Pin<&mut impl Future<Output = ()>>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::default();
+    slot.serving(&activity);
     let service = ConnService {
         shared,
         peer: PeerInfo { remote, cert },
@@ -147,6 +164,21 @@ async fn serve_http<IO>(
             }
             () = &mut idle, if !closing => {
                 tracing::debug!(peer = %remote, "idle connection closed (server.idle_timeout)");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                forced.set(Some(tokio::time::sleep(limits.close_grace)).into());
+            }
+            () = &mut evicted, if !closing => {
+                // Its place already went to a new connection: an idle one is
+                // dropped now, not given a graceful close that a peer which
+                // never answers the GOAWAY's ping could stretch to
+                // `close_grace` (each eviction would leave a socket behind
+                // beyond `max_connections`). A request that raced the
+                // eviction gets the graceful close.
+                tracing::debug!(peer = %remote, "idle connection evicted for a new one (server.max_connections)");
+                if activity.is_idle() {
+                    return;
+                }
                 conn.as_mut().graceful_shutdown();
                 closing = true;
                 forced.set(Some(tokio::time::sleep(limits.close_grace)).into());

@@ -1,15 +1,163 @@
-//! Connection bookkeeping: slots per remote address, a rate-limited log line
-//! for refused connections, and per-connection activity (open requests) for
-//! the idle timeout.
+//! Connection bookkeeping: the table of open connections (with eviction when
+//! full), slots per remote address, a rate-limited log line for refused
+//! connections, and per-connection activity (open requests) for the idle
+//! timeout.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
+
+/// Every open connection, at most `max`. When the table is full, a new
+/// connection takes the place of an open one that serves nobody: the oldest
+/// still in its handshake (TLS + HTTP/2 preface), else the oldest with no
+/// open request; that one is told to close. Only when every open connection
+/// has a request in flight is the new one refused.
+///
+/// Without this, sockets that send nothing (closed only after
+/// `handshake_timeout`) or that complete the preface and then sit idle (closed
+/// only after `idle_timeout`), opened from enough addresses to get past
+/// `max_connections_per_peer`, fill the table, and health checks and callers
+/// are refused until the attacker stops. With it, such sockets only ever
+/// evict each other; a caller's connection is evicted only once it is the
+/// oldest idle one.
+#[derive(Debug)]
+pub struct ConnTable {
+    max: usize,
+    conns: Mutex<Conns>,
+}
+
+#[derive(Debug, Default)]
+struct Conns {
+    next_id: u64,
+    /// By id, that is, in order of acceptance: the first match is the oldest.
+    open: BTreeMap<u64, Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// `None` while in the handshake; then the connection's requests.
+    serving: Option<Activity>,
+    evict: Arc<Notify>,
+}
+
+/// What [`ConnTable::admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// There was room.
+    Room,
+    /// The table was full; this connection took the place of one in its
+    /// handshake, or of an idle one.
+    Evicted { handshaking: bool },
+}
+
+impl ConnTable {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            conns: Mutex::new(Conns::default()),
+        })
+    }
+
+    /// A place for a new connection, evicting one that serves nobody when
+    /// the table is full (see the type's documentation); `None` when every
+    /// open connection has a request in flight.
+    pub fn admit(self: &Arc<Self>) -> Option<(ConnSlot, Admitted)> {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut admitted = Admitted::Room;
+        if conns.open.len() >= self.max {
+            let victim = conns
+                .open
+                .iter()
+                .find(|(_, e)| e.serving.is_none())
+                .or_else(|| {
+                    conns
+                        .open
+                        .iter()
+                        .find(|(_, e)| e.serving.as_ref().is_some_and(Activity::is_idle))
+                })
+                .map(|(id, _)| *id)?;
+            let evicted = conns.open.remove(&victim)?;
+            evicted.evict.notify_one();
+            admitted = Admitted::Evicted {
+                handshaking: evicted.serving.is_none(),
+            };
+        }
+        let id = conns.next_id;
+        conns.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        conns.open.insert(
+            id,
+            Entry {
+                serving: None,
+                evict: Arc::clone(&evict),
+            },
+        );
+        let slot = ConnSlot {
+            table: Arc::clone(self),
+            id,
+            evict,
+        };
+        Some((slot, admitted))
+    }
+
+    /// Connections in the table (tests and diagnostics).
+    pub fn len(&self) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        conns.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One connection's place in the [`ConnTable`], given back on drop (unless
+/// it was evicted, when its place already went to another).
+#[derive(Debug)]
+pub struct ConnSlot {
+    table: Arc<ConnTable>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl ConnSlot {
+    /// Completes when the connection has been evicted and must close.
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+
+    /// The handshake is done: from now on the connection is evicted only when
+    /// `activity` shows no open request.
+    pub fn serving(&self, activity: &Activity) {
+        let mut conns = self
+            .table
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = conns.open.get_mut(&self.id) {
+            e.serving = Some(activity.clone());
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut conns = self
+            .table
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        conns.open.remove(&self.id);
+    }
+}
 
 /// Open connections per remote IP address, at most `max` each.
 #[derive(Debug)]
@@ -137,6 +285,11 @@ impl Activity {
         }
     }
 
+    /// Whether no request is open right now.
+    pub fn is_idle(&self) -> bool {
+        *self.open.borrow() == 0
+    }
+
     /// Completes once the connection has had no open request for `idle`
     /// without a break.
     pub async fn idle_for(&self, idle: Duration) {
@@ -188,6 +341,43 @@ mod tests {
         drop(first);
         assert_eq!(slots.open(a), 1);
         assert!(slots.try_acquire(a).is_some(), "a slot came back");
+    }
+
+    #[tokio::test]
+    async fn a_full_table_evicts_handshakes_then_idle_connections_never_busy_ones() {
+        let table = ConnTable::new(3);
+        let busy = Activity::default();
+        let _request = busy.begin();
+        let (first, _) = table.admit().unwrap();
+        first.serving(&busy);
+        let (idle, _) = table.admit().unwrap();
+        idle.serving(&Activity::default());
+        let (handshaking, admitted) = table.admit().unwrap();
+        assert_eq!(admitted, Admitted::Room);
+
+        // Full: the one in its handshake goes first, although it is the newest.
+        let (second, admitted) = table.admit().unwrap();
+        assert_eq!(admitted, Admitted::Evicted { handshaking: true });
+        handshaking.evicted().await; // told to close (would hang otherwise)
+        drop(handshaking); // its place went to `second`: nothing to give back
+        assert_eq!(table.len(), 3);
+
+        // No handshake left once `second` serves: the idle one goes.
+        second.serving(&busy);
+        let (third, admitted) = table.admit().unwrap();
+        assert_eq!(admitted, Admitted::Evicted { handshaking: false });
+        idle.evicted().await;
+
+        // Every connection busy: refused, nothing evicted.
+        third.serving(&busy);
+        assert!(
+            table.admit().is_none(),
+            "a busy connection is never evicted"
+        );
+        assert_eq!(table.len(), 3);
+        drop(third);
+        assert_eq!(table.len(), 2, "a closing connection gives its place back");
+        assert_eq!(table.admit().map(|(_, a)| a), Some(Admitted::Room));
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! Each accepted connection gets, in order:
 //! 1. a slot under `max_connections_per_peer` and `max_connections` (refused
 //!    connections are closed at once; the WARN line about them is
-//!    rate-limited);
+//!    rate-limited). When `max_connections` are open, the new connection
+//!    takes the place of the oldest one still in its handshake, else of the
+//!    oldest with no open request ([`limits::ConnTable`]), so sockets held
+//!    from many addresses cannot lock callers and health checks out;
 //! 2. `handshake_timeout` to finish the TLS handshake and send the HTTP/2
 //!    preface, else it is closed;
 //! 3. HTTP/2 with `idle_timeout` (no open request), `max_connection_age`
@@ -35,7 +38,7 @@ use crate::{
     clock::Clock,
     config::{ServerConfig, TlsConfig},
 };
-use limits::{PeerSlots, RefusalLog};
+use limits::{Admitted, ConnSlot, ConnTable, PeerSlots, RefusalLog};
 use tls::{TlsAcceptor, TlsError};
 
 /// Who is on the other end of a request's connection; in every request's
@@ -147,9 +150,10 @@ impl Transport {
             clock: self.clock.clone(),
         };
         let admission = Admission {
-            total: Arc::new(Semaphore::new(limits.max_connections)),
+            conns: ConnTable::new(limits.max_connections),
             peers: PeerSlots::new(limits.max_connections_per_peer),
             refusals: RefusalLog::new(REFUSAL_LOG_EVERY),
+            evictions: RefusalLog::new(REFUSAL_LOG_EVERY),
             clock: self.clock,
         };
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -167,8 +171,8 @@ impl Transport {
                             let (tls, shared, limits, stop) =
                                 (self.tls.clone(), shared.clone(), limits.clone(), stop_rx.clone());
                             async move {
-                                conn::serve(tcp, remote, tls, shared, limits, stop).await;
-                                drop(slots);
+                                let (_peer, conn) = slots;
+                                conn::serve(tcp, remote, tls, shared, limits, stop, &conn).await;
                             }
                         });
                     }
@@ -215,21 +219,19 @@ impl TlsReloader {
 
 /// Connection slots, total and per peer.
 struct Admission {
-    total: Arc<Semaphore>,
+    conns: Arc<ConnTable>,
     peers: Arc<PeerSlots>,
     refusals: RefusalLog,
+    evictions: RefusalLog,
     clock: Clock,
 }
 
 impl Admission {
     /// The slots for a new connection, or `None` (and the connection is to
-    /// be closed) when its peer or the server is at its limit. The per-peer
-    /// check comes first, so a refused peer does not take from the total.
-    fn admit(
-        &self,
-        tcp: &TcpStream,
-        remote: SocketAddr,
-    ) -> Option<(limits::PeerSlot, tokio::sync::OwnedSemaphorePermit)> {
+    /// be closed) when its peer is at its limit, or the server is and every
+    /// open connection has a request in flight. The per-peer check comes
+    /// first, so a refused peer neither takes from the total nor evicts.
+    fn admit(&self, tcp: &TcpStream, remote: SocketAddr) -> Option<(limits::PeerSlot, ConnSlot)> {
         let refused = |limit: &str| {
             if let Some(refused) = self.refusals.record(self.clock.now()) {
                 tracing::warn!(
@@ -244,13 +246,23 @@ impl Admission {
             refused("server.max_connections_per_peer");
             return None;
         };
-        let Ok(total) = Arc::clone(&self.total).try_acquire_owned() else {
+        let Some((conn, admitted)) = self.conns.admit() else {
             refused("server.max_connections");
             return None;
         };
+        if let Admitted::Evicted { handshaking } = admitted
+            && let Some(evicted) = self.evictions.record(self.clock.now())
+        {
+            tracing::warn!(
+                evicted,
+                peer = %remote,
+                victim = if handshaking { "in its handshake" } else { "idle" },
+                "server.max_connections reached; new connections take the place of the oldest one in its handshake, else the oldest idle one (one line per 10 s at most, `evicted` counts them)"
+            );
+        }
         // Requests and answers are small: send them at once.
         let _ = tcp.set_nodelay(true);
-        Some((peer, total))
+        Some((peer, conn))
     }
 }
 
