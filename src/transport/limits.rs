@@ -16,18 +16,20 @@ use tokio::{
 };
 
 /// Every open connection, at most `max`. When the table is full, a new
-/// connection takes the place of an open one that serves nobody: the oldest
-/// still in its handshake (TLS + HTTP/2 preface), else the oldest with no
-/// open request; that one is told to close. Only when every open connection
-/// has a request in flight is the new one refused.
+/// connection takes the place of an open one that serves nobody: one still
+/// in its handshake (TLS + HTTP/2 preface), else one with no open request;
+/// among those, one of the peer address holding the most connections, its
+/// oldest. That one is told to close. Only when every open connection has a
+/// request in flight is the new one refused.
 ///
 /// Without this, sockets that send nothing (closed only after
 /// `handshake_timeout`) or that complete the preface and then sit idle (closed
 /// only after `idle_timeout`), opened from enough addresses to get past
 /// `max_connections_per_peer`, fill the table, and health checks and callers
 /// are refused until the attacker stops. With it, such sockets only ever
-/// evict each other; a caller's connection is evicted only once it is the
-/// oldest idle one.
+/// evict each other: the addresses holding many connections lose theirs
+/// first, so a caller's one connection (which, accepted in a burst, may not
+/// have been read yet) is not the one to go.
 #[derive(Debug)]
 pub struct ConnTable {
     max: usize,
@@ -37,12 +39,44 @@ pub struct ConnTable {
 #[derive(Debug, Default)]
 struct Conns {
     next_id: u64,
-    /// By id, that is, in order of acceptance: the first match is the oldest.
+    /// By id, that is, in order of acceptance.
     open: BTreeMap<u64, Entry>,
+    /// Entries of `open` per peer address.
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+impl Conns {
+    /// The connection to evict: see [`ConnTable`].
+    fn victim(&self) -> Option<u64> {
+        let pick = |evictable: fn(&Entry) -> bool| {
+            self.open
+                .iter()
+                .filter(|(_, e)| evictable(e))
+                .max_by_key(|(id, e)| {
+                    let held = self.per_peer.get(&e.peer).copied().unwrap_or(0);
+                    (held, std::cmp::Reverse(**id))
+                })
+                .map(|(id, _)| *id)
+        };
+        pick(|e| e.serving.is_none())
+            .or_else(|| pick(|e| e.serving.as_ref().is_some_and(Activity::is_idle)))
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let e = self.open.remove(&id)?;
+        if let Some(n) = self.per_peer.get_mut(&e.peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(&e.peer);
+            }
+        }
+        Some(e)
+    }
 }
 
 #[derive(Debug)]
 struct Entry {
+    peer: IpAddr,
     /// `None` while in the handshake; then the connection's requests.
     serving: Option<Activity>,
     evict: Arc<Notify>,
@@ -69,22 +103,13 @@ impl ConnTable {
     /// A place for a new connection, evicting one that serves nobody when
     /// the table is full (see the type's documentation); `None` when every
     /// open connection has a request in flight.
-    pub fn admit(self: &Arc<Self>) -> Option<(ConnSlot, Admitted)> {
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<(ConnSlot, Admitted)> {
+        let peer = peer.to_canonical();
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let mut admitted = Admitted::Room;
         if conns.open.len() >= self.max {
-            let victim = conns
-                .open
-                .iter()
-                .find(|(_, e)| e.serving.is_none())
-                .or_else(|| {
-                    conns
-                        .open
-                        .iter()
-                        .find(|(_, e)| e.serving.as_ref().is_some_and(Activity::is_idle))
-                })
-                .map(|(id, _)| *id)?;
-            let evicted = conns.open.remove(&victim)?;
+            let victim = conns.victim()?;
+            let evicted = conns.remove(victim)?;
             evicted.evict.notify_one();
             admitted = Admitted::Evicted {
                 handshaking: evicted.serving.is_none(),
@@ -93,9 +118,11 @@ impl ConnTable {
         let id = conns.next_id;
         conns.next_id += 1;
         let evict = Arc::new(Notify::new());
+        *conns.per_peer.entry(peer).or_insert(0) += 1;
         conns.open.insert(
             id,
             Entry {
+                peer,
                 serving: None,
                 evict: Arc::clone(&evict),
             },
@@ -155,7 +182,7 @@ impl Drop for ConnSlot {
             .conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        conns.open.remove(&self.id);
+        conns.remove(self.id);
     }
 }
 
@@ -343,41 +370,75 @@ mod tests {
         assert!(slots.try_acquire(a).is_some(), "a slot came back");
     }
 
-    #[tokio::test]
-    async fn a_full_table_evicts_handshakes_then_idle_connections_never_busy_ones() {
+    /// `slot` has been told to close.
+    fn assert_evicted(slot: &ConnSlot) {
+        use futures_util::FutureExt;
+        assert!(slot.evicted().now_or_never().is_some(), "not evicted");
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[test]
+    fn the_peer_holding_most_connections_gives_way_first() {
+        let table = ConnTable::new(4);
+        let (caller, _) = table.admit(B).unwrap(); // the oldest, in its handshake
+        let mut attacker = Vec::new();
+        for _ in 0..3 {
+            attacker.push(table.admit(A).unwrap().0);
+        }
+        for _ in 0..5 {
+            let (slot, admitted) = table.admit(A).unwrap();
+            assert_eq!(admitted, Admitted::Evicted { handshaking: true });
+            assert_evicted(&attacker.remove(0));
+            attacker.push(slot);
+        }
+        // B gets a second one, still at A's expense...
+        let (_b1, admitted) = table.admit(B).unwrap();
+        assert_eq!(admitted, Admitted::Evicted { handshaking: true });
+        assert_evicted(&attacker.remove(0));
+        // ...then both hold two: the oldest of all goes, B's first.
+        let (_b2, admitted) = table.admit(B).unwrap();
+        assert_eq!(admitted, Admitted::Evicted { handshaking: true });
+        assert_evicted(&caller);
+        assert_eq!(table.len(), 4);
+    }
+
+    #[test]
+    fn a_full_table_evicts_handshakes_then_idle_connections_never_busy_ones() {
         let table = ConnTable::new(3);
         let busy = Activity::default();
         let _request = busy.begin();
-        let (first, _) = table.admit().unwrap();
+        let (first, _) = table.admit(A).unwrap();
         first.serving(&busy);
-        let (idle, _) = table.admit().unwrap();
+        let (idle, _) = table.admit(A).unwrap();
         idle.serving(&Activity::default());
-        let (handshaking, admitted) = table.admit().unwrap();
+        let (handshaking, admitted) = table.admit(A).unwrap();
         assert_eq!(admitted, Admitted::Room);
 
         // Full: the one in its handshake goes first, although it is the newest.
-        let (second, admitted) = table.admit().unwrap();
+        let (second, admitted) = table.admit(A).unwrap();
         assert_eq!(admitted, Admitted::Evicted { handshaking: true });
-        handshaking.evicted().await; // told to close (would hang otherwise)
+        assert_evicted(&handshaking);
         drop(handshaking); // its place went to `second`: nothing to give back
         assert_eq!(table.len(), 3);
 
         // No handshake left once `second` serves: the idle one goes.
         second.serving(&busy);
-        let (third, admitted) = table.admit().unwrap();
+        let (third, admitted) = table.admit(A).unwrap();
         assert_eq!(admitted, Admitted::Evicted { handshaking: false });
-        idle.evicted().await;
+        assert_evicted(&idle);
 
         // Every connection busy: refused, nothing evicted.
         third.serving(&busy);
         assert!(
-            table.admit().is_none(),
+            table.admit(A).is_none(),
             "a busy connection is never evicted"
         );
         assert_eq!(table.len(), 3);
         drop(third);
         assert_eq!(table.len(), 2, "a closing connection gives its place back");
-        assert_eq!(table.admit().map(|(_, a)| a), Some(Admitted::Room));
+        assert_eq!(table.admit(A).map(|(_, a)| a), Some(Admitted::Room));
     }
 
     #[test]

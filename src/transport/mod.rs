@@ -5,9 +5,10 @@
 //! 1. a slot under `max_connections_per_peer` and `max_connections` (refused
 //!    connections are closed at once; the WARN line about them is
 //!    rate-limited). When `max_connections` are open, the new connection
-//!    takes the place of the oldest one still in its handshake, else of the
-//!    oldest with no open request ([`limits::ConnTable`]), so sockets held
-//!    from many addresses cannot lock callers and health checks out;
+//!    takes the place of one still in its handshake, else of one with no
+//!    open request, of the peer address holding the most
+//!    ([`limits::ConnTable`]), so sockets held from many addresses cannot
+//!    lock callers and health checks out;
 //! 2. `handshake_timeout` to finish the TLS handshake and send the HTTP/2
 //!    preface, else it is closed;
 //! 3. HTTP/2 with `idle_timeout` (no open request), `max_connection_age`
@@ -246,7 +247,7 @@ impl Admission {
             refused("server.max_connections_per_peer");
             return None;
         };
-        let Some((conn, admitted)) = self.conns.admit() else {
+        let Some((conn, admitted)) = self.conns.admit(remote.ip()) else {
             refused("server.max_connections");
             return None;
         };
@@ -257,7 +258,7 @@ impl Admission {
                 evicted,
                 peer = %remote,
                 victim = if handshaking { "in its handshake" } else { "idle" },
-                "server.max_connections reached; new connections take the place of the oldest one in its handshake, else the oldest idle one (one line per 10 s at most, `evicted` counts them)"
+                "server.max_connections reached; new connections take the place of one in its handshake, else an idle one, of the address holding the most (one line per 10 s at most, `evicted` counts them)"
             );
         }
         // Requests and answers are small: send them at once.
