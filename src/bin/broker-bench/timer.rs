@@ -44,12 +44,29 @@ impl Ord for Due {
 struct Waits {
     heap: BinaryHeap<Reverse<Due>>,
     seq: u64,
+    /// How late each wait was completed, in ns (see [`Lateness`]).
+    late_ns: Vec<u64>,
+}
+
+type Shared = Arc<(Mutex<Waits>, Condvar)>;
+
+/// How late the timer thread completed waits: a benchmark reports it beside
+/// "latency minus L", which would otherwise count it as the broker's.
+#[derive(Clone)]
+pub struct Lateness(Shared);
+
+impl Lateness {
+    /// The lateness of every wait completed since the last call, in ns.
+    pub fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut self.0.0.lock().unwrap().late_ns)
+    }
 }
 
 /// Starts the timer thread (it lives as long as the process) and returns the
-/// simulator's pause.
-pub fn precise_pause() -> Pause {
-    let shared = Arc::new((Mutex::new(Waits::default()), Condvar::new()));
+/// simulator's pause and the record of its lateness.
+pub fn precise_pause() -> (Pause, Lateness) {
+    let shared: Shared = Arc::new((Mutex::new(Waits::default()), Condvar::new()));
+    let lateness = Lateness(Arc::clone(&shared));
     std::thread::Builder::new()
         .name("bench-timer".into())
         .spawn({
@@ -57,7 +74,7 @@ pub fn precise_pause() -> Pause {
             move || run(&shared)
         })
         .expect("timer thread");
-    Arc::new(move |delay: Duration| {
+    let pause: Pause = Arc::new(move |delay: Duration| {
         let (tx, rx) = oneshot::channel();
         let at = Instant::now() + delay;
         {
@@ -75,7 +92,8 @@ pub fn precise_pause() -> Pause {
         Box::pin(async move {
             let _ = rx.await;
         })
-    })
+    });
+    (pause, lateness)
 }
 
 fn run(shared: &(Mutex<Waits>, Condvar)) {
@@ -86,6 +104,8 @@ fn run(shared: &(Mutex<Waits>, Condvar)) {
         while waits.heap.peek().is_some_and(|Reverse(d)| d.at <= now) {
             let Reverse(due) = waits.heap.pop().expect("peeked");
             let _ = due.done.send(());
+            let late = now.saturating_duration_since(due.at).as_nanos() as u64;
+            waits.late_ns.push(late);
         }
         waits = match waits.heap.peek() {
             Some(Reverse(next)) => {
@@ -107,7 +127,7 @@ mod tests {
     /// after an hour-long one completes, and the long one stays pending.
     #[tokio::test]
     async fn a_later_shorter_wait_is_not_stuck_behind_a_longer_one() {
-        let pause = precise_pause();
+        let (pause, _) = precise_pause();
         let mut long = pause(Duration::from_secs(3600));
         pause(Duration::from_micros(200)).await;
         assert!((&mut long).now_or_never().is_none());
