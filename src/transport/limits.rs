@@ -104,7 +104,7 @@ impl ConnTable {
     /// the table is full (see the type's documentation); `None` when every
     /// open connection has a request in flight.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<(ConnSlot, Admitted)> {
-        let peer = peer.to_canonical();
+        let peer = peer_key(peer);
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let mut admitted = Admitted::Room;
         if conns.open.len() >= self.max {
@@ -186,7 +186,18 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Open connections per remote IP address, at most `max` each.
+/// The peer a remote address counts as: an IPv4 address (IPv4-mapped IPv6
+/// ones included, so a dual-stack listener cannot double a peer's share), or
+/// an IPv6 address's /64, which one host usually holds whole: counted per
+/// address, one IPv6 host could open as many connections as it has addresses.
+pub fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
+/// Open connections per peer ([`peer_key`]), at most `max` each.
 #[derive(Debug)]
 pub struct PeerSlots {
     max: usize,
@@ -205,7 +216,7 @@ impl PeerSlots {
     /// IPv4-mapped IPv6 addresses count as their IPv4 address, so a dual-stack
     /// listener cannot be used to double a peer's share.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
-        let ip = ip.to_canonical();
+        let ip = peer_key(ip);
         // The map is only ever left consistent (no panics while held), so a
         // poisoned lock still holds valid counts.
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
@@ -223,7 +234,7 @@ impl PeerSlots {
     /// Open connections of `ip` (tests and diagnostics).
     pub fn open(&self, ip: IpAddr) -> usize {
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+        open.get(&peer_key(ip)).copied().unwrap_or(0)
     }
 }
 
@@ -439,6 +450,31 @@ mod tests {
         drop(third);
         assert_eq!(table.len(), 2, "a closing connection gives its place back");
         assert_eq!(table.admit(A).map(|(_, a)| a), Some(Admitted::Room));
+    }
+
+    #[test]
+    fn an_ipv6_peer_is_its_64() {
+        let slots = PeerSlots::new(2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let next: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _first = slots.try_acquire(a).unwrap();
+        let _second = slots.try_acquire(same).expect("same /64, second slot");
+        assert!(
+            slots
+                .try_acquire("2001:db8:1:2::99".parse().unwrap())
+                .is_none(),
+            "a third address of the /64 is the same peer"
+        );
+        assert!(slots.try_acquire(next).is_some(), "the next /64 is another");
+        assert_eq!(slots.open(same), 2);
+        // The connection table counts peers the same way.
+        let table = ConnTable::new(2);
+        let t1 = table.admit(a).unwrap();
+        let _t2 = table.admit(next).unwrap();
+        let (_t3, admitted) = table.admit(same).unwrap();
+        assert_eq!(admitted, Admitted::Evicted { handshaking: true });
+        assert_evicted(&t1.0);
     }
 
     #[test]
