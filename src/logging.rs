@@ -29,9 +29,21 @@ use std::{
     time::Duration,
 };
 
-use tracing::Subscriber;
+use std::fmt::{self, Write as _};
+
+use tracing::{
+    Subscriber,
+    field::{Field, Visit},
+};
 use tracing_subscriber::{
-    Layer, fmt::MakeWriter, layer::SubscriberExt, registry::LookupSpan, util::SubscriberInitExt,
+    Layer,
+    fmt::{
+        FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter,
+        format::{self},
+    },
+    layer::SubscriberExt,
+    registry::LookupSpan,
+    util::SubscriberInitExt,
 };
 
 use crate::config::LogFormat;
@@ -92,10 +104,8 @@ where
     match format {
         LogFormat::Text => layer.with_ansi(ansi).boxed(),
         LogFormat::Json => layer
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(JsonLine)
             .boxed(),
     }
 }
@@ -242,6 +252,171 @@ impl<'a> MakeWriter<'a> for QueueWriter {
     }
 }
 
+/// JSON lines as tracing-subscriber's `json().flatten_event(true)
+/// .with_current_span(true)` writes them (`timestamp`, `level`, the event's
+/// fields with `message` among them, `target`, then the current span's fields
+/// and `name` under `span`), written straight into the line: its formatter
+/// turns every `Display` field into a `String` of its own before escaping it
+/// and parses the span's stored fields back from JSON for every line, which
+/// made the one audit line per RPC the costliest part of a cached
+/// GetBearerToken (BENCHMARKS.md has the profile and the effect).
+struct JsonLine;
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        w.write_str("{\"timestamp\":\"")?;
+        // A log line's own timestamp, not logic: the wall clock is what it is for.
+        #[allow(clippy::disallowed_methods)]
+        let now = std::time::SystemTime::now();
+        write_rfc3339(&mut w, now)?;
+        write!(w, "\",\"level\":\"{}\"", meta.level())?;
+        let mut fields = JsonFieldsOf {
+            w: &mut w,
+            scratch: String::new(),
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        w.write_str(",\"target\":")?;
+        write_json_str(&mut w, meta.target())?;
+        if let Some(span) = ctx.lookup_current() {
+            w.write_str(",\"span\":{")?;
+            let ext = span.extensions();
+            // JsonFields stores a span's fields as one JSON object: its
+            // members go in as they are.
+            if let Some(stored) = ext.get::<FormattedFields<N>>() {
+                let inner = stored
+                    .fields
+                    .trim()
+                    .trim_start_matches('{')
+                    .trim_end_matches('}');
+                if !inner.is_empty() {
+                    w.write_str(inner)?;
+                    w.write_char(',')?;
+                }
+            }
+            w.write_str("\"name\":")?;
+            write_json_str(&mut w, span.name())?;
+            w.write_char('}')?;
+        }
+        w.write_str("}\n")
+    }
+}
+
+/// Writes each field as `,"name":value`.
+struct JsonFieldsOf<'a, 'w> {
+    w: &'a mut format::Writer<'w>,
+    /// Reused for values only `Debug` can give.
+    scratch: String,
+    result: fmt::Result,
+}
+
+impl JsonFieldsOf<'_, '_> {
+    fn key(&mut self, field: &Field) -> fmt::Result {
+        self.w.write_char(',')?;
+        write_json_str(self.w, field.name())?;
+        self.w.write_char(':')
+    }
+
+    fn put(&mut self, field: &Field, value: impl FnOnce(&mut Self) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = self.key(field).and_then(|()| value(self));
+        }
+    }
+}
+
+impl Visit for JsonFieldsOf<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, |s| write_json_str(s.w, value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, |s| write!(s.w, "{value}"));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, |s| write!(s.w, "{value}"));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, |s| write!(s.w, "{value}"));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // As serde_json: non-finite numbers are null.
+        self.put(field, |s| match value.is_finite() {
+            true => write!(s.w, "{value:?}"),
+            false => s.w.write_str("null"),
+        });
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field, |s| {
+            s.scratch.clear();
+            write!(s.scratch, "{value:?}")?;
+            write_json_str(s.w, &s.scratch)
+        });
+    }
+}
+
+/// `s` as a JSON string, escaped as serde_json escapes.
+fn write_json_str(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    w.write_char('"')?;
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        w.write_str(&s[from..i])?;
+        match esc {
+            "" => write!(w, "\\u{b:04x}")?,
+            esc => w.write_str(esc)?,
+        }
+        from = i + 1;
+    }
+    w.write_str(&s[from..])?;
+    w.write_char('"')
+}
+
+/// `t` as RFC 3339 in UTC with microseconds (`2026-11-29T02:29:12.344756Z`),
+/// as tracing-subscriber writes it.
+fn write_rfc3339(w: &mut impl fmt::Write, t: std::time::SystemTime) -> fmt::Result {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    write!(
+        w,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -299,6 +474,95 @@ mod tests {
         assert!(q.flush(Duration::from_secs(10)));
         let written = String::from_utf8(out.lock().unwrap().clone()).unwrap();
         assert_eq!(written, "first\nline 0\nline 1\nline 2\nline 3\n");
+    }
+
+    fn json_lines(emit: impl FnOnce()) -> Vec<serde_json::Value> {
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(fmt_layer(
+            LogFormat::Json,
+            move || out.clone(),
+            false,
+        ));
+        tracing::subscriber::with_default(subscriber, emit);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+            .collect()
+    }
+
+    #[test]
+    fn json_lines_flatten_fields_escape_values_and_carry_the_span() {
+        let lines = json_lines(|| {
+            let span = tracing::info_span!("rpc", rpc = "GetBearerToken", n = 3);
+            let _in = span.enter();
+            tracing::info!(
+                target: "t::x",
+                caller = tracing::field::display("a \"q\" \\ \n\u{1}é"),
+                terminal = "T1",
+                code = tracing::field::display("OK"),
+                upstream_status = 201u16,
+                duration_ms = 0.25f64,
+                whole = 2.0f64,
+                ok = true,
+                neg = -4i64,
+                "rpc"
+            );
+            drop(_in);
+            tracing::warn!("outside");
+        });
+        assert_eq!(lines.len(), 2);
+        let l = &lines[0];
+        assert_eq!(l["level"], "INFO");
+        assert_eq!(l["message"], "rpc");
+        assert_eq!(l["target"], "t::x");
+        assert_eq!(l["caller"], "a \"q\" \\ \n\u{1}é");
+        assert_eq!(l["terminal"], "T1");
+        assert_eq!(l["code"], "OK");
+        assert_eq!(l["upstream_status"], 201);
+        assert_eq!(l["duration_ms"], 0.25);
+        assert_eq!(l["whole"], 2.0);
+        assert_eq!(l["ok"], true);
+        assert_eq!(l["neg"], -4);
+        assert_eq!(
+            l["span"],
+            serde_json::json!({"rpc": "GetBearerToken", "n": 3, "name": "rpc"})
+        );
+        let ts = l["timestamp"].as_str().unwrap();
+        assert_eq!(
+            (ts.len(), &ts[4..5], &ts[10..11], &ts[26..]),
+            (27, "-", "T", "Z")
+        );
+        assert!(lines[1].get("span").is_none());
+        assert_eq!(lines[1]["level"], "WARN");
+    }
+
+    #[test]
+    fn rfc3339_dates_match_the_calendar() {
+        let at = |secs: u64, micros: u32| {
+            let mut s = String::new();
+            let t = std::time::UNIX_EPOCH
+                + Duration::from_secs(secs)
+                + Duration::from_micros(micros.into());
+            write_rfc3339(&mut s, t).unwrap();
+            s
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(at(1_795_746_552, 344_756), "2026-11-27T02:29:12.344756Z");
+        assert_eq!(at(4_107_542_399, 999_999), "2100-02-28T23:59:59.999999Z");
     }
 
     struct Closed;
