@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod pki;
+
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use payroc_broker::{
