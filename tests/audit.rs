@@ -21,7 +21,7 @@ use payroc_broker::{
     audit::fingerprint,
     config::LogFormat,
     logging,
-    proto::{CreateSessionRequest, GetBearerTokenRequest, Scenario},
+    proto::{CreateSessionRequest, Scenario},
     sim::{Fault, SimEndpoint},
 };
 use serde_json::Value;
@@ -169,24 +169,10 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const IDEM: &str = "5f0c6a8e-3b7d-4c2a-9e1f-2a4b6c8d0e1f";
 
-fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
-
 fn traced<T>(mut r: Request<T>) -> Request<T> {
     r.metadata_mut()
         .insert("traceparent", MetadataValue::from_static(TRACEPARENT));
     r
-}
-
-fn bearer(t: &str) -> GetBearerTokenRequest {
-    GetBearerTokenRequest {
-        processing_terminal_id: t.into(),
-        min_validity: None,
-    }
 }
 
 /// Checks the fields every audit event has, and that the others are
@@ -236,14 +222,14 @@ async fn every_outcome_is_audited_once_with_every_field() {
 
     // OK, GetBearerToken, after an identity fetch, with a traceparent.
     let first = c
-        .get_bearer_token(traced(authed(bearer("1234001"), CALLER_WEB)))
+        .get_bearer_token(traced(authed(bearer_request("1234001"), CALLER_WEB)))
         .await
         .unwrap()
         .into_inner();
     calls += 1;
     // OK again, from the cache: no upstream response, no trace.
     let cached = c
-        .get_bearer_token(authed(bearer("1234002"), CALLER_WEB))
+        .get_bearer_token(authed(bearer_request("1234002"), CALLER_WEB))
         .await
         .unwrap()
         .into_inner();
@@ -265,7 +251,10 @@ async fn every_outcome_is_audited_once_with_every_field() {
     calls += 1;
     // UNAUTHENTICATED: refused on the headers, before the body is read.
     let e = c
-        .get_bearer_token(authed(bearer("1234001"), "not-a-caller-token-xyz-0123"))
+        .get_bearer_token(authed(
+            bearer_request("1234001"),
+            "not-a-caller-token-xyz-0123",
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
@@ -273,21 +262,21 @@ async fn every_outcome_is_audited_once_with_every_field() {
     // INVALID_ARGUMENT, with a terminal that tries to forge a log line.
     let forged = "12\n2025-01-01T00:00:00Z INFO rpc caller=admin\u{1b}[31m";
     let e = c
-        .get_bearer_token(authed(bearer(forged), CALLER_WEB))
+        .get_bearer_token(authed(bearer_request(forged), CALLER_WEB))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     calls += 1;
     // PERMISSION_DENIED: ops may not have 1234002.
     let e = c
-        .get_bearer_token(authed(bearer("1234002"), CALLER_OPS))
+        .get_bearer_token(authed(bearer_request("1234002"), CALLER_OPS))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     calls += 1;
     // NOT_FOUND: nobody serves 9999001.
     let e = c
-        .get_bearer_token(authed(bearer("9999001"), CALLER_WEB))
+        .get_bearer_token(authed(bearer_request("9999001"), CALLER_WEB))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -295,7 +284,7 @@ async fn every_outcome_is_audited_once_with_every_field() {
     // Upstream refusals: the API key is rejected (identity 401), and
     // Payroc's 403 for another account's terminal (sessions).
     let e = c
-        .get_bearer_token(authed(bearer("7777001"), CALLER_WEB))
+        .get_bearer_token(authed(bearer_request("7777001"), CALLER_WEB))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -308,12 +297,12 @@ async fn every_outcome_is_audited_once_with_every_field() {
     calls += 1;
     // RESOURCE_EXHAUSTED: ops' bucket (2) is spent by its allowed call
     // and the denied one above; the next is refused before the body.
-    c.get_bearer_token(authed(bearer("1234001"), CALLER_OPS))
+    c.get_bearer_token(authed(bearer_request("1234001"), CALLER_OPS))
         .await
         .unwrap();
     calls += 1;
     let e = c
-        .get_bearer_token(authed(bearer("1234001"), CALLER_OPS))
+        .get_bearer_token(authed(bearer_request("1234001"), CALLER_OPS))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);

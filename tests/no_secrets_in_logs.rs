@@ -18,7 +18,6 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use payroc_broker::{
     config::LogFormat,
     logging,
-    proto::GetBearerTokenRequest,
     sim::{Fault, SimEndpoint},
 };
 use tonic::Request;
@@ -51,10 +50,9 @@ const CALLERS: &str = r#"
     rate_limit = "1/m"
 "#;
 
-fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+/// [`authed`] with a `traceparent`, so the trace paths are in the capture too.
+fn authed_traced<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = authed(msg, token);
     r.metadata_mut().insert(
         "traceparent",
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -97,18 +95,14 @@ async fn no_secret_reaches_a_log_line() {
         CALLER_OPS.into(),
     ];
 
-    let bearer = |t: &str| GetBearerTokenRequest {
-        processing_terminal_id: t.into(),
-        min_validity: None,
-    };
     let first = c
-        .get_bearer_token(authed(bearer("1234001"), CALLER_WEB))
+        .get_bearer_token(authed_traced(bearer_request("1234001"), CALLER_WEB))
         .await
         .unwrap()
         .into_inner();
     secrets.push(first.access_token);
     let s = c
-        .create_session(authed(payment("1234001"), CALLER_WEB))
+        .create_session(authed_traced(payment("1234001"), CALLER_WEB))
         .await
         .unwrap()
         .into_inner();
@@ -117,49 +111,52 @@ async fn no_secret_reaches_a_log_line() {
     // A revoked token: 401, refresh, retry.
     h.sim.revoke_tokens();
     let s = c
-        .create_session(authed(payment("1234002"), CALLER_WEB))
+        .create_session(authed_traced(payment("1234002"), CALLER_WEB))
         .await
         .unwrap()
         .into_inner();
     secrets.push(s.session_token);
     let second = c
-        .get_bearer_token(authed(bearer("1234001"), CALLER_WEB))
+        .get_bearer_token(authed_traced(bearer_request("1234001"), CALLER_WEB))
         .await
         .unwrap()
         .into_inner();
     secrets.push(second.access_token);
 
     // Failures: a rejected API key, upstream problems, a bad caller token.
-    c.get_bearer_token(authed(bearer("7777001"), CALLER_WEB))
+    c.get_bearer_token(authed_traced(bearer_request("7777001"), CALLER_WEB))
         .await
         .unwrap_err();
     h.sim
         .faults()
         .push(SimEndpoint::Sessions, Fault::status(400), 1);
-    c.create_session(authed(payment("1234001"), CALLER_WEB))
+    c.create_session(authed_traced(payment("1234001"), CALLER_WEB))
         .await
         .unwrap_err();
     h.sim
         .faults()
         .push(SimEndpoint::Sessions, Fault::malformed(), 1);
-    c.create_session(authed(payment("1234001"), CALLER_WEB))
+    c.create_session(authed_traced(payment("1234001"), CALLER_WEB))
         .await
         .unwrap_err();
-    c.get_bearer_token(authed(bearer("1234001"), "not-a-caller-token-xyz"))
-        .await
-        .unwrap_err();
+    c.get_bearer_token(authed_traced(
+        bearer_request("1234001"),
+        "not-a-caller-token-xyz",
+    ))
+    .await
+    .unwrap_err();
     secrets.push("not-a-caller-token-xyz".into());
     let g = c
-        .get_bearer_token(authed(bearer("5678001"), CALLER_WEB))
+        .get_bearer_token(authed_traced(bearer_request("5678001"), CALLER_WEB))
         .await
         .unwrap()
         .into_inner();
     secrets.push(g.access_token);
     // Rate-limited, then abandoned while Payroc is slow.
-    c.get_bearer_token(authed(bearer("1234001"), CALLER_OPS))
+    c.get_bearer_token(authed_traced(bearer_request("1234001"), CALLER_OPS))
         .await
         .unwrap();
-    c.get_bearer_token(authed(bearer("1234001"), CALLER_OPS))
+    c.get_bearer_token(authed_traced(bearer_request("1234001"), CALLER_OPS))
         .await
         .unwrap_err();
     h.sim.faults().push(
@@ -169,7 +166,7 @@ async fn no_secret_reaches_a_log_line() {
     );
     let abandoned = tokio::time::timeout(
         std::time::Duration::from_millis(200),
-        c.create_session(authed(payment("1234001"), CALLER_WEB)),
+        c.create_session(authed_traced(payment("1234001"), CALLER_WEB)),
     )
     .await;
     assert!(abandoned.is_err());
@@ -181,7 +178,7 @@ async fn no_secret_reaches_a_log_line() {
 
     // ext_authz: a token attached, then a request to another host refused.
     for host in [h.sim.addr().to_string(), "evil.example".into()] {
-        let check = authed(
+        let check = authed_traced(
             CheckRequest {
                 attributes: Some(AttributeContext {
                     request: Some(attribute_context::Request {

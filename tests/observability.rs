@@ -16,7 +16,7 @@ use std::{
 use common::*;
 use payroc_broker::{
     clock::{Clock, OsEntropy},
-    proto::{GetBearerTokenRequest, token_broker_client::TokenBrokerClient},
+    proto::token_broker_client::TokenBrokerClient,
     sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
 use serde_json::Value;
@@ -35,20 +35,6 @@ const CALLERS: &str = r#"
     rpcs = ["GetBearerToken"]
     rate_limit = "1/m"
 "#;
-
-fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
-
-fn bearer(t: &str) -> GetBearerTokenRequest {
-    GetBearerTokenRequest {
-        processing_terminal_id: t.into(),
-        min_validity: None,
-    }
-}
 
 /// The value of one series (`name{labels}` exactly as exposed).
 #[track_caller]
@@ -79,7 +65,7 @@ async fn metrics_count_real_traffic() {
     .await;
     let mut c = h.client.clone();
     for _ in 0..3 {
-        c.get_bearer_token(authed(bearer("1234001"), CALLER_WEB))
+        c.get_bearer_token(authed(bearer_request("1234001"), CALLER_WEB))
             .await
             .unwrap();
     }
@@ -96,7 +82,7 @@ async fn metrics_count_real_traffic() {
     // The key is rejected, then the broker backs off without asking again.
     for _ in 0..2 {
         let e = c
-            .get_bearer_token(authed(bearer("7777001"), CALLER_WEB))
+            .get_bearer_token(authed(bearer_request("7777001"), CALLER_WEB))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition);
@@ -107,15 +93,18 @@ async fn metrics_count_real_traffic() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = c
-        .get_bearer_token(authed(bearer("1234001"), "not-a-caller-token-xyz-0123"))
+        .get_bearer_token(authed(
+            bearer_request("1234001"),
+            "not-a-caller-token-xyz-0123",
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    c.get_bearer_token(authed(bearer("1234001"), CALLER_OPS))
+    c.get_bearer_token(authed(bearer_request("1234001"), CALLER_OPS))
         .await
         .unwrap();
     let e = c
-        .get_bearer_token(authed(bearer("1234001"), CALLER_OPS))
+        .get_bearer_token(authed(bearer_request("1234001"), CALLER_OPS))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
@@ -291,7 +280,9 @@ async fn traceparent_goes_upstream_with_the_same_trace_id() {
         r
     }
     // The bearer call starts the identity fetch; the session call sends.
-    c.get_bearer_token(traced(bearer("1234001"))).await.unwrap();
+    c.get_bearer_token(traced(bearer_request("1234001")))
+        .await
+        .unwrap();
     c.create_session(traced(payment("1234001"))).await.unwrap();
     // Untraced, and an invalid traceparent (uppercase): nothing sent.
     c.create_session(payment("1234001")).await.unwrap();
@@ -481,7 +472,7 @@ async fn rpcs_complete_while_stderr_is_blocked_and_dropped_lines_are_counted() {
     while scrape().await == 0.0 {
         assert!(calls < 5000, "no line dropped after {calls} calls");
         for _ in 0..50 {
-            let t = c.get_bearer_token(bearer("1234001")).await;
+            let t = c.get_bearer_token(bearer_request("1234001")).await;
             assert_eq!(t.unwrap().into_inner().credential, "acme");
             calls += 1;
         }
@@ -489,7 +480,7 @@ async fn rpcs_complete_while_stderr_is_blocked_and_dropped_lines_are_counted() {
     // And calls still complete, promptly, with stderr blocked for good.
     let started = tokio::time::Instant::now();
     for _ in 0..200 {
-        c.get_bearer_token(bearer("1234001")).await.unwrap();
+        c.get_bearer_token(bearer_request("1234001")).await.unwrap();
     }
     // (Each call is bounded by the channel's 5 s timeout: a call held up
     // by logging fails there.)
@@ -523,7 +514,7 @@ async fn json_lines_from_the_config_and_from_the_flag() {
     let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let mut r = Request::new(bearer("1234001"));
+    let mut r = Request::new(bearer_request("1234001"));
     r.metadata_mut().insert(
         "traceparent",
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -569,7 +560,7 @@ async fn json_lines_from_the_config_and_from_the_flag() {
     let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    c.get_bearer_token(bearer("1234001")).await.unwrap();
+    c.get_bearer_token(bearer_request("1234001")).await.unwrap();
     signal(&child.0, "-TERM");
     assert_eq!(exit_code(child).await, Some(0));
 }
@@ -590,7 +581,7 @@ async fn the_sandbox_takes_log_format_json() {
     let mut c = TokenBrokerClient::connect(format!("http://{}", v["addr"].as_str().unwrap()))
         .await
         .unwrap();
-    c.get_bearer_token(bearer("1234001")).await.unwrap();
+    c.get_bearer_token(bearer_request("1234001")).await.unwrap();
     signal(&child.0, "-TERM");
     assert_eq!(exit_code(child).await, Some(0));
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use payroc_broker::{proto::GetBearerTokenRequest, sim::SimEndpoint};
 use tokio_stream::StreamExt;
-use tonic::{Code, Request};
+use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -38,13 +38,6 @@ async fn with_callers() -> Harness {
         ..Options::default()
     })
     .await
-}
-
-fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 fn bearer_req(terminal: &str) -> GetBearerTokenRequest {

@@ -23,7 +23,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Request, Status, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -405,6 +405,22 @@ pub async fn wait_for_health(channel: &Channel, service: &str, status: ServingSt
 }
 
 /// A CreateSession request for a terminal with the payment scenario.
+/// `msg` carrying the caller token as `authorization: Bearer <token>`.
+pub fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// GetBearerToken for `terminal`, with no `min_validity`.
+pub fn bearer_request(terminal: &str) -> GetBearerTokenRequest {
+    GetBearerTokenRequest {
+        processing_terminal_id: terminal.into(),
+        min_validity: None,
+    }
+}
+
 pub fn payment(terminal: &str) -> CreateSessionRequest {
     CreateSessionRequest {
         processing_terminal_id: terminal.into(),
