@@ -10,8 +10,12 @@ use std::{
     process::{Command, Output},
 };
 
-use common::{Harness, wait_for_health};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use common::{
+    Harness,
+    pki::{Ca, Dir, Leaf},
+    wait_for_health,
+};
+use rcgen::CertificateParams;
 use tokio::net::TcpListener;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -140,33 +144,25 @@ async fn usage_errors_are_exit_2() {
     }
 }
 
-/// A CA, a server certificate for `localhost` it signed, and the PEM files.
+/// A CA, a server certificate for `localhost` it signed, and the CA's PEM
+/// file (removed with the `Pki`).
 struct Pki {
+    _dir: Dir,
     ca_file: PathBuf,
-    cert_pem: String,
-    key_pem: String,
+    server: Leaf,
 }
 
 fn pki(name: &str) -> Pki {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("payroc-broker-health-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca_file = dir.join(format!("{name}-ca.pem"));
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let ca = Ca::new(&format!("{name} test CA"));
+    // `localhost` only, not 127.0.0.1: the test checks that an address the
+    // certificate does not cover fails without `--tls-server-name`.
+    let server = ca.sign(CertificateParams::new(vec!["localhost".to_owned()]).unwrap());
+    let dir = Dir::new();
+    let ca_file = dir.write(&format!("{name}-ca.pem"), &ca.pem());
     Pki {
+        _dir: dir,
         ca_file,
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
+        server,
     }
 }
 
@@ -178,7 +174,10 @@ async fn tls_health_server(pki: &Pki) -> SocketAddr {
         .await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(&pki.cert_pem, &pki.key_pem));
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        &pki.server.cert_pem,
+        &pki.server.key_pem,
+    ));
     let router = Server::builder()
         .tls_config(tls)
         .unwrap()
