@@ -19,7 +19,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::config::RateLimit;
+use crate::{config::RateLimit, transport::limits::peer_key};
 
 /// Locks `m`, ignoring poisoning: every critical section here is a few
 /// arithmetic steps that cannot leave the data half-written.
@@ -130,24 +130,13 @@ struct PeerRecord {
     last_failure: Instant,
 }
 
-/// Peers that keep presenting wrong caller tokens. Keyed by IP address (an
-/// IPv6 peer by its /64, which one host usually owns whole), not port: a new
-/// connection does not wipe the slate.
+/// Peers that keep presenting wrong caller tokens. Keyed by the transport's
+/// [`peer_key`] (an IPv6 peer by its /64, as the connection caps count it),
+/// not port: a new connection does not wipe the slate.
 #[derive(Debug)]
 pub struct FailedPeers {
     policy: FailurePolicy,
     peers: Mutex<HashMap<IpAddr, PeerRecord>>,
-}
-
-/// The table key of a peer address.
-fn peer_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-        v4 => v4,
-    }
 }
 
 impl FailedPeers {
