@@ -22,7 +22,13 @@ use tokio::time::Instant;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::{clock::Clock, config::Rpc, error::BrokerError, metrics::Metrics, trace::TraceParent};
+use crate::{
+    clock::Clock,
+    error::BrokerError,
+    metrics::Metrics,
+    rpc::{Rpc, code_name},
+    trace::TraceParent,
+};
 
 /// The target of audit events, for log routing and filters.
 pub const TARGET: &str = "payroc_broker::audit";
@@ -206,39 +212,6 @@ pub fn fingerprint(secret: &str) -> String {
     d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The gRPC code as gRPC spells it (`OK`, `INVALID_ARGUMENT`, ...).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// The RPC a request path names: `/<package>.<Service>/<Method>`.
-pub fn rpc_of_path(path: &str) -> Option<Rpc> {
-    let method = path.rsplit('/').next()?;
-    match method {
-        // ext_authz's method is `Check`; allow lists call it `ExtAuthz`.
-        "Check" if path.starts_with("/envoy.service.auth.") => Some(Rpc::ExtAuthz),
-        m => Rpc::from_name(m).filter(|r| *r != Rpc::ExtAuthz),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,27 +234,5 @@ mod tests {
         a.terminal("1234001");
         assert_eq!(a.terminal.as_deref(), Some("1234001"));
         a.finish(Code::Ok);
-    }
-
-    #[test]
-    fn code_names_are_grpcs() {
-        assert_eq!(code_name(Code::Ok), "OK");
-        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
-        assert_eq!(code_name(Code::Unauthenticated), "UNAUTHENTICATED");
-        assert_eq!(code_name(Code::from_i32(999)), "UNKNOWN");
-    }
-
-    #[test]
-    fn paths_name_rpcs() {
-        assert_eq!(
-            rpc_of_path("/payroc.broker.v1.TokenBroker/GetBearerToken"),
-            Some(Rpc::GetBearerToken)
-        );
-        assert_eq!(
-            rpc_of_path("/envoy.service.auth.v3.Authorization/Check"),
-            Some(Rpc::ExtAuthz)
-        );
-        assert_eq!(rpc_of_path("/payroc.broker.v1.TokenBroker/ExtAuthz"), None);
-        assert_eq!(rpc_of_path("/payroc.broker.v1.TokenBroker/Nope"), None);
     }
 }

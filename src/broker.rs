@@ -13,8 +13,7 @@ use crate::{
     clock::{Clock, SharedEntropy},
     config::{Config, PayrocConfig},
     error::BrokerError,
-    metrics::Metrics,
-    payroc::{PayrocClient, Session, SessionRequest, UpstreamError},
+    payroc::{AttemptObserver, PayrocClient, Session, SessionRequest, UpstreamError},
     tokens::{BearerToken, CredentialTokens, TokenPolicy, Tokens, TokensSetup},
 };
 
@@ -70,14 +69,14 @@ impl Broker {
     /// Builds the broker for `config`. With `previous` (a reload), credentials
     /// whose name and API key are unchanged keep their cached tokens, unless
     /// a setting they fetch with changed (identity URL, timeouts, refresh
-    /// timing): a new libVersion or API URL keeps every token. Upstream
-    /// requests are counted in `metrics`.
+    /// timing): a new libVersion or API URL keeps every token. Each upstream
+    /// HTTP attempt is told to `observer`.
     pub fn new(
         config: &Config,
         clock: Clock,
         entropy: SharedEntropy,
         previous: Option<&Broker>,
-        metrics: &Arc<Metrics>,
+        observer: Arc<dyn AttemptObserver>,
     ) -> Result<Self, reqwest::Error> {
         // Token caches survive when what they fetch with is unchanged; the
         // HTTP client, when nothing in [payroc] changed; the session bulkhead,
@@ -92,7 +91,7 @@ impl Broker {
             Some(p) => Arc::clone(&p.client),
             None => Arc::new(
                 PayrocClient::new(&config.payroc, clock.clone(), Arc::clone(&entropy))?
-                    .with_metrics(Arc::clone(metrics)),
+                    .with_observer(observer),
             ),
         };
         let p = &config.payroc;

@@ -64,10 +64,11 @@ use tracing::Instrument;
 use crate::{
     audit::{Audit, Auditor},
     clock::Clock,
-    config::{IpNet, Rpc},
+    config::IpNet,
     error::BrokerError,
     identity::{Caller, peer_of},
     payroc,
+    rpc::Rpc,
     service::{State, deadline},
     trace::{self, TraceParent},
 };

@@ -49,6 +49,7 @@ pub mod payroc;
 pub mod probe;
 pub mod proto;
 pub mod reload;
+pub mod rpc;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod server;

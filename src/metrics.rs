@@ -27,19 +27,13 @@ use std::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tonic::Code;
 
-use crate::{broker::Broker, clock::Clock, config::Rpc, payroc::Endpoint};
-
-const RPCS: [Rpc; 4] = [
-    Rpc::GetBearerToken,
-    Rpc::CreateSession,
-    Rpc::WatchBearerToken,
-    Rpc::ExtAuthz,
-];
+use crate::{
+    payroc::{AttemptObserver, Endpoint},
+    rpc::{Rpc, code_name},
+};
 
 /// gRPC status codes 0..=16.
 const CODES: usize = 17;
-
-const ENDPOINTS: [Endpoint; 2] = [Endpoint::Identity, Endpoint::Sessions];
 
 /// Bucket bounds in seconds: from a cached token (well under a millisecond)
 /// to an upstream exchange with retries (seconds).
@@ -47,13 +41,35 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// What a scrape reads now rather than counts: filled in by whoever owns
+/// what it measures (the server reads the token caches and the log queue), so
+/// that the metrics know nothing of the broker.
+#[derive(Debug, Default)]
+pub struct Gauges<'a> {
+    pub credentials: Vec<CredentialGauges<'a>>,
+    /// Session requests to Payroc in flight.
+    pub sessions_in_flight: usize,
+    /// Log lines dropped since start.
+    pub log_lines_dropped: u64,
+}
+
+/// One credential's gauges.
+#[derive(Debug)]
+pub struct CredentialGauges<'a> {
+    pub name: &'a str,
+    /// Seconds until the cached token expires (0: none, or expired).
+    pub expiry_seconds: f64,
+    /// Failed identity fetches in a row.
+    pub refresh_failures: u32,
+}
+
 /// What the broker counts. One per server; cheap to share.
 pub struct Metrics {
-    rpcs: [[AtomicU64; CODES]; RPCS.len()],
-    rpc_duration: [Histogram; RPCS.len()],
+    rpcs: [[AtomicU64; CODES]; Rpc::COUNT],
+    rpc_duration: [Histogram; Rpc::COUNT],
     /// (endpoint index, HTTP status; 0 for "error") -> requests.
     upstream: Mutex<BTreeMap<(usize, u16), u64>>,
-    upstream_duration: [Histogram; ENDPOINTS.len()],
+    upstream_duration: [Histogram; Endpoint::ALL.len()],
     rate_limited: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -75,24 +91,6 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn rpc_index(rpc: Rpc) -> usize {
-    RPCS.iter().position(|r| *r == rpc).unwrap_or(0)
-}
-
-fn endpoint_index(e: Endpoint) -> usize {
-    match e {
-        Endpoint::Identity => 0,
-        Endpoint::Sessions => 1,
-    }
-}
-
-fn endpoint_label(e: Endpoint) -> &'static str {
-    match e {
-        Endpoint::Identity => "identity",
-        Endpoint::Sessions => "sessions",
-    }
-}
-
 impl Metrics {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
@@ -100,7 +98,7 @@ impl Metrics {
 
     /// One finished RPC.
     pub fn rpc(&self, rpc: Rpc, code: Code, took: Duration) {
-        let i = rpc_index(rpc);
+        let i = rpc.index();
         let c = (code as usize).min(CODES - 1);
         self.rpcs[i][c].fetch_add(1, Ordering::Relaxed);
         self.rpc_duration[i].observe(took);
@@ -108,8 +106,8 @@ impl Metrics {
 
     /// One upstream HTTP attempt: its status, or `None` when no response came
     /// (connection failure, timeout, abandoned at the caller's deadline).
-    pub fn upstream(&self, endpoint: Endpoint, status: Option<u16>, took: Duration) {
-        let e = endpoint_index(endpoint);
+    fn upstream(&self, endpoint: Endpoint, status: Option<u16>, took: Duration) {
+        let e = endpoint.index();
         *lock(&self.upstream)
             .entry((e, status.unwrap_or(0)))
             .or_default() += 1;
@@ -129,11 +127,12 @@ impl Metrics {
 
     /// RPCs counted for `rpc` with `code` so far (tests).
     pub fn rpcs_total(&self, rpc: Rpc, code: Code) -> u64 {
-        self.rpcs[rpc_index(rpc)][code as usize].load(Ordering::Relaxed)
+        self.rpcs[rpc.index()][code as usize].load(Ordering::Relaxed)
     }
 
-    /// The exposition: counters as counted, gauges read now from `broker`.
-    pub fn render(&self, broker: &Broker, clock: &Clock, log_lines_dropped: u64) -> String {
+    /// The exposition: counters as counted, and `gauges` as read now by
+    /// whoever owns what they measure.
+    pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let o = &mut out;
 
@@ -143,11 +142,11 @@ impl Metrics {
             "counter",
             "TokenBroker and ext_authz calls answered, by RPC and gRPC code.",
         );
-        for (i, rpc) in RPCS.iter().enumerate() {
+        for (i, rpc) in Rpc::ALL.iter().enumerate() {
             for (c, n) in self.rpcs[i].iter().enumerate() {
                 let n = n.load(Ordering::Relaxed);
                 if n > 0 {
-                    let code = crate::audit::code_name(Code::from_i32(c as i32));
+                    let code = code_name(Code::from_i32(c as i32));
                     let _ = writeln!(
                         o,
                         "payroc_broker_rpcs_total{{rpc=\"{}\",code=\"{code}\"}} {n}",
@@ -163,7 +162,7 @@ impl Metrics {
             "histogram",
             "Time to answer a call, by RPC.",
         );
-        for (i, rpc) in RPCS.iter().enumerate() {
+        for (i, rpc) in Rpc::ALL.iter().enumerate() {
             let labels = format!("rpc=\"{}\"", rpc.name());
             self.rpc_duration[i].render(o, "payroc_broker_rpc_duration_seconds", &labels);
         }
@@ -182,7 +181,7 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "payroc_broker_upstream_requests_total{{endpoint=\"{}\",status=\"{status}\"}} {n}",
-                endpoint_label(ENDPOINTS[*e])
+                Endpoint::ALL[*e].label()
             );
         }
 
@@ -192,24 +191,23 @@ impl Metrics {
             "histogram",
             "Time of one HTTP request to Payroc, by endpoint.",
         );
-        for (e, endpoint) in ENDPOINTS.iter().enumerate() {
-            let labels = format!("endpoint=\"{}\"", endpoint_label(*endpoint));
+        for (e, endpoint) in Endpoint::ALL.iter().enumerate() {
+            let labels = format!("endpoint=\"{}\"", endpoint.label());
             self.upstream_duration[e].render(o, "payroc_broker_upstream_duration_seconds", &labels);
         }
 
-        let now = clock.now();
         header(
             o,
             "payroc_broker_token_expiry_seconds",
             "gauge",
             "Seconds until the cached Bearer token expires (0: none, or expired).",
         );
-        for c in broker.credentials() {
-            let left = c.cached().map_or(0.0, |t| t.remaining(now).as_secs_f64());
+        for c in &gauges.credentials {
             let _ = writeln!(
                 o,
-                "payroc_broker_token_expiry_seconds{{credential=\"{}\"}} {left}",
-                escape(&c.name)
+                "payroc_broker_token_expiry_seconds{{credential=\"{}\"}} {}",
+                escape(c.name),
+                c.expiry_seconds
             );
         }
         header(
@@ -218,12 +216,12 @@ impl Metrics {
             "gauge",
             "Failed identity fetches in a row (0 after a success).",
         );
-        for c in broker.credentials() {
+        for c in &gauges.credentials {
             let _ = writeln!(
                 o,
                 "payroc_broker_token_refresh_failures{{credential=\"{}\"}} {}",
-                escape(&c.name),
-                c.consecutive_failures()
+                escape(c.name),
+                c.refresh_failures
             );
         }
 
@@ -250,7 +248,7 @@ impl Metrics {
         let _ = writeln!(
             o,
             "payroc_broker_sessions_in_flight {}",
-            broker.sessions_in_flight()
+            gauges.sessions_in_flight
         );
 
         header(
@@ -261,7 +259,8 @@ impl Metrics {
         );
         let _ = writeln!(
             o,
-            "payroc_broker_log_lines_dropped_total {log_lines_dropped}"
+            "payroc_broker_log_lines_dropped_total {}",
+            gauges.log_lines_dropped
         );
 
         header(
@@ -276,6 +275,13 @@ impl Metrics {
             env!("CARGO_PKG_VERSION")
         );
         out
+    }
+}
+
+/// The Payroc client's attempts, counted as `upstream_*`.
+impl AttemptObserver for Metrics {
+    fn attempt(&self, endpoint: Endpoint, status: Option<u16>, took: Duration) {
+        self.upstream(endpoint, status, took);
     }
 }
 

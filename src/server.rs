@@ -17,7 +17,8 @@ use crate::{
     config::Config,
     ext_authz::{self, ExtAuthzService},
     identity::{Callers, layer::Admission},
-    metrics::Metrics,
+    metrics::{CredentialGauges, Gauges, Metrics},
+    payroc::AttemptObserver,
     proto::{self, token_broker_server::TokenBrokerServer},
     service::{State, TokenBrokerService},
     tokens::TokenHealth,
@@ -102,8 +103,14 @@ pub async fn serve_with_metrics(
     reloads: impl Stream<Item = Config> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics = Metrics::new();
-    let broker = Broker::new(config, clock.clone(), Arc::clone(&entropy), None, &metrics)
-        .map_err(ServeError::Client)?;
+    let broker = Broker::new(
+        config,
+        clock.clone(),
+        Arc::clone(&entropy),
+        None,
+        Arc::clone(&metrics) as Arc<dyn AttemptObserver>,
+    )
+    .map_err(ServeError::Client)?;
     let state = Arc::new(ArcSwap::from_pointee(State {
         broker,
         callers: Callers::new(config, clock.clone(), None),
@@ -119,11 +126,8 @@ pub async fn serve_with_metrics(
         }
         let (state, metrics, clock) = (Arc::clone(&state), Arc::clone(&metrics), clock.clone());
         crate::metrics::serve(listener, move || {
-            metrics.render(
-                &state.load().broker,
-                &clock,
-                crate::logging::lines_dropped(),
-            )
+            let state = state.load();
+            metrics.render(&gauges(&state.broker, &clock))
         })
     });
 
@@ -295,7 +299,7 @@ async fn reload(
         clock.clone(),
         Arc::clone(entropy),
         Some(&current.broker),
-        metrics,
+        Arc::clone(metrics) as Arc<dyn AttemptObserver>,
     ) {
         Ok(b) => b,
         Err(e) => {
@@ -424,5 +428,24 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
         async {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// The metrics' gauges, read now: the one place that reads the broker for
+/// them.
+fn gauges<'a>(broker: &'a Broker, clock: &Clock) -> Gauges<'a> {
+    let now = clock.now();
+    Gauges {
+        credentials: broker
+            .credentials()
+            .iter()
+            .map(|c| CredentialGauges {
+                name: &c.name,
+                expiry_seconds: c.cached().map_or(0.0, |t| t.remaining(now).as_secs_f64()),
+                refresh_failures: c.consecutive_failures(),
+            })
+            .collect(),
+        sessions_in_flight: broker.sessions_in_flight(),
+        log_lines_dropped: crate::logging::lines_dropped(),
     }
 }

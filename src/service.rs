@@ -26,7 +26,6 @@ use crate::{
     audit::{Audit, Auditor},
     broker::Broker,
     clock::Clock,
-    config::Rpc,
     error::BrokerError,
     identity::{Caller, Callers, peer_of},
     payroc::SessionRequest,
@@ -34,6 +33,7 @@ use crate::{
         self, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
         GetBearerTokenResponse, WatchBearerTokenRequest,
     },
+    rpc::Rpc,
     tokens::BearerToken,
     trace::{self, TraceParent},
     validate,
@@ -144,7 +144,7 @@ impl TokenBrokerService {
     ) -> Result<Admitted, Status> {
         self.admit(metadata, extensions).map_err(|e| {
             let mut audit = self.auditor.start(
-                crate::audit::rpc_of_path(path),
+                Rpc::from_path(path),
                 peer_of(extensions).map(|p| p.remote),
                 TraceParent::from_metadata(metadata),
             );

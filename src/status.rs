@@ -179,7 +179,7 @@ fn upstream(
             };
             let mut metadata = vec![("upstream_reason", reason)];
             if let Some(endpoint) = endpoint {
-                metadata.push(("endpoint", endpoint_name(endpoint)));
+                metadata.push(("endpoint", endpoint.label()));
             }
             return broker_raised(code, message, BACKING_OFF, &metadata, retry_hint);
         }
@@ -206,7 +206,7 @@ fn upstream(
     let mut details = ErrorDetails::new();
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("status".to_owned(), status.to_string());
-    metadata.insert("endpoint".to_owned(), endpoint_name(endpoint).to_owned());
+    metadata.insert("endpoint".to_owned(), endpoint.label().to_owned());
     let reason = match &problem {
         Some(p) => {
             if let Some(t) = &p.title {
@@ -243,13 +243,6 @@ fn upstream(
         details.set_retry_info(Some(wait));
     }
     Status::with_error_details(code, message, details)
-}
-
-fn endpoint_name(endpoint: Endpoint) -> &'static str {
-    match endpoint {
-        Endpoint::Identity => "identity",
-        Endpoint::Sessions => "sessions",
-    }
 }
 
 fn truncate(s: &str) -> String {

@@ -11,42 +11,12 @@ use std::{
 use serde::{Deserialize, Deserializer};
 
 use super::{Checker, CredentialConfig, is_valid_name};
+use crate::rpc::Rpc;
 
 /// A caller token must have at least this many characters: 22 characters of
 /// base64url carry 132 bits, so a random token of this length has the 128
 /// bits an online guesser cannot exhaust.
 pub const MIN_TOKEN_CHARS: usize = 22;
-
-/// The TokenBroker RPCs, as named in caller allow lists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Rpc {
-    GetBearerToken,
-    CreateSession,
-    WatchBearerToken,
-    /// `envoy.service.auth.v3.Authorization/Check`.
-    ExtAuthz,
-}
-
-impl Rpc {
-    pub fn from_name(name: &str) -> Option<Rpc> {
-        match name {
-            "GetBearerToken" => Some(Rpc::GetBearerToken),
-            "CreateSession" => Some(Rpc::CreateSession),
-            "WatchBearerToken" => Some(Rpc::WatchBearerToken),
-            "ExtAuthz" => Some(Rpc::ExtAuthz),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Rpc::GetBearerToken => "GetBearerToken",
-            Rpc::CreateSession => "CreateSession",
-            Rpc::WatchBearerToken => "WatchBearerToken",
-            Rpc::ExtAuthz => "ExtAuthz",
-        }
-    }
-}
 
 /// An allow list: everything (`["*"]`) or the listed items.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,12 +191,7 @@ pub(super) fn check(
             }
         });
         let rpcs = allow(c, &format!("{at}.rpcs"), caller.rpcs, |r| {
-            Rpc::from_name(&r).ok_or_else(|| {
-                format!(
-                    "`{r}` is not an RPC name (GetBearerToken, CreateSession, \
-                     WatchBearerToken, ExtAuthz)"
-                )
-            })
+            Rpc::from_name(&r).ok_or_else(|| format!("`{r}` is not an RPC name ({})", Rpc::names()))
         });
         out.push(CallerConfig {
             name: caller.name,

@@ -33,7 +33,7 @@ use std::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-pub use callers::{Allow, CallerConfig, CallerIdentity, RateLimit, Rpc};
+pub use callers::{Allow, CallerConfig, CallerIdentity, RateLimit};
 pub use credentials::CredentialConfig;
 pub use env::{CapturedEnv, SecretEnv, TokenDigest};
 pub use payroc::{Environment, PayrocConfig};

@@ -6,6 +6,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 
 use super::*;
+use crate::rpc::Rpc;
 
 fn env(name: &str) -> Option<String> {
     match name {

@@ -56,8 +56,9 @@ use self::{
 };
 use crate::{
     clock::Clock,
-    config::{CallerConfig, CallerIdentity, Config, ForwardedIdentity, IpNet, Rpc},
+    config::{CallerConfig, CallerIdentity, Config, ForwardedIdentity, IpNet},
     error::BrokerError,
+    rpc::Rpc,
 };
 
 /// Who may call, and the state of their limits.

@@ -15,13 +15,12 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
-    Endpoint, SESSION_LIFETIME, UpstreamError,
+    AttemptObserver, Endpoint, SESSION_LIFETIME, UpstreamError,
     problem::Problem,
     retry::{self, RetryPolicy},
 };
 use crate::{
     clock::{Clock, SharedEntropy},
-    metrics::Metrics,
     trace::{TRACEPARENT, TraceParent},
 };
 
@@ -119,8 +118,8 @@ pub struct PayrocClient {
     identity_retry: RetryPolicy,
     clock: Clock,
     entropy: SharedEntropy,
-    /// Where each HTTP attempt is counted, when metrics are kept.
-    metrics: Option<Arc<Metrics>>,
+    /// Told of each HTTP attempt, when someone counts them.
+    observer: Option<Arc<dyn AttemptObserver>>,
 }
 
 impl PayrocClient {
@@ -151,13 +150,13 @@ impl PayrocClient {
             },
             clock,
             entropy,
-            metrics: None,
+            observer: None,
         })
     }
 
-    /// Counts every HTTP attempt (status and time) in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
+    /// Tells `observer` of every HTTP attempt (status and time).
+    pub fn with_observer(mut self, observer: Arc<dyn AttemptObserver>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -361,7 +360,7 @@ impl PayrocClient {
     /// `UpstreamError::Status` with the problem document (redacted of
     /// `secrets`) and any `Retry-After`. With `trace`, the request carries a
     /// `traceparent` of that trace with a span id of its own. Counted in the
-    /// metrics however it ends, a timeout (this future dropped) included.
+    /// observer however it ends, a timeout (this future dropped) included.
     async fn exchange(
         &self,
         endpoint: Endpoint,
@@ -373,7 +372,7 @@ impl PayrocClient {
             req = req.header(TRACEPARENT, t.child(&*self.entropy).to_string());
         }
         let mut attempt = Attempt {
-            metrics: self.metrics.as_deref(),
+            observer: self.observer.as_deref(),
             clock: &self.clock,
             endpoint,
             started: self.clock.now(),
@@ -422,10 +421,10 @@ impl PayrocClient {
     }
 }
 
-/// One HTTP attempt, counted in the metrics when it ends, however it ends:
-/// with a status, or none (`error`) if no response came.
+/// One HTTP attempt, reported to the observer when it ends, however it
+/// ends: with a status, or none if no response came.
 struct Attempt<'a> {
-    metrics: Option<&'a Metrics>,
+    observer: Option<&'a dyn AttemptObserver>,
     clock: &'a Clock,
     endpoint: Endpoint,
     started: Instant,
@@ -434,9 +433,9 @@ struct Attempt<'a> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        if let Some(m) = self.metrics {
+        if let Some(o) = self.observer {
             let took = self.clock.now().saturating_duration_since(self.started);
-            m.upstream(self.endpoint, self.status, took);
+            o.attempt(self.endpoint, self.status, took);
         }
     }
 }

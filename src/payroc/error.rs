@@ -4,13 +4,36 @@ use std::{fmt, time::Duration};
 
 use super::problem::Problem;
 
-/// Which Payroc endpoint an error came from: the same status means different
-/// things at each (a 401 from identity is a bad API key; from sessions, an
-/// expired Bearer token).
+/// Which Payroc endpoint an exchange was with: the same status means
+/// different things at each (a 401 from identity is a bad API key; from
+/// sessions, an expired Bearer token).
+///
+/// The one list of upstream endpoints: metrics size their arrays by
+/// [`Endpoint::ALL`] and label with [`Endpoint::label`]; adding one is a
+/// variant here, its entry in `ALL`, and the exhaustive matches the compiler
+/// then points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Identity,
     Sessions,
+}
+
+impl Endpoint {
+    /// Every endpoint, in declaration order (`ALL[e as usize] == e`).
+    pub const ALL: [Endpoint; 2] = [Endpoint::Identity, Endpoint::Sessions];
+
+    /// The `endpoint` label of the upstream metrics and status details.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Endpoint::Identity => "identity",
+            Endpoint::Sessions => "sessions",
+        }
+    }
+
+    /// Position in [`Endpoint::ALL`]: an index into per-endpoint arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl fmt::Display for Endpoint {
@@ -105,3 +128,15 @@ impl fmt::Display for UpstreamError {
 }
 
 impl std::error::Error for UpstreamError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_is_indexed_in_order() {
+        for (i, e) in Endpoint::ALL.iter().enumerate() {
+            assert_eq!(e.index(), i);
+        }
+    }
+}

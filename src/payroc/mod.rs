@@ -3,10 +3,12 @@
 //! problem-document parsing and one retry policy for both.
 //!
 //! This module knows HTTP and Payroc's rules; it knows nothing of caching,
-//! callers or gRPC.
+//! callers, metrics or gRPC. Whoever counts its exchanges hands it an
+//! [`AttemptObserver`].
 
 mod client;
 mod error;
+mod observe;
 mod problem;
 mod retry;
 
@@ -15,6 +17,7 @@ pub use client::{
     SessionRequest, Settings,
 };
 pub use error::{Endpoint, UpstreamError};
+pub use observe::AttemptObserver;
 pub use problem::{Problem, ProblemField};
 pub use retry::RetryPolicy;
 
