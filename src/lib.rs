@@ -5,32 +5,21 @@
 //! shares one refreshed Bearer token per key across every caller, and never
 //! lets a secret reach a log or an error.
 //!
-//! Layout (data flows down):
+//! Layers (data flows down): a module uses only modules of its own layer or
+//! below, and no two modules import each other. `.ci/lib/check_layers.py`
+//! reads this table and fails CI on an upward import or a cycle.
 //!
-//! | module | what it is for |
-//! |---|---|
-//! | [`config`] | parse and validate the TOML file; secrets resolved |
-//! | [`payroc`] | HTTP client for Payroc: identity, sessions, problem documents, retries |
-//! | [`cell`] | the single-flight cell: one shared value, one load at a time, lock-free reads |
-//! | [`tokens`] | per-credential Bearer token cache: refresh-ahead, floor, invalidation |
-//! | [`broker`] | domain logic: terminal -> credential, the 401 refresh-and-retry |
-//! | [`identity`] | who is calling: certificates, forwarded identities, tokens; allow lists and per-caller limits |
-//! | [`validate`] | request validation: proto messages in, domain values or field violations out |
-//! | [`service`] | gRPC handlers: authenticate, validate, call the broker, proto conversion |
-//! | [`ext_authz`] | Envoy's external authorization: attach a Bearer token to requests bound for Payroc |
-//! | [`error`], [`status`] | the error enum, and its one mapping to `tonic::Status` |
-//! | [`server`] | assembly: health, reflection, graceful shutdown |
-//! | [`reload`], [`file_watch`] | when `serve` reloads: SIGHUP, or a changed config, key or TLS file |
-//! | [`audit`] | one audit event per call, and the RPC metrics |
-//! | [`metrics`] | Prometheus counters, gauges read at scrape time, `/metrics` |
-//! | [`logging`] | text or JSON log lines through a bounded queue, never blocking |
-//! | [`trace`] | W3C `traceparent`: kept for the RPC, passed on to Payroc |
-//! | [`transport`] | the port: accept loop, TLS and reload, connection and request limits |
-//! | `sim` | the simulated Payroc, for the sandbox and the tests (feature `sandbox`) |
-//! | [`probe`] | `payroc-broker health`: one gRPC health check, as an exit status |
-//! | `sandbox` | the broker wired to the simulator, for trying it out (feature `sandbox`) |
-//! | [`clock`] | injected time and randomness |
-//! | [`proto`] | generated code, quarantined |
+//! | layer | module | what it is for |
+//! |---|---|---|
+//! | 8 | [`server`], [`reload`], [`file_watch`], [`probe`], `sandbox`, `sim`, `fuzzing` | assembly and the CLI's policy: serve, reload, health probe, sandbox |
+//! | 7 | [`service`], [`ext_authz`], [`validate`], [`status`] | the gRPC edge: handlers, request validation, the one mapping to `tonic::Status` |
+//! | 6 | [`audit`], [`metrics`], [`logging`] | what the broker tells operators: audit events, Prometheus metrics, log lines |
+//! | 5 | [`identity`] | who is calling: certificates, forwarded identities, tokens; allow lists and per-caller limits |
+//! | 4 | [`transport`] | the port: accept loop, TLS and reload, connection and request limits |
+//! | 3 | [`broker`], [`tokens`], [`cell`], [`error`] | the domain: terminal -> credential, the shared token caches, the error enum |
+//! | 2 | [`config`] | parse and validate the TOML file; secrets resolved |
+//! | 1 | [`payroc`] | HTTP client for Payroc: identity, sessions, problem documents, retries |
+//! | 0 | [`clock`], [`rpc`], [`trace`], [`proto`] | injected time and randomness, the list of RPCs, W3C `traceparent`, generated code |
 
 pub mod audit;
 pub mod broker;

@@ -3,7 +3,7 @@
 //!
 //! A call's name is the same word everywhere it appears: in a caller's `rpcs`
 //! allow list, in the `rpc` label of the metrics and in the `rpc` field of
-//! the audit event. Adding a call is one line in [`rpcs!`] below; every
+//! the audit event. Adding a call is one line in the `rpcs!` table below; every
 //! `match` on [`Rpc`] elsewhere (the handlers, the metrics' arrays sized by
 //! [`Rpc::COUNT`]) then fails to compile until it is served.
 //!
