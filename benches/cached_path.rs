@@ -23,6 +23,7 @@ use std::{
 };
 
 use payroc_broker::{
+    app::server,
     clock::{Clock, OsEntropy, SharedEntropy},
     config::Config,
     proto::{
@@ -30,7 +31,6 @@ use payroc_broker::{
         token_broker_client::TokenBrokerClient,
         token_broker_server::{TokenBroker, TokenBrokerServer},
     },
-    server,
     sim::{SimAccount, SimConfig, SimPayroc},
 };
 use tokio::net::TcpListener;
@@ -53,7 +53,7 @@ impl TokenBroker for Noop {
     ) -> Result<Response<CreateSessionResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    type WatchBearerTokenStream = payroc_broker::service::WatchStream;
+    type WatchBearerTokenStream = tokio_stream::Empty<Result<GetBearerTokenResponse, Status>>;
     async fn watch_bearer_token(
         &self,
         _: Request<payroc_broker::proto::WatchBearerTokenRequest>,

@@ -171,7 +171,7 @@ async fn main() {
     let mut cmd = Command::new(&a.broker);
     cmd.args(["serve", "--allow-unauthenticated", "--config"])
         .arg(&config_path)
-        .env("RUST_LOG", "warn,payroc_broker::server=info")
+        .env("RUST_LOG", "warn,payroc_broker::app::server=info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -12,7 +12,7 @@ use tonic::Status;
 
 use crate::{
     config::Config,
-    error::BrokerError,
+    domain::error::BrokerError,
     payroc::{Endpoint, Problem, UpstreamError},
 };
 
@@ -107,12 +107,12 @@ pub fn config_file(data: &[u8]) {
 pub fn request_validation(data: &[u8]) {
     use prost::Message;
 
-    use crate::{proto, validate};
+    use crate::{api::validate, proto};
 
     let Some((&selector, wire)) = data.split_first() else {
         return;
     };
-    let known = |fields: &[crate::error::FieldViolation]| {
+    let known = |fields: &[crate::domain::error::FieldViolation]| {
         assert!(!fields.is_empty(), "refused without a field violation");
         for f in fields {
             assert!(
@@ -166,7 +166,7 @@ pub fn request_validation(data: &[u8]) {
 /// quoting, it parses to the same elements), and the SPIFFE IDs believed are
 /// exactly the `URI=` values of the last element.
 pub fn xfcc(data: &[u8]) {
-    use crate::identity::forwarded::{XfccElement, parse_xfcc, xfcc_last_uris};
+    use crate::access::forwarded::{XfccElement, parse_xfcc, xfcc_last_uris};
 
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -206,7 +206,7 @@ pub fn xfcc(data: &[u8]) {
             .join(",")
     }
     let written = write(&elements);
-    if written.len() <= crate::identity::forwarded::MAX_XFCC_LEN {
+    if written.len() <= crate::access::forwarded::MAX_XFCC_LEN {
         assert_eq!(
             parse_xfcc(&written).as_ref(),
             Ok(&elements),

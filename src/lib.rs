@@ -11,42 +11,33 @@
 //!
 //! | layer | module | what it is for |
 //! |---|---|---|
-//! | 8 | [`server`], [`reload`], [`file_watch`], [`probe`], `sandbox`, `sim`, `fuzzing` | assembly and the CLI's policy: serve, reload, health probe, sandbox |
-//! | 7 | [`service`], [`ext_authz`], [`validate`], [`status`] | the gRPC edge: handlers, request validation, the one mapping to `tonic::Status` |
-//! | 6 | [`audit`], [`metrics`], [`logging`] | what the broker tells operators: audit events, Prometheus metrics, log lines |
-//! | 5 | [`identity`] | who is calling: certificates, forwarded identities, tokens; allow lists and per-caller limits |
+//! | 8 | [`app`], `sim`, `fuzzing` | assembly and the CLI's policy: serve, reload, health probe, sandbox |
+//! | 7 | [`api`] | the gRPC edge: handlers, request validation, the one mapping to `tonic::Status` |
+//! | 6 | [`obs`] | what operators see: audit events, Prometheus metrics, log lines |
+//! | 5 | [`access`] | who is calling: certificates, forwarded identities, tokens; allow lists and per-caller limits |
 //! | 4 | [`transport`] | the port: accept loop, TLS and reload, connection and request limits |
-//! | 3 | [`broker`], [`tokens`], [`cell`], [`error`] | the domain: terminal -> credential, the shared token caches, the error enum |
+//! | 3 | [`domain`] | terminal -> credential, the shared token caches, sessions, the error enum |
 //! | 2 | [`config`] | parse and validate the TOML file; secrets resolved |
 //! | 1 | [`payroc`] | HTTP client for Payroc: identity, sessions, problem documents, retries |
 //! | 0 | [`clock`], [`rpc`], [`trace`], [`proto`] | injected time and randomness, the list of RPCs, W3C `traceparent`, generated code |
+//!
+//! `trace` sits at the bottom rather than with observability: the Payroc
+//! client sends the caller's `traceparent` upstream, so the value type must
+//! be below it.
 
-pub mod audit;
-pub mod broker;
-pub mod cell;
+pub(crate) mod access;
+pub(crate) mod api;
+pub mod app;
 pub mod clock;
 pub mod config;
-pub mod error;
-pub mod ext_authz;
-pub mod file_watch;
+pub(crate) mod domain;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod identity;
-pub mod logging;
-pub mod metrics;
-pub mod payroc;
-pub mod probe;
+pub mod obs;
+pub(crate) mod payroc;
 pub mod proto;
-pub mod reload;
-pub mod rpc;
-#[cfg(feature = "sandbox")]
-pub mod sandbox;
-pub mod server;
-pub mod service;
+pub(crate) mod rpc;
 #[cfg(feature = "sandbox")]
 pub mod sim;
-pub mod status;
-pub mod tokens;
-pub mod trace;
+pub(crate) mod trace;
 pub mod transport;
-pub mod validate;

@@ -9,11 +9,13 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use payroc_broker::{
+    app::probe::{self, Probe},
+    app::reload,
+    app::server,
     clock::{Clock, OsEntropy, SharedEntropy},
     config::{self, CONFIG_ENV, CapturedEnv, Config, LogFormat},
-    logging,
-    probe::{self, Probe},
-    reload, server, transport,
+    obs::logging,
+    transport,
 };
 use tokio::net::TcpListener;
 
@@ -219,7 +221,7 @@ fn main() -> ExitCode {
 
 /// The running simulator of `sandbox`, kept alive while serving.
 #[cfg(feature = "sandbox")]
-type SandboxHandle = payroc_broker::sandbox::Sandbox;
+type SandboxHandle = payroc_broker::app::sandbox::Sandbox;
 /// Built without the simulator: there never is one.
 #[cfg(not(feature = "sandbox"))]
 type SandboxHandle = std::convert::Infallible;

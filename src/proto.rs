@@ -1,5 +1,5 @@
 //! Generated protobuf and gRPC code, quarantined here. The rest of the crate
-//! converts to domain types at the edge (`service`), so regenerated code never
+//! converts to domain types at the edge (`api`), so regenerated code never
 //! leaks into logic.
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -18,9 +18,9 @@ use std::{
 
 use common::*;
 use payroc_broker::{
-    audit::fingerprint,
     config::LogFormat,
-    logging,
+    obs::audit::fingerprint,
+    obs::logging,
     proto::{CreateSessionRequest, Scenario},
     sim::{Fault, SimEndpoint},
 };
@@ -458,7 +458,7 @@ async fn every_outcome_is_audited_once_with_every_field() {
     let events = logs.events.0.lock().unwrap().clone();
     let service_info: Vec<_> = events
         .iter()
-        .filter(|e| e.level <= Level::INFO && e.target.starts_with("payroc_broker::service"))
+        .filter(|e| e.level <= Level::INFO && e.target.starts_with("payroc_broker::api"))
         .collect();
     assert!(service_info.is_empty(), "{service_info:#?}");
 

@@ -638,9 +638,9 @@ async fn the_sandbox_prints_a_check_that_works() {
     use std::sync::Arc;
 
     use payroc_broker::{
+        app::sandbox::Sandbox,
+        app::server,
         clock::{Clock, OsEntropy, SharedEntropy},
-        sandbox::Sandbox,
-        server,
     };
     let entropy: SharedEntropy = Arc::new(OsEntropy);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

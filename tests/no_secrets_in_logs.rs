@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use payroc_broker::{
     config::LogFormat,
-    logging,
+    obs::logging,
     sim::{Fault, SimEndpoint},
 };
 use tonic::Request;

@@ -508,7 +508,7 @@ async fn json_lines_from_the_config_and_from_the_flag() {
     let v: Value = serde_json::from_str(&line).expect("a JSON line");
     let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
     assert_eq!(v["level"], "INFO");
-    assert_eq!(v["target"], "payroc_broker::server");
+    assert_eq!(v["target"], "payroc_broker::app::server");
     assert_eq!(v["message"], "payroc-broker serving");
     assert!(v["timestamp"].is_string());
     let mut c = TokenBrokerClient::connect(format!("http://{addr}"))

@@ -9,17 +9,15 @@
 mod client;
 mod error;
 mod observe;
-mod problem;
+pub(crate) mod problem;
 mod retry;
 
 pub use client::{
-    IdentityToken, MAX_EXPIRES_IN, PayrocClient, PreparedSession, Scenario, Session,
-    SessionRequest, Settings,
+    IdentityToken, MAX_EXPIRES_IN, PayrocClient, Scenario, Session, SessionRequest, Settings,
 };
 pub use error::{Endpoint, UpstreamError};
 pub use observe::AttemptObserver;
-pub use problem::{Problem, ProblemField};
-pub use retry::RetryPolicy;
+pub use problem::Problem;
 
 /// A session token lives 10 minutes (Payroc's documentation); used when a
 /// response omits `expiresAt`, as the official SDKs allow.

@@ -26,7 +26,7 @@ use super::{
     PeerInfo,
     limits::{ActiveRequest, Activity, RefusalLog},
 };
-use crate::{clock::Clock, error::BrokerError};
+use crate::{clock::Clock, domain::error::BrokerError};
 
 /// What every connection's service shares.
 #[derive(Clone)]

@@ -8,13 +8,13 @@ pub mod pki;
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use payroc_broker::{
+    app::server::{self, ServeError},
     clock::{Clock, OsEntropy, SharedEntropy},
     config::Config,
     proto::{
         CreateSessionRequest, GetBearerTokenRequest, Scenario,
         token_broker_client::TokenBrokerClient,
     },
-    server::{self, ServeError},
     sim::{SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
 use tokio::{

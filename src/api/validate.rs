@@ -10,7 +10,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::{
-    error::FieldViolation,
+    domain::error::FieldViolation,
     payroc::{self, Scenario},
     proto,
 };

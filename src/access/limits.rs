@@ -200,12 +200,9 @@ impl FailedPeers {
     }
 
     /// Peers remembered (tests).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         lock(&self.peers).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

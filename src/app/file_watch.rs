@@ -1,6 +1,6 @@
 //! Noticing that files changed, by comparing what `stat` says about them
 //! between two looks. Only the mechanism: when to look and what to do about a
-//! change is the caller's (see [`crate::reload`]).
+//! change is the caller's (see [`crate::app::reload`]).
 //!
 //! Polled rather than watched with inotify (the `notify` crate): Kubernetes
 //! updates a Secret or ConfigMap volume by writing a new directory and

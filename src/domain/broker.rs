@@ -2,7 +2,7 @@
 //! tokens from the shared cache, and session tokens with the one
 //! refresh-and-retry on a 401.
 //!
-//! It speaks domain types and [`BrokerError`]; gRPC lives in `service`.
+//! It speaks domain types and [`BrokerError`]; gRPC lives in `api`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,9 +12,9 @@ use uuid::Uuid;
 use crate::{
     clock::{Clock, SharedEntropy},
     config::{Config, PayrocConfig},
-    error::BrokerError,
+    domain::error::BrokerError,
+    domain::tokens::{BearerToken, CredentialTokens, TokenPolicy, Tokens, TokensSetup},
     payroc::{AttemptObserver, PayrocClient, Session, SessionRequest, UpstreamError},
-    tokens::{BearerToken, CredentialTokens, TokenPolicy, Tokens, TokensSetup},
 };
 
 /// A credential's token cache backed by Payroc.

@@ -11,17 +11,17 @@ use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    audit::Auditor,
-    broker::Broker,
+    access::{Callers, layer::Admission},
+    api::ext_authz::{self, ExtAuthzService},
+    api::token_broker::{State, TokenBrokerService},
     clock::{Clock, SharedEntropy},
     config::Config,
-    ext_authz::{self, ExtAuthzService},
-    identity::{Callers, layer::Admission},
-    metrics::{CredentialGauges, Gauges, Metrics},
+    domain::broker::Broker,
+    domain::tokens::TokenHealth,
+    obs::audit::Auditor,
+    obs::metrics::{CredentialGauges, Gauges, Metrics},
     payroc::AttemptObserver,
     proto::{self, token_broker_server::TokenBrokerServer},
-    service::{State, TokenBrokerService},
-    tokens::TokenHealth,
     transport::{Transport, tls::TlsError},
 };
 
@@ -125,7 +125,7 @@ pub async fn serve_with_metrics(
             tracing::info!(%addr, "metrics serving on /metrics");
         }
         let (state, metrics, clock) = (Arc::clone(&state), Arc::clone(&metrics), clock.clone());
-        crate::metrics::serve(listener, move || {
+        crate::obs::metrics::serve(listener, move || {
             let state = state.load();
             metrics.render(&gauges(&state.broker, &clock))
         })
@@ -446,6 +446,6 @@ fn gauges<'a>(broker: &'a Broker, clock: &Clock) -> Gauges<'a> {
             })
             .collect(),
         sessions_in_flight: broker.sessions_in_flight(),
-        log_lines_dropped: crate::logging::lines_dropped(),
+        log_lines_dropped: crate::obs::logging::lines_dropped(),
     }
 }

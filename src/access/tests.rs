@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use tonic::metadata::MetadataMap;
 
-use super::*;
+use super::{peer::PeerCert, *};
 use crate::config::{Allow, RateLimit, sha256};
 
 const WEB_TOKEN: &str = "web-token-2c8f0e6a9d41b7c3";

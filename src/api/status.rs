@@ -13,7 +13,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
-    error::BrokerError,
+    domain::error::BrokerError,
     payroc::{Endpoint, UpstreamError},
 };
 
@@ -262,8 +262,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        error::FieldViolation,
-        payroc::{Problem, ProblemField},
+        domain::error::FieldViolation,
+        payroc::{Problem, problem::ProblemField},
     };
 
     fn upstream_status(endpoint: Endpoint, status: u16, problem: Option<Problem>) -> Status {

@@ -62,19 +62,16 @@ use url::{Host, Url};
 use tracing::Instrument;
 
 use crate::{
-    audit::{Audit, Auditor},
+    access::{Caller, peer_of},
+    api::token_broker::{State, deadline},
     clock::Clock,
     config::IpNet,
-    error::BrokerError,
-    identity::{Caller, peer_of},
+    domain::error::BrokerError,
+    obs::audit::{Audit, Auditor},
     payroc,
     rpc::Rpc,
-    service::{State, deadline},
     trace::{self, TraceParent},
 };
-
-/// The fully qualified service name, for logs and health checks.
-pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 
 /// The request header naming the terminal when the path does not.
 pub const TERMINAL_HEADER: &str = "x-payroc-processing-terminal-id";
@@ -124,7 +121,7 @@ impl Denial {
     }
 
     /// The denial for a broker error: the gRPC status comes from the one
-    /// mapping (`crate::status`), with its message and `RetryInfo`; the HTTP
+    /// mapping (`crate::api::status`), with its message and `RetryInfo`; the HTTP
     /// status is the contract's for ext_authz.
     fn from_error(e: BrokerError) -> Self {
         let (http, code) = match &e {

@@ -46,10 +46,7 @@ use std::{fmt, sync::Arc};
 use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tonic::metadata::MetadataMap;
 
-pub use self::{
-    forwarded::{XfccElement, XfccError, parse_xfcc},
-    peer::{PeerCert, PeerInfo, peer_of},
-};
+pub use self::peer::{PeerInfo, peer_of};
 use self::{
     limits::{FailedPeers, FailurePolicy, RateBucket, SessionQuota},
     token::Presented,
@@ -57,7 +54,7 @@ use self::{
 use crate::{
     clock::Clock,
     config::{CallerConfig, CallerIdentity, Config, ForwardedIdentity, IpNet},
-    error::BrokerError,
+    domain::error::BrokerError,
     rpc::Rpc,
 };
 
@@ -197,6 +194,7 @@ impl Callers {
     }
 
     /// Whether anyone may call without identifying themselves.
+    #[cfg(test)]
     pub fn is_open(&self) -> bool {
         self.known.is_none()
     }
@@ -400,7 +398,7 @@ impl Caller {
             return Ok(());
         };
         // A refusal is counted in payroc_broker_caller_rate_limited_total by
-        // the audit (`crate::audit`), which sees every error.
+        // the audit (`crate::obs::audit`), which sees every error.
         bucket
             .take(now)
             .map_err(|retry_in| BrokerError::CallerRateLimited {

@@ -1,12 +1,12 @@
 //! The `TokenBroker` gRPC service: authenticate, validate, call the broker,
-//! convert to proto types. Errors become statuses in `crate::status` only.
+//! convert to proto types. Errors become statuses in `crate::api::status` only.
 //!
 //! Identification and the rate limit run on the request headers, before the
 //! body is read, in [`TokenBrokerService::admission`] (called by
-//! `identity::layer::Admission` in front of the service); handlers take the
+//! `access::layer::Admission` in front of the service); handlers take the
 //! result from the request's extensions with [`TokenBrokerService::admitted`].
 //!
-//! Every call is audited once ([`crate::audit`]): by the admission when it
+//! Every call is audited once ([`crate::obs::audit`]): by the admission when it
 //! refuses the call, otherwise by the handler's wrapper in the trait impl,
 //! which also runs the handler in the call's span and trace scope.
 
@@ -23,20 +23,20 @@ use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
 use tracing::Instrument;
 
 use crate::{
-    audit::{Audit, Auditor},
-    broker::Broker,
+    access::{Caller, Callers, peer_of},
+    api::validate,
     clock::Clock,
-    error::BrokerError,
-    identity::{Caller, Callers, peer_of},
+    domain::broker::Broker,
+    domain::error::BrokerError,
+    domain::tokens::BearerToken,
+    obs::audit::{Audit, Auditor},
     payroc::SessionRequest,
     proto::{
         self, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
         GetBearerTokenResponse, WatchBearerTokenRequest,
     },
     rpc::Rpc,
-    tokens::BearerToken,
     trace::{self, TraceParent},
-    validate,
 };
 
 /// Tokens a WatchBearerToken stream holds for a client that has not read
@@ -93,7 +93,7 @@ struct BearerChecked {
     state: Arc<State>,
     caller: Caller,
     query: validate::BearerQuery,
-    credential: Arc<crate::broker::Credential>,
+    credential: Arc<crate::domain::broker::Credential>,
 }
 
 impl TokenBrokerService {
@@ -382,7 +382,7 @@ struct Watcher {
     /// away stops receiving tokens.
     caller: Caller,
     terminal: String,
-    credential: Arc<crate::broker::Credential>,
+    credential: Arc<crate::domain::broker::Credential>,
     changes: watch::Receiver<Option<Arc<BearerToken>>>,
     last: Arc<BearerToken>,
     min_validity: Duration,

@@ -18,7 +18,7 @@ use std::{
 use futures_util::{Stream, StreamExt};
 use tokio::time::{Interval, MissedTickBehavior};
 
-use crate::{config::Config, file_watch::FileWatch};
+use crate::{app::file_watch::FileWatch, config::Config};
 
 /// How often `serve` looks at its files unless told otherwise.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(5);
@@ -127,7 +127,7 @@ mod tests {
     use tokio::time::{Instant, timeout};
 
     use super::*;
-    use crate::file_watch::tests::{Scratch, SecretVolume};
+    use crate::app::file_watch::tests::{Scratch, SecretVolume};
 
     const POLL: Duration = Duration::from_secs(5);
 

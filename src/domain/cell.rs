@@ -90,6 +90,7 @@ where
     }
 
     /// How many loads have been started (for tests and metrics).
+    #[cfg(test)]
     pub fn loads_started(&self) -> u64 {
         self.loads.load(Ordering::Relaxed)
     }

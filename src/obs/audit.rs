@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use crate::{
     clock::Clock,
-    error::BrokerError,
-    metrics::Metrics,
+    domain::error::BrokerError,
+    obs::metrics::Metrics,
     rpc::{Rpc, code_name},
     trace::TraceParent,
 };

@@ -1,11 +1,11 @@
 //! The broker's error type: every way an RPC can fail, as data.
 //!
-//! Handlers return `BrokerError`; `crate::status` turns it into a
+//! Handlers return `BrokerError`; `crate::api::status` turns it into a
 //! `tonic::Status` in exactly one place.
 
 use std::time::Duration;
 
-use crate::{payroc::UpstreamError, tokens::TokenError};
+use crate::{domain::tokens::TokenError, payroc::UpstreamError};
 
 /// One invalid request field, named by its proto name.
 #[derive(Debug, Clone, PartialEq, Eq)]

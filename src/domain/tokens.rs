@@ -29,9 +29,9 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
 
 use crate::{
-    cell::{Flight, FlightError, SingleFlight},
     clock::{Clock, SharedEntropy},
     config::CredentialConfig,
+    domain::cell::{Flight, FlightError, SingleFlight},
     payroc::{Endpoint, IdentityToken, MAX_EXPIRES_IN, PayrocClient, UpstreamError},
 };
 
@@ -134,6 +134,7 @@ pub struct TokenPolicy {
 }
 
 impl TokenPolicy {
+    #[cfg(test)]
     pub fn new(refresh_before_expiry: Duration, floor: Duration) -> Self {
         Self {
             refresh_before_expiry,
@@ -415,6 +416,7 @@ impl<S: TokenSource> CredentialTokens<S> {
     }
 
     /// Identity requests started so far.
+    #[cfg(test)]
     pub fn loads_started(&self) -> u64 {
         self.inner.cell.loads_started()
     }
