@@ -15,6 +15,11 @@
 //!    proves itself);
 //! 3. `authorization: Bearer <token>`, by SHA-256 digest in constant time.
 //!
+//! That order is [`Source::GRPC`], one slice of the one list of identity
+//! sources ([`source`]); ext_authz tries Envoy's principal first
+//! ([`Source::EXT_AUTHZ`]) and is otherwise identified the same way, with the
+//! same `trusted_proxies`.
+//!
 //! Nothing matched: UNAUTHENTICATED. Two `authorization` entries are refused
 //! whatever else the call carries.
 //!
@@ -39,6 +44,7 @@ pub mod forwarded;
 pub mod layer;
 pub mod limits;
 pub mod peer;
+pub mod source;
 pub mod token;
 
 use std::{fmt, sync::Arc};
@@ -46,10 +52,13 @@ use std::{fmt, sync::Arc};
 use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tonic::metadata::MetadataMap;
 
-pub use self::peer::{PeerInfo, peer_of};
 use self::{
     limits::{FailedPeers, FailurePolicy, RateBucket, SessionQuota},
     token::Presented,
+};
+pub use self::{
+    peer::{PeerInfo, peer_of},
+    source::{Evidence, Source},
 };
 use crate::{
     clock::Clock,
@@ -199,12 +208,23 @@ impl Callers {
         self.known.is_none()
     }
 
-    /// Identifies the caller of a request from its metadata and connection,
-    /// in the contract's order (see the module documentation).
+    /// Identifies the caller of a gRPC call from its metadata and
+    /// connection, in the contract's order (see the module documentation).
+    #[cfg(test)]
     pub fn identify(
         &self,
         metadata: &MetadataMap,
         peer: Option<&PeerInfo>,
+    ) -> Result<Caller, BrokerError> {
+        self.identify_with(Source::GRPC, &Evidence::grpc(metadata, peer))
+    }
+
+    /// Identifies the caller by trying `sources` in order: the first that
+    /// names a caller, or refuses, decides.
+    pub fn identify_with(
+        &self,
+        sources: &[Source],
+        evidence: &Evidence<'_>,
     ) -> Result<Caller, BrokerError> {
         let Some(known) = &self.known else {
             return Ok(Caller {
@@ -212,32 +232,71 @@ impl Callers {
                 via: Via::Open,
             });
         };
-        let presented = token::presented(metadata);
-        if presented == Presented::Several {
+        // Refused whatever else the call carries: which of two tokens would
+        // be the caller's is not for the broker to guess.
+        if token::presented(evidence.metadata) == Presented::Several {
             return Err(BrokerError::Unauthenticated(
                 "more than one `authorization` entry",
             ));
         }
-        let found = |k: &Arc<Known>, via| Caller {
-            known: Some(Arc::clone(k)),
-            via,
-        };
-        // (1) A verified client certificate decides alone.
-        if let Some(cert) = peer.and_then(|p| p.cert.as_deref()) {
-            return known
-                .iter()
-                .find(|k| cert::names(&k.config.identity, cert))
-                .map(|k| found(k, Via::Certificate))
-                .ok_or(BrokerError::Unauthenticated(
-                    "the client certificate names no configured caller",
-                ));
+        for source in sources {
+            if let Some((k, via)) = self.try_source(*source, known, evidence)? {
+                return Ok(Caller {
+                    known: Some(Arc::clone(k)),
+                    via,
+                });
+            }
         }
-        // (2) A forwarded identity from a trusted proxy.
-        if let Some(k) = self.forwarded_caller(known, metadata, peer)? {
-            return Ok(found(k, Via::ForwardedIdentity));
+        Err(BrokerError::Unauthenticated(NO_IDENTITY))
+    }
+
+    /// What one source says: a caller, nothing (try the next), or a refusal.
+    fn try_source<'k>(
+        &'k self,
+        source: Source,
+        known: &'k [Arc<Known>],
+        evidence: &Evidence<'_>,
+    ) -> Result<Option<(&'k Arc<Known>, Via)>, BrokerError> {
+        let peer = evidence.peer;
+        match source {
+            Source::EnvoyPrincipal => {
+                let trusted = peer.is_some_and(|p| self.trusts(p));
+                Ok(evidence
+                    .envoy_principal
+                    .filter(|_| trusted)
+                    .and_then(|id| {
+                        known
+                            .iter()
+                            .find(|k| cert::is_spiffe_id(&k.config.identity, id))
+                    })
+                    .map(|k| (k, Via::ForwardedIdentity)))
+            }
+            // A verified client certificate decides alone.
+            Source::Certificate => match peer.and_then(|p| p.cert.as_deref()) {
+                None => Ok(None),
+                Some(cert) => known
+                    .iter()
+                    .find(|k| cert::names(&k.config.identity, cert))
+                    .map(|k| Some((k, Via::Certificate)))
+                    .ok_or(BrokerError::Unauthenticated(
+                        "the client certificate names no configured caller",
+                    )),
+            },
+            Source::Forwarded => Ok(self
+                .forwarded_caller(known, evidence.metadata, peer)?
+                .map(|k| (k, Via::ForwardedIdentity))),
+            Source::Token => self.token_caller(evidence.metadata, peer).map(Some),
         }
-        // (3) A caller token.
-        let token = match presented {
+    }
+
+    /// The caller whose token the call presents. Peers that keep presenting
+    /// wrong tokens are refused for a while without their token being read.
+    fn token_caller(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+    ) -> Result<(&Arc<Known>, Via), BrokerError> {
+        let token = match token::presented(metadata) {
             Presented::Nothing => return Err(BrokerError::Unauthenticated(NO_IDENTITY)),
             Presented::Token(t) => Some(t),
             Presented::Malformed | Presented::Several => None,
@@ -254,7 +313,7 @@ impl Callers {
             ));
         };
         match token::find(token, self.tokens.iter().map(|(d, _)| d)) {
-            Some(i) => Ok(found(&self.tokens[i].1, Via::Token)),
+            Some(i) => Ok((&self.tokens[i].1, Via::Token)),
             None => {
                 self.failed(ip, now);
                 Err(BrokerError::Unauthenticated("unknown caller token"))
@@ -262,18 +321,12 @@ impl Callers {
         }
     }
 
-    /// The caller whose `spiffe_id` is `id`: for ext_authz, where Envoy names
-    /// the downstream workload in `attributes.source.principal`. `None` in
-    /// open mode and for unknown IDs.
-    pub fn by_spiffe_id(&self, id: &str) -> Option<Caller> {
-        self.known
-            .as_ref()?
+    /// Whether the peer is one of `trusted_proxies`, whose forwarded
+    /// identities (and Envoy principals) are believed.
+    fn trusts(&self, peer: &PeerInfo) -> bool {
+        self.trusted_proxies
             .iter()
-            .find(|k| cert::is_spiffe_id(&k.config.identity, id))
-            .map(|k| Caller {
-                known: Some(Arc::clone(k)),
-                via: Via::ForwardedIdentity,
-            })
+            .any(|n| n.contains(peer.remote.ip()))
     }
 
     /// The caller configured as `name`, for a stream admitted before a
@@ -306,7 +359,16 @@ impl Callers {
         metadata: &MetadataMap,
         peer: Option<&PeerInfo>,
     ) -> Result<Caller, BrokerError> {
-        let caller = self.identify(metadata, peer)?;
+        self.admit_with(Source::GRPC, &Evidence::grpc(metadata, peer))
+    }
+
+    /// [`Callers::admit`] with the sources of another entry point.
+    pub fn admit_with(
+        &self,
+        sources: &[Source],
+        evidence: &Evidence<'_>,
+    ) -> Result<Caller, BrokerError> {
+        let caller = self.identify_with(sources, evidence)?;
         caller.rate_limit(self.clock.now())?;
         Ok(caller)
     }
@@ -332,12 +394,7 @@ impl Callers {
         if self.forwarded == ForwardedIdentity::None {
             return Ok(None);
         }
-        let Some(peer) = peer else { return Ok(None) };
-        if !self
-            .trusted_proxies
-            .iter()
-            .any(|n| n.contains(peer.remote.ip()))
-        {
+        if !peer.is_some_and(|p| self.trusts(p)) {
             return Ok(None);
         }
         match self.forwarded {

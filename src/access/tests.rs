@@ -493,10 +493,31 @@ async fn a_peer_that_keeps_failing_is_refused_without_a_look_at_its_token() {
 #[test]
 fn ext_authz_principals_are_looked_up_by_spiffe_id() {
     let c = callers(&config());
-    assert_eq!(c.by_spiffe_id(WEB_SPIFFE).unwrap().name(), "web");
-    assert!(c.by_spiffe_id("spiffe://cluster.local/ns/x/sa/y").is_none());
-    assert!(c.by_spiffe_id(BATCH_DNS).is_none(), "not a dns_name lookup");
+    let none = md(&[]);
+    let from = |peer: &PeerInfo, principal: &'static str| {
+        let evidence = Evidence {
+            metadata: &none,
+            peer: Some(peer),
+            envoy_principal: Some(principal),
+        };
+        c.identify_with(Source::EXT_AUTHZ, &evidence)
+    };
+    let trusted = peer(LOCAL);
+    assert_eq!(name(from(&trusted, WEB_SPIFFE)), "web");
+    unauthenticated(from(&trusted, "spiffe://cluster.local/ns/x/sa/y"));
+    // Not a dns_name lookup.
+    unauthenticated(from(&trusted, BATCH_DNS));
+    // Believed only from a trusted proxy.
+    unauthenticated(from(&peer("10.1.2.3:5000"), WEB_SPIFFE));
     let mut open = config();
     open.callers.clear();
-    assert!(callers(&open).by_spiffe_id(WEB_SPIFFE).is_none());
+    let evidence = Evidence {
+        metadata: &none,
+        peer: Some(&trusted),
+        envoy_principal: Some(WEB_SPIFFE),
+    };
+    assert_eq!(
+        name(callers(&open).identify_with(Source::EXT_AUTHZ, &evidence)),
+        "anonymous"
+    );
 }

@@ -37,7 +37,7 @@
 //! 429 and 503, `retry-after`: never a token. The token comes from the same
 //! cache as GetBearerToken, with the configured floor as minimum validity.
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::{
@@ -62,10 +62,9 @@ use url::{Host, Url};
 use tracing::Instrument;
 
 use crate::{
-    access::{Caller, peer_of},
+    access::{Caller, Evidence, Source, peer_of},
     api::token_broker::{State, deadline},
     clock::Clock,
-    config::IpNet,
     domain::error::BrokerError,
     obs::audit::{Audit, Auditor},
     payroc,
@@ -86,9 +85,6 @@ const MAX_CHECK_REQUEST: usize = 256 * 1024;
 pub struct ExtAuthzService {
     state: Arc<ArcSwap<State>>,
     clock: Clock,
-    /// Peers whose `source.principal` is believed (`[server] trusted_proxies`;
-    /// like the other `[server]` settings, changed at restart only).
-    trusted_proxies: Arc<[IpNet]>,
     auditor: Auditor,
 }
 
@@ -221,22 +217,12 @@ impl Allowed {
 }
 
 impl ExtAuthzService {
-    pub fn new(
-        state: Arc<ArcSwap<State>>,
-        clock: Clock,
-        trusted_proxies: Vec<IpNet>,
-        auditor: Auditor,
-    ) -> Self {
+    pub fn new(state: Arc<ArcSwap<State>>, clock: Clock, auditor: Auditor) -> Self {
         Self {
             state,
             clock,
-            trusted_proxies: trusted_proxies.into(),
             auditor,
         }
-    }
-
-    fn trusts(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|n| n.contains(ip))
     }
 
     async fn decide(
@@ -269,9 +255,7 @@ impl ExtAuthzService {
             .map_err(|why| Denial::new(HttpStatusCode::BadRequest, Code::InvalidArgument, why))?;
         audit.terminal(&terminal);
 
-        let caller = self
-            .caller(&state, req, attributes)
-            .map_err(|e| deny(e, audit))?;
+        let caller = Self::caller(&state, req, attributes).map_err(|e| deny(e, audit))?;
         audit.caller(caller.name());
         caller
             .authorize(Rpc::ExtAuthz, &terminal)
@@ -292,30 +276,24 @@ impl ExtAuthzService {
         })
     }
 
-    /// The caller: the downstream workload Envoy names, when the Check call
-    /// comes from a trusted proxy and the name is a caller's `spiffe_id`;
-    /// otherwise whoever makes the Check call. Then its rate limit.
+    /// The caller: the downstream workload Envoy names (when the Check call
+    /// comes from a trusted proxy and the name is a caller's `spiffe_id`),
+    /// otherwise whoever makes the Check call; then its rate limit.
     fn caller(
-        &self,
         state: &State,
         req: &Request<CheckRequest>,
         attributes: Option<&AttributeContext>,
     ) -> Result<Caller, BrokerError> {
         let peer = peer_of(req.extensions());
-        let principal = attributes
-            .and_then(|a| a.source.as_ref())
-            .map(|s| s.principal.as_str())
-            .filter(|p| !p.is_empty());
-        let named = principal
-            .filter(|_| peer.as_ref().is_some_and(|p| self.trusts(p.remote.ip())))
-            .and_then(|p| state.callers.by_spiffe_id(p));
-        match named {
-            Some(caller) => {
-                caller.rate_limit(self.clock.now())?;
-                Ok(caller)
-            }
-            None => state.callers.admit(req.metadata(), peer.as_ref()),
-        }
+        let evidence = Evidence {
+            metadata: req.metadata(),
+            peer: peer.as_ref(),
+            envoy_principal: attributes
+                .and_then(|a| a.source.as_ref())
+                .map(|s| s.principal.as_str())
+                .filter(|p| !p.is_empty()),
+        };
+        state.callers.admit_with(Source::EXT_AUTHZ, &evidence)
     }
 }
 

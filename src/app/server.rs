@@ -206,7 +206,6 @@ pub async fn serve_with_metrics(
         ext_authz::server(ExtAuthzService::new(
             Arc::clone(&state),
             clock.clone(),
-            config.server.trusted_proxies.clone(),
             Auditor::new(clock.clone(), Arc::clone(&metrics)),
         ))
     });
