@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -19,13 +19,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{config::RateLimit, transport::limits::peer_key};
-
-/// Locks `m`, ignoring poisoning: every critical section here is a few
-/// arithmetic steps that cannot leave the data half-written.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use crate::{config::RateLimit, sync::lock, transport::limits::peer_key};
 
 /// A token bucket as GCRA (the "generic cell rate algorithm"): one instant,
 /// the theoretical arrival time of the next call, instead of a token count and

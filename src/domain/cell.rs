@@ -13,13 +13,15 @@
 use std::{
     future::Future,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
+
+use crate::sync::lock;
 
 type Outcome<T, E> = Option<Result<Arc<T>, E>>;
 
@@ -201,12 +203,6 @@ impl<T, E> Drop for ClearInflight<'_, T, E> {
     fn drop(&mut self) {
         *lock(&self.0.inflight) = None;
     }
-}
-
-/// Locks the in-flight slot even if poisoned: it holds a valid `Option`
-/// whatever a panicking holder was doing, and the cell must keep working.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     future::Future,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -33,6 +33,7 @@ use crate::{
     config::CredentialConfig,
     domain::cell::{Flight, FlightError, SingleFlight},
     payroc::{Endpoint, IdentityToken, MAX_EXPIRES_IN, PayrocClient, UpstreamError},
+    sync::lock,
 };
 
 /// A cached Bearer token.
@@ -711,13 +712,6 @@ fn cache_entry(
 fn later(at: Instant, wait: Duration) -> Instant {
     const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
     at.checked_add(wait.min(YEAR)).unwrap_or(at)
-}
-
-/// Locks `m` even if a panic poisoned it: every value guarded here is valid
-/// whatever point a panicking holder reached, and one bug must not turn into
-/// every later request failing.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Every credential's cache, and which credential serves which terminal.

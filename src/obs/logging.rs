@@ -23,7 +23,7 @@ use std::{
     collections::VecDeque,
     io::{self, Write},
     sync::{
-        Arc, Condvar, Mutex, MutexGuard, PoisonError,
+        Arc, Condvar, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -47,6 +47,7 @@ use tracing_subscriber::{
 };
 
 use crate::config::LogFormat;
+use crate::sync::lock;
 
 /// Lines queued at most (a few MB at typical line lengths).
 pub const MAX_QUEUED_LINES: usize = 8192;
@@ -415,10 +416,6 @@ fn write_rfc3339(w: &mut impl fmt::Write, t: std::time::SystemTime) -> fmt::Resu
         rem % 60,
         d.subsec_micros()
     )
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

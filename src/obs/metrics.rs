@@ -18,7 +18,7 @@ use std::{
     convert::Infallible,
     fmt::Write,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -30,6 +30,7 @@ use tonic::Code;
 use crate::{
     payroc::{AttemptObserver, Endpoint},
     rpc::{Rpc, code_name},
+    sync::lock,
 };
 
 /// gRPC status codes 0..=16.
@@ -294,10 +295,6 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A histogram with the fixed [`BUCKETS`]; lock-free.

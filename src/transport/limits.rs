@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -14,6 +14,8 @@ use tokio::{
     sync::{Notify, watch},
     time::Instant,
 };
+
+use crate::sync::lock;
 
 /// Every open connection, at most `max`. When the table is full, a new
 /// connection takes the place of an open one that serves nobody: one still
@@ -105,7 +107,7 @@ impl ConnTable {
     /// open connection has a request in flight.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<(ConnSlot, Admitted)> {
         let peer = peer_key(peer);
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conns = lock(&self.conns);
         let mut admitted = Admitted::Room;
         if conns.open.len() >= self.max {
             let victim = conns.victim()?;
@@ -137,7 +139,7 @@ impl ConnTable {
 
     /// Connections in the table (tests and diagnostics).
     pub fn len(&self) -> usize {
-        let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let conns = lock(&self.conns);
         conns.open.len()
     }
 
@@ -164,11 +166,7 @@ impl ConnSlot {
     /// The handshake is done: from now on the connection is evicted only when
     /// `activity` shows no open request.
     pub fn serving(&self, activity: &Activity) {
-        let mut conns = self
-            .table
-            .conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut conns = lock(&self.table.conns);
         if let Some(e) = conns.open.get_mut(&self.id) {
             e.serving = Some(activity.clone());
         }
@@ -177,11 +175,7 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        let mut conns = self
-            .table
-            .conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut conns = lock(&self.table.conns);
         conns.remove(self.id);
     }
 }
@@ -219,7 +213,7 @@ impl PeerSlots {
         let ip = peer_key(ip);
         // The map is only ever left consistent (no panics while held), so a
         // poisoned lock still holds valid counts.
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = lock(&self.open);
         let n = open.entry(ip).or_insert(0);
         if *n >= self.max {
             return None;
@@ -233,7 +227,7 @@ impl PeerSlots {
 
     /// Open connections of `ip` (tests and diagnostics).
     pub fn open(&self, ip: IpAddr) -> usize {
-        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = lock(&self.open);
         open.get(&peer_key(ip)).copied().unwrap_or(0)
     }
 }
@@ -247,11 +241,7 @@ pub struct PeerSlot {
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut open = self
-            .slots
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut open = lock(&self.slots.open);
         if let Some(n) = open.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -289,7 +279,7 @@ impl RefusalLog {
     /// Counts one refusal at `now`; returns how many refusals the line to
     /// log now covers (this one included), or `None` when it stays quiet.
     pub fn record(&self, now: Instant) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut s = lock(&self.state);
         s.suppressed += 1;
         let due = s.last.is_none_or(|last| now >= last + self.every);
         if !due {
