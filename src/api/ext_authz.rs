@@ -260,12 +260,14 @@ impl ExtAuthzService {
         caller
             .authorize(Rpc::ExtAuthz, &terminal)
             .map_err(|e| deny(e, audit))?;
-        if let Ok(c) = state.broker.credential(&terminal) {
-            audit.credential(&c.name);
-        }
+        let credential = state
+            .broker
+            .credential(&terminal)
+            .map_err(|e| deny(e, audit))?;
+        audit.credential(&credential.name);
         let grant = state
             .broker
-            .bearer(&terminal, None, deadline)
+            .bearer(credential, None, deadline)
             .await
             .map_err(|e| deny(e, audit))?;
         audit.upstream_status(grant.upstream_status);

@@ -30,7 +30,6 @@ use crate::{
     domain::error::BrokerError,
     domain::tokens::BearerToken,
     obs::audit::{Audit, Auditor},
-    payroc::SessionRequest,
     proto::{
         self, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
         GetBearerTokenResponse, WatchBearerTokenRequest,
@@ -252,11 +251,7 @@ impl TokenBrokerService {
         let grant = checked
             .state
             .broker
-            .bearer(
-                &checked.query.processing_terminal_id,
-                checked.query.min_validity,
-                deadline,
-            )
+            .bearer(&checked.credential, checked.query.min_validity, deadline)
             .await?;
         audit.upstream_status(grant.upstream_status);
         let response = bearer_response(&grant.token, &grant.credential);
@@ -335,23 +330,14 @@ impl TokenBrokerService {
         let query = validate::session(req.into_inner()).map_err(BrokerError::InvalidArgument)?;
         caller.authorize(Rpc::CreateSession, &query.processing_terminal_id)?;
         // Unknown terminals fail before a key is generated or a token fetched.
-        audit.credential(&state.broker.credential(&query.processing_terminal_id)?.name);
+        let credential = Arc::clone(state.broker.credential(&query.processing_terminal_id)?);
+        audit.credential(&credential.name);
         // The caller's share of the session bulkhead, held until Payroc answers.
         let _slot = caller.session_slot()?;
 
-        let request = SessionRequest {
-            processing_terminal_id: query.processing_terminal_id,
-            scenario: query.scenario,
-            lib_version: query
-                .lib_version
-                .unwrap_or_else(|| state.broker.lib_version.clone()),
-            secure_token_id: query.secure_token_id,
-            idempotency_key: query
-                .idempotency_key
-                .unwrap_or_else(|| state.broker.new_idempotency_key()),
-        };
+        let request = state.broker.session_request(query);
         audit.idempotency_key(request.idempotency_key);
-        let grant = state.broker.session(request, deadline).await?;
+        let grant = state.broker.session(&credential, request, deadline).await?;
         audit.upstream_status(Some(grant.session.status));
         let session_token = secrecy::ExposeSecret::expose_secret(&grant.session.token);
         audit.token(session_token);

@@ -23,17 +23,9 @@ pub struct BearerQuery {
     pub min_validity: Option<Duration>,
 }
 
-/// A valid `CreateSession` request, before defaults are applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionQuery {
-    pub processing_terminal_id: String,
-    pub scenario: Scenario,
-    /// `None`: the configured default.
-    pub lib_version: Option<String>,
-    pub secure_token_id: Option<String>,
-    /// `None`: generate one.
-    pub idempotency_key: Option<Uuid>,
-}
+/// A valid `CreateSession` request, before defaults are applied (the
+/// domain fills them in).
+pub use crate::domain::broker::SessionQuery;
 
 /// Checks a Bearer token request (`GetBearerToken`, `WatchBearerToken`).
 pub fn bearer(

@@ -14,7 +14,7 @@ use crate::{
     config::{Config, PayrocConfig},
     domain::error::BrokerError,
     domain::tokens::{BearerToken, CredentialTokens, TokenPolicy, Tokens, TokensSetup},
-    payroc::{AttemptObserver, PayrocClient, Session, SessionRequest, UpstreamError},
+    payroc::{AttemptObserver, PayrocClient, Scenario, Session, SessionRequest, UpstreamError},
 };
 
 /// A credential's token cache backed by Payroc.
@@ -26,6 +26,18 @@ pub struct BearerGrant {
     pub token: Arc<BearerToken>,
     /// The identity answer's HTTP status, when this call waited for one.
     pub upstream_status: Option<u16>,
+}
+
+/// A valid CreateSession request, before the defaults are filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionQuery {
+    pub processing_terminal_id: String,
+    pub scenario: Scenario,
+    /// `None`: the configured default.
+    pub lib_version: Option<String>,
+    pub secure_token_id: Option<String>,
+    /// `None`: generate one.
+    pub idempotency_key: Option<Uuid>,
 }
 
 /// A session token and what was sent to obtain it.
@@ -155,20 +167,31 @@ impl Broker {
             .saturating_sub(self.sessions_gate.available_permits())
     }
 
-    /// A fresh random Idempotency-Key.
-    pub fn new_idempotency_key(&self) -> Uuid {
-        self.entropy.uuid_v4()
+    /// The session request for `query`, with the defaults filled in: the
+    /// configured `libVersion`, and a fresh random Idempotency-Key.
+    pub fn session_request(&self, query: SessionQuery) -> SessionRequest {
+        SessionRequest {
+            processing_terminal_id: query.processing_terminal_id,
+            scenario: query.scenario,
+            lib_version: query
+                .lib_version
+                .unwrap_or_else(|| self.lib_version.clone()),
+            secure_token_id: query.secure_token_id,
+            idempotency_key: query
+                .idempotency_key
+                .unwrap_or_else(|| self.entropy.uuid_v4()),
+        }
     }
 
-    /// A Bearer token for `terminal` with at least `min_validity` left
-    /// (default: the configured floor).
+    /// A Bearer token of `credential` (looked up once, by the caller, with
+    /// [`Broker::credential`]) with at least `min_validity` left (default:
+    /// the configured floor).
     pub async fn bearer(
         &self,
-        terminal: &str,
+        credential: &Arc<Credential>,
         min_validity: Option<Duration>,
         deadline: Option<Instant>,
     ) -> Result<BearerGrant, BrokerError> {
-        let credential = self.credential(terminal)?;
         let (token, upstream_status) = credential
             .bearer_observed(min_validity.unwrap_or(self.floor), deadline)
             .await?;
@@ -185,10 +208,10 @@ impl Broker {
     /// one and retry once with the same Idempotency-Key and body.
     pub async fn session(
         &self,
+        credential: &Arc<Credential>,
         request: SessionRequest,
         deadline: Option<Instant>,
     ) -> Result<SessionGrant, BrokerError> {
-        let credential = self.credential(&request.processing_terminal_id)?;
         // Shed rather than queue: a queue in front of a slow Payroc only turns
         // into timeouts later, with more memory held.
         let _permit = self.sessions_gate.try_acquire().map_err(|_| {
