@@ -3,8 +3,9 @@
 //! API, and Google's rich error details (vendored in `third_party/`), so that
 //! reflection clients such as grpcurl decode `BadRequest`, `ErrorInfo` and
 //! `RetryInfo` in error trailers; also Envoy's ext_authz service (vendored in
-//! `third_party/envoy-protos`; its Rust code comes from `envoy-types`), so
-//! that grpcurl can send a `Check` with a JSON body.
+//! `third_party/envoy-protos`), so that grpcurl can send a `Check` with a JSON
+//! body. The same ext_authz compile also generates its Rust code (server for
+//! the crate, client for the tests), see `src/proto.rs`.
 
 use std::{env, path::PathBuf};
 
@@ -13,6 +14,23 @@ const GOOGLEAPIS: &str = "third_party/googleapis";
 const ERROR_DETAILS: &str = "google/rpc/error_details.proto";
 const ENVOY_PROTOS: &str = "third_party/envoy-protos";
 const EXT_AUTHZ: &str = "envoy/service/auth/v3/external_auth.proto";
+/// The packages of the ext_authz import closure that get Rust code: those
+/// with messages or services that `Check` reaches. The rest (`validate`,
+/// `udpa.annotations`, `xds.annotations.v3`, `envoy.annotations`) only define
+/// options, which nothing reads at run time.
+const ENVOY_CODEGEN_PACKAGES: &[&str] = &[
+    "envoy.service.auth.v3",
+    "envoy.config.core.v3",
+    "envoy.type.v3",
+    // `config.core.v3.Node.dynamic_parameters`.
+    "xds.core.v3",
+    // Mapped to existing Rust types (no code is generated for them), but
+    // prost-build must see their messages to choose the derives of the
+    // messages that contain them: `google.protobuf` is prost-types',
+    // `google.rpc` tonic-types' (see below).
+    "google.protobuf",
+    "google.rpc",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -51,5 +69,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("envoy_ext_authz_descriptor.bin"),
         envoy.encode_file_descriptor_set(),
     )?;
+
+    // Code from the same descriptors, for the packages above only. No source
+    // info: no doc comments in the generated code (Envoy's are long, and
+    // their examples would become doctests).
+    let mut ext_authz = envoy.file_descriptor_set();
+    ext_authz
+        .file
+        .retain(|f| ENVOY_CODEGEN_PACKAGES.contains(&f.package()));
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // `CheckResponse.status` is a `google.rpc.Status`: tonic-types (a
+        // dependency already, for rich errors) has it, generated from the same
+        // `google/rpc/status.proto`, so it is mapped there rather than
+        // generated a second time.
+        .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")
+        .compile_fds(ext_authz)?;
     Ok(())
 }

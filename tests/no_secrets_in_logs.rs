@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::*;
-use envoy_types::pb::envoy::service::auth::v3::{
+use payroc_broker::proto::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
 };
 use payroc_broker::{

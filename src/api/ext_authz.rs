@@ -40,23 +40,10 @@
 use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use envoy_types::pb::{
-    envoy::{
-        config::core::v3::{
-            HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
-        },
-        service::auth::v3::{
-            AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
-            attribute_context::HttpRequest,
-            authorization_server::{Authorization, AuthorizationServer},
-            check_response::HttpResponse,
-        },
-        r#type::v3::{HttpStatus, StatusCode as HttpStatusCode},
-    },
-    google::rpc,
-};
 use tonic::{Code, Request, Response, Status};
-use tonic_types::StatusExt;
+// `rpc::Status` is `google.rpc.Status`, the type build.rs maps the generated
+// `CheckResponse.status` to.
+use tonic_types::{StatusExt, pb as rpc};
 use url::{Host, Url};
 
 use tracing::Instrument;
@@ -68,6 +55,18 @@ use crate::{
     domain::error::BrokerError,
     obs::audit::{Audit, Auditor},
     payroc,
+    proto::envoy::{
+        config::core::v3::{
+            HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+        },
+        service::auth::v3::{
+            AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+            attribute_context::HttpRequest,
+            authorization_server::{Authorization, AuthorizationServer},
+            check_response::HttpResponse,
+        },
+        r#type::v3::{HttpStatus, StatusCode as HttpStatusCode},
+    },
     rpc::Rpc,
     trace::{self, TraceParent},
 };
@@ -501,7 +500,7 @@ fn terminal_header(http: &HttpRequest) -> Result<Option<String>, &'static str> {
 mod tests {
     use std::collections::HashMap;
 
-    use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+    use crate::proto::envoy::config::core::v3::HeaderMap;
 
     use super::*;
 
