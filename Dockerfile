@@ -36,6 +36,7 @@ WORKDIR /src
 # compiled here.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY clock/Cargo.toml clock/
+COPY payroc-sim/Cargo.toml payroc-sim/
 COPY proto proto
 COPY third_party third_party
 RUN for member in . $(sed -n '/^members = \[/ { s/^members = \[\(.*\)\]$/\1/; s/[",]/ /g; p; }' Cargo.toml); do \
@@ -57,8 +58,9 @@ RUN for member in . $(sed -n '/^members = \[/ { s/^members = \[\(.*\)\]$/\1/; s/
     done \
     && echo 'fn main() {}' > src/main.rs \
     && cargo build --release --locked -p payroc-broker ${CARGO_FEATURE_FLAGS} \
-    && rm -rf src clock/src \
-              target/release/.fingerprint/payroc-broker-* target/release/.fingerprint/broker-clock-*
+    && rm -rf src clock/src payroc-sim/src \
+              target/release/.fingerprint/payroc-broker-* target/release/.fingerprint/broker-clock-* \
+              target/release/.fingerprint/payroc-sim-*
 
 # The crates themselves (the stubs of the other targets and members stay).
 # protox compiles proto/ in build.rs: no system protoc. The fingerprints
@@ -66,6 +68,8 @@ RUN for member in . $(sed -n '/^members = \[/ { s/^members = \[\(.*\)\]$/\1/; s/
 # sources' older mtimes.
 COPY src src
 COPY clock/src clock/src
+# The simulator: compiled only into a demo image (default features).
+COPY payroc-sim/src payroc-sim/src
 RUN cargo build --release --locked -p payroc-broker ${CARGO_FEATURE_FLAGS} \
     && install -m 0755 target/release/payroc-broker /usr/local/bin/payroc-broker
 

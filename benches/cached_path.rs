@@ -31,8 +31,8 @@ use payroc_broker::{
         token_broker_server::{TokenBroker, TokenBrokerServer},
     },
     server,
-    sim::{SimAccount, SimConfig, SimPayroc},
 };
+use payroc_sim::{SimAccount, SimConfig, SimPayroc};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, transport::Channel};
 

@@ -45,8 +45,8 @@ use payroc_broker::{
         CreateSessionRequest, GetBearerTokenRequest, Scenario,
         token_broker_client::TokenBrokerClient,
     },
-    sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
+use payroc_sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc};
 use tonic::{Code, transport::Channel};
 
 const PHASE: Duration = Duration::from_secs(20);

@@ -26,7 +26,6 @@
 //! | [`logging`] | text or JSON log lines through a bounded queue, never blocking |
 //! | [`trace`] | W3C `traceparent`: kept for the RPC, passed on to Payroc |
 //! | [`transport`] | the port: accept loop, TLS and reload, connection and request limits |
-//! | `sim` | the simulated Payroc, for the sandbox and the tests (feature `sandbox`) |
 //! | [`probe`] | `payroc-broker health`: one gRPC health check, as an exit status |
 //! | `sandbox` | the broker wired to the simulator, for trying it out (feature `sandbox`) |
 //! | [`clock`] | injected time and randomness |
@@ -53,8 +52,6 @@ pub mod reload;
 pub mod sandbox;
 pub mod server;
 pub mod service;
-#[cfg(feature = "sandbox")]
-pub mod sim;
 pub mod status;
 pub mod tokens;
 pub mod trace;

@@ -15,8 +15,8 @@ use std::{
 use payroc_broker::{
     clock::{Clock, OsEntropy},
     proto::{GetBearerTokenRequest, token_broker_client::TokenBrokerClient},
-    sim::{SimAccount, SimConfig, SimPayroc},
 };
+use payroc_sim::{SimAccount, SimConfig, SimPayroc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_payroc-broker");
 

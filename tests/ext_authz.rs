@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::{
         check_response::HttpResponse,
     },
 };
-use payroc_broker::sim::{Fault, SimEndpoint};
+use payroc_sim::{Fault, SimEndpoint};
 use prost::Message;
 use tonic::{Code, Request};
 

@@ -17,8 +17,8 @@ use common::*;
 use payroc_broker::{
     clock::{Clock, OsEntropy},
     proto::token_broker_client::TokenBrokerClient,
-    sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
+use payroc_sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc};
 use serde_json::Value;
 use tonic::{Code, Request};
 

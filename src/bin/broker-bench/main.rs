@@ -40,10 +40,8 @@ use std::{
 };
 
 use clap::Parser;
-use payroc_broker::{
-    clock::{Clock, OsEntropy},
-    sim::{Pause, SimAccount, SimConfig, SimEndpoint, SimPayroc},
-};
+use payroc_broker::clock::{Clock, OsEntropy};
+use payroc_sim::{Pause, SimAccount, SimConfig, SimEndpoint, SimPayroc};
 use serde_json::{Map, Value, json};
 
 use crate::{

@@ -43,7 +43,7 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::oneshot, time::Instant};
 
-use crate::clock::{Clock, SharedEntropy, civil_from_days};
+use broker_clock::{Clock, SharedEntropy, civil_from_days};
 
 /// Payroc's documented limit on the sessions request body.
 const MAX_BODY: usize = 16 * 1024;
@@ -1054,7 +1054,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::{Entropy, OsEntropy};
+    use broker_clock::{Entropy, OsEntropy};
 
     const KEY: &str = "key-one";
     const TERMINAL: &str = "1234001";
