@@ -37,6 +37,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY clock/Cargo.toml clock/
 COPY payroc-sim/Cargo.toml payroc-sim/
+COPY broker-bench/Cargo.toml broker-bench/
 COPY proto proto
 COPY third_party third_party
 RUN for member in . $(sed -n '/^members = \[/ { s/^members = \[\(.*\)\]$/\1/; s/[",]/ /g; p; }' Cargo.toml); do \
