@@ -39,6 +39,7 @@ pub mod config;
 pub mod error;
 pub mod ext_authz;
 pub mod file_watch;
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
