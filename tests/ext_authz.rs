@@ -633,6 +633,7 @@ async fn reflection_describes_the_check_when_enabled() {
 }
 
 /// The Check the sandbox prints is one the sandbox allows.
+#[cfg(feature = "sandbox")]
 #[tokio::test]
 async fn the_sandbox_prints_a_check_that_works() {
     use std::sync::Arc;

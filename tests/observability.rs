@@ -565,6 +565,7 @@ async fn json_lines_from_the_config_and_from_the_flag() {
     assert_eq!(exit_code(child).await, Some(0));
 }
 
+#[cfg(feature = "sandbox")]
 #[tokio::test]
 async fn the_sandbox_takes_log_format_json() {
     let mut child = Command::new(BIN)
