@@ -23,21 +23,27 @@ FROM rust:1.95-bookworm AS build
 ARG CARGO_FEATURE_FLAGS="--no-default-features"
 WORKDIR /src
 
-# Dependencies first, in their own layer: this layer is rebuilt only when the
-# manifest, lock file or proto change, not on every source edit. Stub sources
-# stand in for the crate. Every [[bin]], [[bench]], [[example]] and [[test]]
-# that Cargo.toml declares needs a file (Cargo refuses the manifest, or a
-# build with the sandbox feature fails, otherwise), so each gets an empty
-# stub at its `path` or default place; the names come from Cargo.toml so that
-# a new target does not break the image. Only the library and binaries are
+# Dependencies first, in their own layer: this layer is rebuilt only when a
+# manifest, the lock file or the proto change, not on every source edit. Stub
+# sources stand in for the crates. Cargo loads the whole workspace, so every
+# member's manifest is copied (a member missing here fails the build; .ci/run
+# replays this layer) and each member gets an empty `src/lib.rs`; the root
+# gets a `src/main.rs`. Every [[bin]], [[bench]], [[example]] and [[test]]
+# that a manifest declares needs a file (Cargo refuses the manifest
+# otherwise), so each gets an empty stub at its `path` or default place; the
+# members and target names come from the manifests so that a new target does
+# not break the image. Only payroc-broker and what it depends on are
 # compiled here.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY clock/Cargo.toml clock/
+COPY payroc-sim/Cargo.toml payroc-sim/
+COPY broker-bench/Cargo.toml broker-bench/
 COPY proto proto
 COPY third_party third_party
-RUN mkdir -p src benches examples tests \
-    && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && awk 'function stub(file) { if (file != "") { d = file; sub(/\/[^\/]*$/, "", d); \
+RUN for member in . $(sed -n '/^members = \[/ { s/^members = \[\(.*\)\]$/\1/; s/[",]/ /g; p; }' Cargo.toml); do \
+        mkdir -p "$member/src" && touch "$member/src/lib.rs" \
+        && awk -v root="$member/" \
+           'function stub(file) { if (file != "") { file = root file; d = file; sub(/\/[^\/]*$/, "", d); \
                                                     system("mkdir -p \"" d "\""); \
                                                     print "fn main() {}" > file } } \
             /^\[/ { stub(path != "" ? path : (dir != "" && name != "" ? dir "/" name ".rs" : "")); \
@@ -49,15 +55,23 @@ RUN mkdir -p src benches examples tests \
             dir != "" && ($1 == "name" || $1 == "path") { v = $3; gsub(/"/, "", v); \
                                                          if ($1 == "name") name = v; else path = v } \
             END { stub(path != "" ? path : (dir != "" && name != "" ? dir "/" name ".rs" : "")) }' \
-           Cargo.toml \
-    && cargo build --release --locked ${CARGO_FEATURE_FLAGS} \
-    && rm -rf src target/release/.fingerprint/payroc-broker-*
+           "$member/Cargo.toml" || exit 1; \
+    done \
+    && echo 'fn main() {}' > src/main.rs \
+    && cargo build --release --locked -p payroc-broker ${CARGO_FEATURE_FLAGS} \
+    && rm -rf src clock/src payroc-sim/src \
+              target/release/.fingerprint/payroc-broker-* target/release/.fingerprint/broker-clock-* \
+              target/release/.fingerprint/payroc-sim-*
 
-# The crate itself (the stubs of the other targets stay). protox compiles
-# proto/ in build.rs: no system protoc. The fingerprints removed above make
-# cargo rebuild the crate even though COPY keeps the sources' older mtimes.
+# The crates themselves (the stubs of the other targets and members stay).
+# protox compiles proto/ in build.rs: no system protoc. The fingerprints
+# removed above make cargo rebuild these crates even though COPY keeps the
+# sources' older mtimes.
 COPY src src
-RUN cargo build --release --locked ${CARGO_FEATURE_FLAGS} \
+COPY clock/src clock/src
+# The simulator: compiled only into a demo image (default features).
+COPY payroc-sim/src payroc-sim/src
+RUN cargo build --release --locked -p payroc-broker ${CARGO_FEATURE_FLAGS} \
     && install -m 0755 target/release/payroc-broker /usr/local/bin/payroc-broker
 
 # --- runtime -------------------------------------------------------------------

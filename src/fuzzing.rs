@@ -1,10 +1,11 @@
-//! Fuzz harnesses, shared by the cargo-fuzz targets in `fuzz/` and by
-//! `tests/fuzz_corpus.rs`, which replays the committed seed corpus on every
-//! `cargo test` so CI covers what the fuzzers found.
+//! Fuzz harnesses, shared by the cargo-fuzz targets in `fuzz/` and by the
+//! tests below, which replay the committed seed corpus on every `cargo test`
+//! so CI covers what the fuzzers found (see `fuzz/README.md`).
 //!
 //! Each harness takes arbitrary bytes, runs one parser of untrusted input, and
 //! asserts the invariants the rest of the broker relies on. A panic is a
-//! finding. Not part of the API: hidden from docs.
+//! finding. Not part of the API: compiled only for cargo-fuzz (which sets
+//! `--cfg fuzzing`) and for the crate's own tests, never into the product.
 
 use std::path::Path;
 
@@ -212,5 +213,48 @@ pub fn xfcc(data: &[u8]) {
             Ok(&elements),
             "round trip of {text:?} via {written:?}"
         );
+    }
+}
+
+/// Replays the fuzzers' committed seed corpus (`fuzz/corpus/<target>/`)
+/// through the same harnesses, so every `cargo test` re-checks what fuzzing
+/// found without needing a nightly toolchain.
+#[cfg(test)]
+mod corpus {
+    use std::path::Path;
+
+    fn replay(target: &str, harness: fn(&[u8])) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
+        let mut inputs = 0;
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let result = std::panic::catch_unwind(|| harness(&data));
+            assert!(result.is_ok(), "{} panicked on {}", target, path.display());
+            inputs += 1;
+        }
+        assert!(inputs > 0, "no seed corpus in {}", dir.display());
+    }
+
+    #[test]
+    fn problem_document_corpus() {
+        replay("problem_document", super::problem_document);
+    }
+
+    #[test]
+    fn config_file_corpus() {
+        replay("config_file", super::config_file);
+    }
+
+    #[test]
+    fn request_validation_corpus() {
+        replay("request_validation", super::request_validation);
+    }
+
+    #[test]
+    fn xfcc_corpus() {
+        replay("xfcc", super::xfcc);
     }
 }

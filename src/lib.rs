@@ -11,7 +11,7 @@
 //!
 //! | layer | module | what it is for |
 //! |---|---|---|
-//! | 8 | [`app`], `sim`, `fuzzing` | assembly and the CLI's policy: serve, reload, health probe, sandbox |
+//! | 8 | [`app`], `fuzzing` | assembly and the CLI's policy: serve, reload, health probe, sandbox; the fuzz harnesses' entry points |
 //! | 7 | [`api`] | the gRPC edge: handlers, request validation, the one mapping to `tonic::Status` |
 //! | 6 | [`obs`] | what operators see: audit events, Prometheus metrics, log lines |
 //! | 5 | [`access`] | who is calling: certificates, forwarded identities, tokens; allow lists and per-caller limits |
@@ -31,14 +31,13 @@ pub mod app;
 pub mod clock;
 pub mod config;
 pub(crate) mod domain;
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod obs;
 pub(crate) mod payroc;
 pub mod proto;
 pub(crate) mod rpc;
-#[cfg(feature = "sandbox")]
-pub mod sim;
 pub(crate) mod sync;
 pub(crate) mod trace;
 pub mod transport;

@@ -22,8 +22,8 @@ use payroc_broker::{
     obs::audit::fingerprint,
     obs::logging,
     proto::{CreateSessionRequest, Scenario},
-    sim::{Fault, SimEndpoint},
 };
+use payroc_sim::{Fault, SimEndpoint};
 use serde_json::Value;
 use tonic::{Code, Request, metadata::MetadataValue};
 use tracing::{

@@ -15,8 +15,8 @@ use std::{
 use payroc_broker::{
     clock::{Clock, OsEntropy},
     proto::{GetBearerTokenRequest, token_broker_client::TokenBrokerClient},
-    sim::{SimAccount, SimConfig, SimPayroc},
 };
+use payroc_sim::{SimAccount, SimConfig, SimPayroc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_payroc-broker");
 
@@ -198,6 +198,7 @@ async fn call(addr: SocketAddr) -> String {
     .credential
 }
 
+#[cfg(feature = "sandbox")]
 #[tokio::test]
 async fn sandbox_serves_and_stops_cleanly_on_sigterm() {
     let mut child = broker()
@@ -223,6 +224,7 @@ async fn sandbox_serves_and_stops_cleanly_on_sigterm() {
     assert_eq!(exit_code(child).await, Some(0));
 }
 
+#[cfg(feature = "sandbox")]
 #[tokio::test]
 async fn sandbox_tls_serves_the_client_certificate_it_wrote_and_refuses_others() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};

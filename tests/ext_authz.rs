@@ -18,7 +18,7 @@ use payroc_broker::proto::envoy::{
         check_response::HttpResponse,
     },
 };
-use payroc_broker::sim::{Fault, SimEndpoint};
+use payroc_sim::{Fault, SimEndpoint};
 use prost::Message;
 use tonic::{Code, Request};
 
@@ -634,6 +634,7 @@ async fn reflection_describes_the_check_when_enabled() {
 }
 
 /// The Check the sandbox prints is one the sandbox allows.
+#[cfg(feature = "sandbox")]
 #[tokio::test]
 async fn the_sandbox_prints_a_check_that_works() {
     use std::sync::Arc;

@@ -6,10 +6,8 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use payroc_broker::{
-    proto::{CreateSessionRequest, GetBearerTokenRequest, Scenario},
-    sim::{Fault, SimEndpoint},
-};
+use payroc_broker::proto::{CreateSessionRequest, GetBearerTokenRequest, Scenario};
+use payroc_sim::{Fault, SimEndpoint};
 use tonic::Code;
 
 /// Asserts `t` lies more than `after` and at most `until` seconds from now.
@@ -30,7 +28,7 @@ fn now() -> SystemTime {
     SystemTime::now()
 }
 
-fn body(record: &payroc_broker::sim::SessionRecord) -> serde_json::Value {
+fn body(record: &payroc_sim::SessionRecord) -> serde_json::Value {
     serde_json::from_str(&record.body).unwrap()
 }
 

@@ -17,10 +17,8 @@ use std::{
 
 use common::*;
 use hyper_util::rt::TokioIo;
-use payroc_broker::{
-    proto::{GetBearerTokenRequest, token_broker_client::TokenBrokerClient},
-    sim::SimEndpoint,
-};
+use payroc_broker::proto::{GetBearerTokenRequest, token_broker_client::TokenBrokerClient};
+use payroc_sim::SimEndpoint;
 use tokio::net::{TcpSocket, TcpStream};
 use tonic::{
     Code, Request,

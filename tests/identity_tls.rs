@@ -37,7 +37,7 @@ const CALLERS: &str = r#"
 struct Setup {
     pki: Pki,
     served: Served,
-    _sim: payroc_broker::sim::SimPayroc,
+    _sim: payroc_sim::SimPayroc,
 }
 
 impl Setup {

@@ -15,11 +15,8 @@ use common::*;
 use payroc_broker::proto::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
 };
-use payroc_broker::{
-    config::LogFormat,
-    obs::logging,
-    sim::{Fault, SimEndpoint},
-};
+use payroc_broker::{config::LogFormat, obs::logging};
+use payroc_sim::{Fault, SimEndpoint};
 use tonic::Request;
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
 

@@ -17,8 +17,8 @@ use common::*;
 use payroc_broker::{
     clock::{Clock, OsEntropy},
     proto::token_broker_client::TokenBrokerClient,
-    sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
+use payroc_sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc};
 use serde_json::Value;
 use tonic::{Code, Request};
 
@@ -565,6 +565,7 @@ async fn json_lines_from_the_config_and_from_the_flag() {
     assert_eq!(exit_code(child).await, Some(0));
 }
 
+#[cfg(feature = "sandbox")]
 #[tokio::test]
 async fn the_sandbox_takes_log_format_json() {
     let mut child = Command::new(BIN)

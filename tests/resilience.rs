@@ -12,10 +12,8 @@ use std::{
 };
 
 use common::*;
-use payroc_broker::{
-    proto::GetBearerTokenRequest,
-    sim::{Fault, SimEndpoint},
-};
+use payroc_broker::proto::GetBearerTokenRequest;
+use payroc_sim::{Fault, SimEndpoint};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 

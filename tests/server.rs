@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use payroc_broker::{proto::GetBearerTokenRequest, sim::SimEndpoint};
+use payroc_broker::proto::GetBearerTokenRequest;
+use payroc_sim::SimEndpoint;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::{

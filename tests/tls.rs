@@ -63,7 +63,7 @@ async fn check_new(addr: SocketAddr, config: Arc<ClientConfig>) -> Result<Channe
     Ok(channel)
 }
 
-async fn serve_tls(tls: TlsConfig) -> (Served, payroc_broker::sim::SimPayroc) {
+async fn serve_tls(tls: TlsConfig) -> (Served, payroc_sim::SimPayroc) {
     let opts = Options::default();
     let sim = start_sim(&opts).await;
     let mut config = config_for(&sim, &opts);

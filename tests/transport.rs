@@ -36,9 +36,7 @@ const PATIENCE: Duration = Duration::from_secs(5);
 
 /// A broker whose `[server]` limits `adjust` sets (until the configuration
 /// parser knows the new keys, they are set here in Rust).
-async fn serve_adjusted(
-    adjust: impl FnOnce(&mut Config),
-) -> (Served, payroc_broker::sim::SimPayroc) {
+async fn serve_adjusted(adjust: impl FnOnce(&mut Config)) -> (Served, payroc_sim::SimPayroc) {
     let opts = Options::default();
     let sim = start_sim(&opts).await;
     let mut config = config_for(&sim, &opts);

@@ -13,10 +13,11 @@ use std::{net::SocketAddr, path::Path};
 
 pub use pki::{CLIENT_SPIFFE_ID, SandboxPki};
 
+use payroc_sim::{SimAccount, SimConfig, SimPayroc};
+
 use crate::{
     clock::{Clock, SharedEntropy},
     config::Config,
-    sim::{SimAccount, SimConfig, SimPayroc},
 };
 
 /// Demo credentials: (name, terminals).

@@ -17,6 +17,7 @@ pub use client::{
 };
 pub use error::{Endpoint, UpstreamError};
 pub use observe::AttemptObserver;
+#[cfg(any(fuzzing, test))]
 pub use problem::Problem;
 
 /// A session token lives 10 minutes (Payroc's documentation); used when a

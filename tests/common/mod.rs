@@ -15,8 +15,8 @@ use payroc_broker::{
         CreateSessionRequest, GetBearerTokenRequest, Scenario,
         token_broker_client::TokenBrokerClient,
     },
-    sim::{SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
+use payroc_sim::{SimAccount, SimConfig, SimEndpoint, SimPayroc};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},

@@ -16,8 +16,9 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus,
 use crate::stats;
 
 /// Finds the release `payroc-broker` binary: `--broker` if given, otherwise
-/// whatever `cargo build --release --bin payroc-broker` produces (a no-op when
-/// it is up to date), so a fresh clone needs nothing built beforehand.
+/// whatever `cargo build --release -p payroc-broker --bin payroc-broker`
+/// produces (a no-op when it is up to date), so a fresh clone needs nothing
+/// built beforehand.
 pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = explicit {
         return match path.is_file() {
@@ -27,12 +28,15 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
     }
     // `cargo run` sets CARGO to the cargo that runs us.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-    eprintln!("broker-bench: cargo build --release --bin payroc-broker");
+    // The workspace root, whose package is the broker.
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+    eprintln!("broker-bench: cargo build --release -p payroc-broker --bin payroc-broker");
     let output = Command::new(cargo)
         .args([
             "build",
             "--release",
+            "-p",
+            "payroc-broker",
             "--bin",
             "payroc-broker",
             "--message-format=json-render-diagnostics",

@@ -7,8 +7,8 @@
 //! (validation, the terminal lookup, the lock-free cache read, the response).
 //!
 //! ```sh
-//! cargo bench --bench cached_path                     # defaults: 10 rounds of 2 s, 64 in flight
-//! cargo bench --bench cached_path -- --seconds 5 --rounds 20 --concurrency 128
+//! cargo bench -p broker-bench --bench cached_path     # defaults: 10 rounds of 2 s, 64 in flight
+//! cargo bench -p broker-bench --bench cached_path -- --seconds 5 --rounds 20 --concurrency 128
 //! ```
 
 #![allow(clippy::disallowed_methods)] // measuring real time is the point here
@@ -31,8 +31,8 @@ use payroc_broker::{
         token_broker_client::TokenBrokerClient,
         token_broker_server::{TokenBroker, TokenBrokerServer},
     },
-    sim::{SimAccount, SimConfig, SimPayroc},
 };
+use payroc_sim::{SimAccount, SimConfig, SimPayroc};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, transport::Channel};
 

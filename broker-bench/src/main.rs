@@ -4,8 +4,8 @@
 //! loopback gRPC. See BENCHMARKS.md for the method and the figures.
 //!
 //! ```sh
-//! cargo run --release --bin broker-bench -- --json          # everything, ~2 minutes
-//! cargo run --release --bin broker-bench -- --only bearer,session --rounds 10
+//! cargo run --release -p broker-bench -- --json          # everything, ~2 minutes
+//! cargo run --release -p broker-bench -- --only bearer,session --rounds 10
 //! ```
 //!
 //! Scenarios (`--only`, comma-separated; default all):
@@ -40,10 +40,8 @@ use std::{
 };
 
 use clap::Parser;
-use payroc_broker::{
-    clock::{Clock, OsEntropy},
-    sim::{Pause, SimAccount, SimConfig, SimEndpoint, SimPayroc},
-};
+use payroc_broker::clock::{Clock, OsEntropy};
+use payroc_sim::{Pause, SimAccount, SimConfig, SimEndpoint, SimPayroc};
 use serde_json::{Map, Value, json};
 
 use crate::{

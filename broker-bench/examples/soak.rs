@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! cargo build --release
-//! cargo run --release --example soak -- --minutes 10 [--rps 400] [--broker target/release/payroc-broker]
+//! cargo run --release -p broker-bench --example soak -- --minutes 10 [--rps 400] [--broker target/release/payroc-broker]
 //! ```
 //!
 //! The broker runs as its own process (so RSS is its own) in front of the
@@ -45,8 +45,8 @@ use payroc_broker::{
         CreateSessionRequest, GetBearerTokenRequest, Scenario,
         token_broker_client::TokenBrokerClient,
     },
-    sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc},
 };
+use payroc_sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc};
 use tonic::{Code, transport::Channel};
 
 const PHASE: Duration = Duration::from_secs(20);

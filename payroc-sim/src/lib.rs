@@ -43,7 +43,7 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::oneshot, time::Instant};
 
-use crate::clock::{Clock, SharedEntropy};
+use broker_clock::{Clock, SharedEntropy, civil_from_days};
 
 /// Payroc's documented limit on the sessions request body.
 const MAX_BODY: usize = 16 * 1024;
@@ -947,16 +947,7 @@ fn iso8601(at: SystemTime, offset_secs: i64) -> String {
     let local = millis.div_euclid(1000) + offset_secs;
     let millis = millis.rem_euclid(1000);
     let (days, day_secs) = (local.div_euclid(86_400), local.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = civil_from_days(days);
     let (sign, off) = if offset_secs < 0 {
         ('-', -offset_secs)
     } else {
@@ -1063,7 +1054,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::{Entropy, OsEntropy};
+    use broker_clock::{Entropy, OsEntropy};
 
     const KEY: &str = "key-one";
     const TERMINAL: &str = "1234001";

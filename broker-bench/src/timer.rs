@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use payroc_broker::sim::Pause;
+use payroc_sim::Pause;
 use tokio::sync::oneshot;
 
 struct Due {
