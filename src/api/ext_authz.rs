@@ -46,11 +46,12 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{StatusExt, pb as rpc};
 use url::{Host, Url};
 
-use tracing::Instrument;
-
 use crate::{
     access::{Caller, Evidence, Source, peer_of},
-    api::token_broker::{State, deadline},
+    api::{
+        call::{self, Origin, Refusal},
+        state::State,
+    },
     clock::Clock,
     domain::error::BrokerError,
     obs::audit::{Audit, Auditor},
@@ -68,7 +69,6 @@ use crate::{
         r#type::v3::{HttpStatus, StatusCode as HttpStatusCode},
     },
     rpc::Rpc,
-    trace::{self, TraceParent},
 };
 
 /// The request header naming the terminal when the path does not.
@@ -103,6 +103,21 @@ pub struct Denial {
     pub message: String,
     /// `retry-after`, when known.
     pub retry_after: Option<Duration>,
+}
+
+impl Refusal for Denial {
+    fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The reason as a field: text from the request in it is escaped.
+    fn log(&self) {
+        tracing::debug!(
+            http_status = self.http as i32,
+            reason = self.message.as_str(),
+            "check denied"
+        );
+    }
 }
 
 impl Denial {
@@ -235,7 +250,7 @@ impl ExtAuthzService {
             audit.error(&e);
             Denial::from_error(e)
         };
-        let deadline = deadline(req, &self.clock);
+        let deadline = call::deadline(req.metadata(), &self.clock);
         // One configuration from start to end, as for every RPC.
         let state = self.state.load_full();
         let api_url = state.broker.api_url();
@@ -304,33 +319,16 @@ impl Authorization for ExtAuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        // One audit event per Check (code: the decision's); the decision in
-        // the call's span and trace scope, the event after it, as for the
-        // TokenBroker RPCs (see `TokenBrokerService::conclude`).
-        let trace = TraceParent::from_metadata(request.metadata());
-        let peer = peer_of(request.extensions()).map(|p| p.remote);
-        let mut audit = self.auditor.start(Some(Rpc::ExtAuthz), peer, trace);
-        let span = audit.span();
-        let decision = trace::scope(trace, self.decide(&request, &mut audit))
-            .instrument(span.clone())
-            .await;
+        // One audit event per Check (code: the decision's), in the same
+        // frame as the TokenBroker RPCs.
+        let origin = Origin::of(&request);
+        let decision = call::run(&self.auditor, Some(Rpc::ExtAuthz), origin, async |audit| {
+            self.decide(&request, audit).await
+        })
+        .await;
         let response = match decision {
-            Ok(allowed) => {
-                audit.finish(Code::Ok);
-                allowed.into_response()
-            }
-            Err(denial) => {
-                // The reason as a field: text from the request in it is escaped.
-                span.in_scope(|| {
-                    tracing::debug!(
-                        http_status = denial.http as i32,
-                        reason = denial.message.as_str(),
-                        "check denied"
-                    );
-                });
-                audit.finish(denial.code);
-                denial.into_response()
-            }
+            Ok(allowed) => allowed.into_response(),
+            Err(denial) => denial.into_response(),
         };
         Ok(Response::new(response))
     }

@@ -14,19 +14,19 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use futures_util::{Stream, StreamExt};
-use tokio::{
-    sync::{mpsc, oneshot, watch},
-    time::Instant,
-};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
-use tracing::Instrument;
 
 use crate::{
-    access::{Caller, Callers, peer_of},
-    api::validate,
+    access::{Caller, peer_of},
+    api::{
+        call::{self, Origin},
+        state::{Admitted, State},
+        validate,
+    },
     clock::Clock,
-    domain::broker::Broker,
+    domain::broker::WatchStart,
     domain::error::BrokerError,
     domain::tokens::BearerToken,
     obs::audit::{Audit, Auditor},
@@ -35,7 +35,6 @@ use crate::{
         GetBearerTokenResponse, WatchBearerTokenRequest,
     },
     rpc::Rpc,
-    trace::{self, TraceParent},
 };
 
 /// Tokens a WatchBearerToken stream holds for a client that has not read
@@ -45,22 +44,6 @@ const WATCH_BUFFER: usize = 2;
 
 /// The stream of tokens a WatchBearerToken call answers with.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<GetBearerTokenResponse, Status>> + Send>>;
-
-/// The broker gives up a little before the caller's deadline, so that its
-/// DEADLINE_EXCEEDED (with a message saying what it was waiting for) reaches
-/// the caller before the caller's own timer fires, and before tonic's server
-/// timer, which would answer a bare CANCELLED. 5 % of the timeout, within
-/// [2 ms, 100 ms].
-fn deadline_margin(timeout: Duration) -> Duration {
-    (timeout / 20).clamp(Duration::from_millis(2), Duration::from_millis(100))
-}
-
-/// What every RPC reads: swapped whole on reload, so an RPC sees one
-/// consistent configuration from start to end.
-pub struct State {
-    pub broker: Broker,
-    pub callers: Callers,
-}
 
 /// The gRPC service. Cheap to clone: state is behind `Arc`.
 #[derive(Clone)]
@@ -77,14 +60,6 @@ struct Signals {
     shutdown: watch::Sender<bool>,
     /// Bumped after each reload swapped the state.
     reloads: watch::Sender<u64>,
-}
-
-/// What admission found: the configuration the RPC runs on from start to
-/// end, and its caller.
-#[derive(Clone)]
-pub struct Admitted {
-    pub state: Arc<State>,
-    pub caller: Caller,
 }
 
 /// A Bearer token request that passed every check before the upstream.
@@ -142,59 +117,9 @@ impl TokenBrokerService {
         extensions: &Extensions,
     ) -> Result<Admitted, Status> {
         self.admit(metadata, extensions).map_err(|e| {
-            let mut audit = self.auditor.start(
-                Rpc::from_path(path),
-                peer_of(extensions).map(|p| p.remote),
-                TraceParent::from_metadata(metadata),
-            );
-            let span = audit.span();
-            audit.error(&e);
-            let status = Status::from(e);
-            span.in_scope(|| debug_refusal(&status));
-            // Outside the span: see `conclude`.
-            audit.finish(status.code());
-            status
+            let origin = Origin::from_parts(metadata, extensions);
+            call::refuse_early(&self.auditor, Rpc::from_path(path), origin, e)
         })
-    }
-
-    /// Starts a call's audit, and the span its handler runs in. The trait
-    /// impl runs the handler in that span and in the call's trace scope
-    /// ([`trace::scope`]), then hands the outcome to [`Self::conclude`]; if
-    /// the call's future is dropped before that, the audit records CANCELLED.
-    fn begin<R>(&self, rpc: Rpc, request: &Request<R>) -> (Audit, tracing::Span) {
-        let trace = TraceParent::from_metadata(request.metadata());
-        let peer = peer_of(request.extensions()).map(|p| p.remote);
-        let audit = self.auditor.start(Some(rpc), peer, trace);
-        let span = audit.span();
-        (audit, span)
-    }
-
-    /// Turns a handler's outcome into the answer, and finishes its audit
-    /// with the answer's code.
-    fn conclude<T>(
-        &self,
-        audit: Audit,
-        span: &tracing::Span,
-        outcome: Result<T, BrokerError>,
-    ) -> Result<Response<T>, Status> {
-        let mut audit = audit;
-        // The audit event is emitted outside the call's span: it carries the
-        // span's `rpc` and `trace_id` as fields of its own, and in a span the
-        // JSON formatter would parse and re-serialize the span's fields for
-        // every line (BENCHMARKS.md has the measured effect).
-        match outcome {
-            Ok(v) => {
-                audit.finish(tonic::Code::Ok);
-                Ok(Response::new(v))
-            }
-            Err(e) => {
-                audit.error(&e);
-                let status = Status::from(e);
-                span.in_scope(|| debug_refusal(&status));
-                audit.finish(status.code());
-                Err(status)
-            }
-        }
     }
 
     /// The admission of `req`; admits it now if nothing did before (a
@@ -239,7 +164,7 @@ impl TokenBrokerService {
         req: Request<GetBearerTokenRequest>,
         audit: &mut Audit,
     ) -> Result<GetBearerTokenResponse, BrokerError> {
-        let deadline = deadline(&req, &self.clock);
+        let deadline = call::deadline(req.metadata(), &self.clock);
         let msg = req.get_ref();
         let checked = self.check_bearer(
             &req,
@@ -267,7 +192,7 @@ impl TokenBrokerService {
         req: Request<WatchBearerTokenRequest>,
         audit: &mut Audit,
     ) -> Result<WatchStream, BrokerError> {
-        let deadline = deadline(&req, &self.clock);
+        let deadline = call::deadline(req.metadata(), &self.clock);
         let msg = req.get_ref();
         let BearerChecked {
             state,
@@ -281,14 +206,16 @@ impl TokenBrokerService {
             msg.min_validity,
             audit,
         )?;
-        let terminal = query.processing_terminal_id;
-        let min_validity = query.min_validity.unwrap_or(state.broker.floor);
-        // Subscribed before the first token is had, so no replacement slips
-        // between the two.
-        let changes = credential.subscribe();
-        let (first, upstream_status) = credential.bearer_observed(min_validity, deadline).await?;
+        let (upstream_status, start) = state
+            .broker
+            .watch(&credential, query.min_validity, deadline)
+            .await;
         audit.upstream_status(upstream_status);
-        credential.check_watchable(min_validity, &first)?;
+        let WatchStart {
+            first,
+            changes,
+            min_validity,
+        } = start?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let (end_tx, end_rx) = oneshot::channel::<Status>();
         let response = bearer_response(&first, &credential.name);
@@ -298,7 +225,7 @@ impl TokenBrokerService {
         let watcher = Watcher {
             service: self.clone(),
             caller,
-            terminal,
+            terminal: query.processing_terminal_id,
             credential,
             changes,
             last: first,
@@ -323,7 +250,7 @@ impl TokenBrokerService {
         req: Request<CreateSessionRequest>,
         audit: &mut Audit,
     ) -> Result<CreateSessionResponse, BrokerError> {
-        let deadline = deadline(&req, &self.clock);
+        let deadline = call::deadline(req.metadata(), &self.clock);
         let Admitted { state, caller } = self.admitted(&req)?;
         audit.caller(caller.name());
         audit.terminal(&req.get_ref().processing_terminal_id);
@@ -431,53 +358,44 @@ impl Watcher {
     }
 }
 
-/// The caller's deadline, from the `grpc-timeout` header.
-pub(crate) fn deadline<T>(req: &Request<T>, clock: &Clock) -> Option<Instant> {
-    let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let timeout = parse_grpc_timeout(raw)?;
-    Some(clock.now() + timeout.saturating_sub(deadline_margin(timeout)))
-}
-
-/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = v.split_at(v.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 #[tonic::async_trait]
 impl proto::token_broker_server::TokenBroker for TokenBrokerService {
     async fn get_bearer_token(
         &self,
         request: Request<GetBearerTokenRequest>,
     ) -> Result<Response<GetBearerTokenResponse>, Status> {
-        let (mut audit, span) = self.begin(Rpc::GetBearerToken, &request);
-        let outcome = trace::scope(audit.trace(), self.bearer(request, &mut audit))
-            .instrument(span.clone())
-            .await;
-        self.conclude(audit, &span, outcome)
+        let origin = Origin::of(&request);
+        call::run(
+            &self.auditor,
+            Some(Rpc::GetBearerToken),
+            origin,
+            async |audit| {
+                self.bearer(request, audit)
+                    .await
+                    .map_err(|e| call::refused(audit, e))
+            },
+        )
+        .await
+        .map(Response::new)
     }
 
     async fn create_session(
         &self,
         request: Request<CreateSessionRequest>,
     ) -> Result<Response<CreateSessionResponse>, Status> {
-        let (mut audit, span) = self.begin(Rpc::CreateSession, &request);
-        let outcome = trace::scope(audit.trace(), self.session(request, &mut audit))
-            .instrument(span.clone())
-            .await;
-        self.conclude(audit, &span, outcome)
+        let origin = Origin::of(&request);
+        call::run(
+            &self.auditor,
+            Some(Rpc::CreateSession),
+            origin,
+            async |audit| {
+                self.session(request, audit)
+                    .await
+                    .map_err(|e| call::refused(audit, e))
+            },
+        )
+        .await
+        .map(Response::new)
     }
 
     type WatchBearerTokenStream = WatchStream;
@@ -486,36 +404,18 @@ impl proto::token_broker_server::TokenBroker for TokenBrokerService {
         &self,
         request: Request<WatchBearerTokenRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let (mut audit, span) = self.begin(Rpc::WatchBearerToken, &request);
-        let outcome = trace::scope(audit.trace(), self.watch(request, &mut audit))
-            .instrument(span.clone())
-            .await;
-        self.conclude(audit, &span, outcome)
-    }
-}
-
-/// The status message of a refused call, at DEBUG (the audit event has the
-/// code): recorded as a field, so text a caller chose (quoted in it) is
-/// escaped, never able to start a line of its own.
-fn debug_refusal(status: &Status) {
-    tracing::debug!(code = ?status.code(), error = status.message(), "call refused");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(
-            parse_grpc_timeout("99999999u"),
-            Some(Duration::from_micros(99_999_999))
-        );
-        assert_eq!(parse_grpc_timeout("123456789S"), None);
-        assert_eq!(parse_grpc_timeout("5s"), None);
-        assert_eq!(parse_grpc_timeout("S"), None);
+        let origin = Origin::of(&request);
+        call::run(
+            &self.auditor,
+            Some(Rpc::WatchBearerToken),
+            origin,
+            async |audit| {
+                self.watch(request, audit)
+                    .await
+                    .map_err(|e| call::refused(audit, e))
+            },
+        )
+        .await
+        .map(Response::new)
     }
 }

@@ -13,7 +13,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     access::{Callers, layer::Admission},
     api::ext_authz::{self, ExtAuthzService},
-    api::token_broker::{State, TokenBrokerService},
+    api::{state::State, token_broker::TokenBrokerService},
     clock::{Clock, SharedEntropy},
     config::Config,
     domain::broker::Broker,

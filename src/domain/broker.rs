@@ -6,7 +6,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
 use uuid::Uuid;
 
 use crate::{
@@ -26,6 +29,15 @@ pub struct BearerGrant {
     pub token: Arc<BearerToken>,
     /// The identity answer's HTTP status, when this call waited for one.
     pub upstream_status: Option<u16>,
+}
+
+/// The start of a WatchBearerToken stream: the first token, and the
+/// subscription its replacements arrive on.
+pub struct WatchStart {
+    pub first: Arc<BearerToken>,
+    pub changes: watch::Receiver<Option<Arc<BearerToken>>>,
+    /// The validity every token sent must have: the request's, else the floor.
+    pub min_validity: Duration,
 }
 
 /// A valid CreateSession request, before the defaults are filled in.
@@ -200,6 +212,36 @@ impl Broker {
             token,
             upstream_status,
         })
+    }
+
+    /// Starts watching `credential`'s token with at least `min_validity`
+    /// left (default: the floor). Also returns the identity answer's HTTP
+    /// status when this call waited for one, even when the watch is then
+    /// refused: the audit records it either way.
+    pub async fn watch(
+        &self,
+        credential: &Arc<Credential>,
+        min_validity: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> (Option<u16>, Result<WatchStart, BrokerError>) {
+        let min_validity = min_validity.unwrap_or(self.floor);
+        // Subscribed before the first token is had, so no replacement slips
+        // between the two.
+        let changes = credential.subscribe();
+        let (first, upstream_status) =
+            match credential.bearer_observed(min_validity, deadline).await {
+                Ok(got) => got,
+                Err(e) => return (None, Err(e.into())),
+            };
+        let start = credential
+            .check_watchable(min_validity, &first)
+            .map(|()| WatchStart {
+                first,
+                changes,
+                min_validity,
+            })
+            .map_err(BrokerError::from);
+        (upstream_status, start)
     }
 
     /// Creates a session. A 401 means Payroc no longer accepts the cached
