@@ -19,7 +19,7 @@
 //! | 3 | [`domain`] | terminal -> credential, the shared token caches, sessions, the error enum |
 //! | 2 | [`config`] | parse and validate the TOML file; secrets resolved |
 //! | 1 | [`payroc`] | HTTP client for Payroc: identity, sessions, problem documents, retries |
-//! | 0 | [`clock`], [`rpc`], [`sync`], [`trace`], [`proto`] | injected time and randomness, the list of RPCs, the one poison-tolerant lock, W3C `traceparent`, generated code |
+//! | 0 | [`chain`], [`clock`], [`rpc`], [`sync`], [`trace`], [`proto`] | an error's causes on one line, injected time and randomness, the list of RPCs, the one poison-tolerant lock, W3C `traceparent`, generated code |
 //!
 //! `trace` sits at the bottom rather than with observability: the Payroc
 //! client sends the caller's `traceparent` upstream, so the value type must
@@ -28,6 +28,7 @@
 pub(crate) mod access;
 pub(crate) mod api;
 pub mod app;
+pub(crate) mod chain;
 pub mod clock;
 pub mod config;
 pub(crate) mod domain;

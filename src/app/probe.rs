@@ -7,6 +7,8 @@
 
 use std::{fmt, path::Path, time::Duration};
 
+use crate::chain::error_chain;
+
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Uri};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -195,22 +197,6 @@ fn read_ca(path: &Path) -> Result<Certificate, UsageError> {
         return Err(bad("no PEM certificate in the file".into()));
     }
     Ok(Certificate::from_pem(pem))
-}
-
-/// The error and its causes on one line: tonic's top-level transport error
-/// alone says only "transport error".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

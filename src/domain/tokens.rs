@@ -32,7 +32,7 @@ use crate::{
     clock::{Clock, SharedEntropy},
     config::CredentialConfig,
     domain::cell::{Flight, FlightError, SingleFlight},
-    payroc::{Endpoint, IdentityToken, MAX_EXPIRES_IN, PayrocClient, UpstreamError},
+    payroc::{Endpoint, IdentityToken, PayrocClient, UpstreamError},
     sync::lock,
 };
 
@@ -637,6 +637,9 @@ fn refetch_spacing(lifetime: Duration) -> Duration {
     MIN_REFETCH_SPACING.min(lifetime / 2)
 }
 
+/// The longest `expires_in` accepted from the identity service.
+const MAX_EXPIRES_IN: Duration = Duration::from_secs(24 * 3600);
+
 /// See [`refetch_spacing`].
 const MIN_REFETCH_SPACING: Duration = Duration::from_secs(10);
 
@@ -669,7 +672,7 @@ fn cache_entry(
     };
     // Payroc's tokens live an hour. A lifetime past a day is a broken answer,
     // not a token to keep for years (and `u64::MAX` seconds would overflow
-    // every instant computed from it).
+    // every instant computed from it). Checked here, once, for every source.
     if t.expires_in > MAX_EXPIRES_IN {
         return Err(malformed("expires_in is longer than 24 h"));
     }

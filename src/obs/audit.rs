@@ -208,8 +208,10 @@ impl Drop for Audit {
 
 /// The first 8 hex digits of the SHA-256 of `secret`.
 pub fn fingerprint(secret: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
-    d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
+    crate::config::sha256(secret.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -28,9 +28,6 @@ use crate::{
 /// bytes, and an unbounded read is a memory hazard.
 const MAX_BODY: usize = 64 * 1024;
 
-/// The longest `expires_in` accepted from the identity service.
-pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(24 * 3600);
-
 /// A Bearer token as the identity service issued it.
 pub struct IdentityToken {
     pub access_token: SecretString,
@@ -248,15 +245,6 @@ impl PayrocClient {
         if a.expires_in == 0 {
             return Err(malformed(EP, "expires_in is zero"));
         }
-        if a.expires_in > MAX_EXPIRES_IN.as_secs() {
-            // Payroc's tokens live an hour. An absurd lifetime is a broken
-            // answer, not a token to keep for ever (nor one whose expiry
-            // overflows the clock).
-            return Err(malformed(
-                EP,
-                format!("expires_in of {} s is longer than 24 h", a.expires_in),
-            ));
-        }
         if !a.token_type.eq_ignore_ascii_case("bearer") {
             return Err(malformed(
                 EP,
@@ -382,7 +370,7 @@ impl PayrocClient {
             endpoint,
             // Without the URL: it is ours, not news to anyone, and keeps
             // messages short. reqwest errors carry no header values.
-            message: describe(&e.without_url()),
+            message: crate::chain::error_chain(&e.without_url()),
         };
         let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
@@ -486,22 +474,6 @@ fn malformed(endpoint: Endpoint, reason: impl Into<String>) -> UpstreamError {
         endpoint,
         reason: reason.into(),
     }
-}
-
-/// The error and its causes, joined: reqwest's top-level message alone
-/// ("error sending request") hides the useful part.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
 }
 
 #[cfg(test)]

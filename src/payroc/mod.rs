@@ -12,9 +12,7 @@ mod observe;
 pub(crate) mod problem;
 mod retry;
 
-pub use client::{
-    IdentityToken, MAX_EXPIRES_IN, PayrocClient, Scenario, Session, SessionRequest, Settings,
-};
+pub use client::{IdentityToken, PayrocClient, Scenario, Session, SessionRequest, Settings};
 pub use error::{Endpoint, UpstreamError};
 pub use observe::AttemptObserver;
 #[cfg(any(fuzzing, test))]
