@@ -12,8 +12,8 @@
 
 use tonic::Code;
 
-/// Declares [`Rpc`] and its one table: variant, then the gRPC path that
-/// serves it. Generated so the list of variants and [`Rpc::ALL`] cannot
+/// Declares [`Rpc`] and its one table: variant, then the route that serves
+/// it. Generated so the list of variants and [`Rpc::ALL`] cannot
 /// drift apart.
 macro_rules! rpcs {
     ($( $(#[$doc:meta])* $rpc:ident => $path:expr ),+ $(,)?) => {
@@ -36,8 +36,8 @@ macro_rules! rpcs {
                 }
             }
 
-            /// The gRPC request path that serves it.
-            pub const fn path(self) -> &'static str {
+            /// Where it is served.
+            pub const fn route(self) -> Route {
                 match self {
                     $(Rpc::$rpc => $path),+
                 }
@@ -46,13 +46,26 @@ macro_rules! rpcs {
     };
 }
 
+/// Where a call is served: a gRPC method on the gRPC port, or an HTTP route
+/// on a port of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// The gRPC request path.
+    Grpc(&'static str),
+    /// The HTTP method and path template (documentation and messages).
+    Http(&'static str),
+}
+
 rpcs! {
-    GetBearerToken => "/payroc.broker.v1.TokenBroker/GetBearerToken",
-    CreateSession => "/payroc.broker.v1.TokenBroker/CreateSession",
-    WatchBearerToken => "/payroc.broker.v1.TokenBroker/WatchBearerToken",
+    GetBearerToken => Route::Grpc("/payroc.broker.v1.TokenBroker/GetBearerToken"),
+    CreateSession => Route::Grpc("/payroc.broker.v1.TokenBroker/CreateSession"),
+    WatchBearerToken => Route::Grpc("/payroc.broker.v1.TokenBroker/WatchBearerToken"),
     /// Envoy's `envoy.service.auth.v3.Authorization/Check`; allow lists
     /// call it `ExtAuthz`.
-    ExtAuthz => "/envoy.service.auth.v3.Authorization/Check",
+    ExtAuthz => Route::Grpc("/envoy.service.auth.v3.Authorization/Check"),
+    /// The Payroc-compatible identity endpoint (`[identity_endpoint]`), which
+    /// the official SDKs call for their Bearer token.
+    Authorize => Route::Http("POST /credentials/{credential}/authorize"),
 }
 
 impl Rpc {
@@ -64,10 +77,13 @@ impl Rpc {
         Self::ALL.iter().copied().find(|r| r.name() == name)
     }
 
-    /// The call a request path names: `None` for a path that serves none
-    /// (audited as `unknown`).
+    /// The call a gRPC request path names: `None` for a path that serves
+    /// none (audited as `unknown`).
     pub fn from_path(path: &str) -> Option<Rpc> {
-        Self::ALL.iter().copied().find(|r| r.path() == path)
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|r| matches!(r.route(), Route::Grpc(p) if p == path))
     }
 
     /// Position in [`Rpc::ALL`]: an index into per-call arrays.
@@ -115,12 +131,14 @@ mod tests {
         for (i, rpc) in Rpc::ALL.iter().enumerate() {
             assert_eq!(rpc.index(), i);
             assert_eq!(Rpc::from_name(rpc.name()), Some(*rpc));
-            assert_eq!(Rpc::from_path(rpc.path()), Some(*rpc));
+            if let Route::Grpc(path) = rpc.route() {
+                assert_eq!(Rpc::from_path(path), Some(*rpc));
+            }
         }
         assert_eq!(Rpc::from_name("Nope"), None);
         assert_eq!(
             Rpc::names(),
-            "GetBearerToken, CreateSession, WatchBearerToken, ExtAuthz"
+            "GetBearerToken, CreateSession, WatchBearerToken, ExtAuthz, Authorize"
         );
     }
 
@@ -139,6 +157,7 @@ mod tests {
             None
         );
         assert_eq!(Rpc::from_path("/payroc.broker.v1.TokenBroker/Nope"), None);
+        assert_eq!(Rpc::from_path("/credentials/{credential}/authorize"), None);
     }
 
     #[test]

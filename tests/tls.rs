@@ -218,10 +218,15 @@ async fn the_verified_client_certificate_sans_are_in_peer_info() {
         c.server.tls = Some(pki.tls.clone());
         c.server
     };
-    let transport = Transport::new(&server, Clock::system()).unwrap();
+    let transport = Transport::new(
+        &server,
+        payroc_broker::transport::Protocol::Grpc,
+        Clock::system(),
+    )
+    .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let routes = tonic::service::Routes::new(PeerEcho);
+    let routes = tonic::service::Routes::new(PeerEcho).prepare();
     let _serving = tokio::spawn(transport.serve(listener, routes, std::future::pending()));
 
     let client = pki.client_ca.client();
@@ -236,12 +241,17 @@ async fn the_verified_client_certificate_sans_are_in_peer_info() {
 #[tokio::test]
 async fn plaintext_requests_carry_peer_info_too() {
     let server = config_for(&start_sim(&Options::default()).await, &Options::default()).server;
-    let transport = Transport::new(&server, Clock::system()).unwrap();
+    let transport = Transport::new(
+        &server,
+        payroc_broker::transport::Protocol::Grpc,
+        Clock::system(),
+    )
+    .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let _serving = tokio::spawn(transport.serve(
         listener,
-        tonic::service::Routes::new(PeerEcho),
+        tonic::service::Routes::new(PeerEcho).prepare(),
         std::future::pending(),
     ));
     let channel = Endpoint::from_shared(format!("http://{addr}"))

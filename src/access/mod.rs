@@ -127,7 +127,17 @@ impl fmt::Debug for Callers {
     }
 }
 
-const NO_IDENTITY: &str = "no caller identity: no client certificate, trusted forwarded identity or `authorization: Bearer <token>` metadata";
+/// Nothing identified the caller, by where the token would have been.
+const fn no_identity(headers: token::Headers) -> &'static str {
+    match headers {
+        token::Headers::Authorization => {
+            "no caller identity: no client certificate, trusted forwarded identity or `authorization: Bearer <token>` metadata"
+        }
+        token::Headers::ApiKeyOrAuthorization => {
+            "no caller identity: no client certificate, trusted forwarded identity, `x-api-key` or `authorization: Bearer <token>` header"
+        }
+    }
+}
 
 impl Callers {
     /// The callers of `config`. With `previous` (a reload): callers whose
@@ -232,22 +242,32 @@ impl Callers {
                 via: Via::Open,
             });
         };
+        // Where this entry point reads a caller token (its token source's
+        // headers; the gRPC port's when it has none).
+        let headers = sources
+            .iter()
+            .find_map(|s| s.token_headers())
+            .unwrap_or(token::Headers::Authorization);
+        let presented = headers.read(evidence.metadata);
         // Refused whatever else the call carries: which of two tokens would
         // be the caller's is not for the broker to guess.
-        if token::presented(evidence.metadata) == Presented::Several {
-            return Err(BrokerError::Unauthenticated(
-                "more than one `authorization` entry",
-            ));
+        if presented == Presented::Several {
+            return Err(BrokerError::Unauthenticated(match headers {
+                token::Headers::Authorization => "more than one `authorization` entry",
+                token::Headers::ApiKeyOrAuthorization => {
+                    "a repeated `x-api-key` or `authorization` header, or two that disagree"
+                }
+            }));
         }
         for source in sources {
-            if let Some((k, via)) = self.try_source(*source, known, evidence)? {
+            if let Some((k, via)) = self.try_source(*source, known, evidence, &presented)? {
                 return Ok(Caller {
                     known: Some(Arc::clone(k)),
                     via,
                 });
             }
         }
-        Err(BrokerError::Unauthenticated(NO_IDENTITY))
+        Err(BrokerError::Unauthenticated(no_identity(headers)))
     }
 
     /// What one source says: a caller, nothing (try the next), or a refusal.
@@ -256,6 +276,7 @@ impl Callers {
         source: Source,
         known: &'k [Arc<Known>],
         evidence: &Evidence<'_>,
+        presented: &Presented<'_>,
     ) -> Result<Option<(&'k Arc<Known>, Via)>, BrokerError> {
         let peer = evidence.peer;
         match source {
@@ -285,7 +306,12 @@ impl Callers {
             Source::Forwarded => Ok(self
                 .forwarded_caller(known, evidence.metadata, peer)?
                 .map(|k| (k, Via::ForwardedIdentity))),
-            Source::Token => self.token_caller(evidence.metadata, peer).map(Some),
+            Source::Token | Source::ApiKey => {
+                let headers = source
+                    .token_headers()
+                    .unwrap_or(token::Headers::Authorization);
+                self.token_caller(presented, headers, peer).map(Some)
+            }
         }
     }
 
@@ -293,11 +319,12 @@ impl Callers {
     /// wrong tokens are refused for a while without their token being read.
     fn token_caller(
         &self,
-        metadata: &MetadataMap,
+        presented: &Presented<'_>,
+        headers: token::Headers,
         peer: Option<&PeerInfo>,
     ) -> Result<(&Arc<Known>, Via), BrokerError> {
-        let token = match token::presented(metadata) {
-            Presented::Nothing => return Err(BrokerError::Unauthenticated(NO_IDENTITY)),
+        let token = match *presented {
+            Presented::Nothing => return Err(BrokerError::Unauthenticated(no_identity(headers))),
             Presented::Token(t) => Some(t),
             Presented::Malformed | Presented::Several => None,
         };
@@ -308,9 +335,12 @@ impl Callers {
         }
         let Some(token) = token else {
             self.failed(ip, now);
-            return Err(BrokerError::Unauthenticated(
-                "`authorization` metadata is not `Bearer <token>`",
-            ));
+            return Err(BrokerError::Unauthenticated(match headers {
+                token::Headers::Authorization => "`authorization` metadata is not `Bearer <token>`",
+                token::Headers::ApiKeyOrAuthorization => {
+                    "`x-api-key` is empty or `authorization` is not `Bearer <token>`"
+                }
+            }));
         };
         match token::find(token, self.tokens.iter().map(|(d, _)| d)) {
             Some(i) => Ok((&self.tokens[i].1, Via::Token)),
@@ -481,6 +511,34 @@ impl Caller {
             return Err(denied(format!(
                 "may not use processing terminal `{terminal}`"
             )));
+        }
+        Ok(())
+    }
+
+    /// Checks the caller's allow lists for a credential's Bearer token as a
+    /// whole (the identity endpoint): `rpc`, and **every** one of the
+    /// credential's `terminals`, since the token is good for all of them.
+    pub fn authorize_all(&self, rpc: Rpc, terminals: &[String]) -> Result<(), BrokerError> {
+        let Some(k) = &self.known else {
+            return Ok(());
+        };
+        let c = &k.config;
+        if !c.rpcs.permits(&rpc) {
+            return Err(BrokerError::PermissionDenied {
+                caller: c.name.clone(),
+                reason: format!("may not call {}", rpc.name()),
+            });
+        }
+        let missing = terminals.iter().filter(|t| !c.terminals.permits(t)).count();
+        if missing > 0 {
+            return Err(BrokerError::PermissionDenied {
+                caller: c.name.clone(),
+                reason: format!(
+                    "may not use {missing} of the credential's {} processing terminals, and its \
+                     Bearer token is good for every one",
+                    terminals.len()
+                ),
+            });
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 
 use tonic::metadata::MetadataMap;
 
-use super::PeerInfo;
+use super::{PeerInfo, token};
 
 /// One way of proving who is calling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +25,10 @@ pub enum Source {
     Forwarded,
     /// `authorization: Bearer <caller token>`.
     Token,
+    /// The caller token where an SDK puts its API key: `x-api-key`, or
+    /// `authorization: Bearer <caller token>`. Both present and different,
+    /// or either repeated, is refused.
+    ApiKey,
 }
 
 impl Source {
@@ -38,6 +42,20 @@ impl Source {
         Source::Forwarded,
         Source::Token,
     ];
+
+    /// The identity endpoint: as on the gRPC port, with the token also
+    /// taken from `x-api-key`.
+    pub const IDENTITY_ENDPOINT: &'static [Source] =
+        &[Source::Certificate, Source::Forwarded, Source::ApiKey];
+
+    /// Where this source reads a caller token from, if it reads one.
+    pub(super) fn token_headers(self) -> Option<token::Headers> {
+        match self {
+            Source::Token => Some(token::Headers::Authorization),
+            Source::ApiKey => Some(token::Headers::ApiKeyOrAuthorization),
+            Source::EnvoyPrincipal | Source::Certificate | Source::Forwarded => None,
+        }
+    }
 }
 
 /// What a request offers the sources: headers, connection, and (ext_authz

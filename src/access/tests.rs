@@ -251,7 +251,7 @@ fn xfcc_from_any_other_peer_is_ignored() {
     let c = callers(&xfcc_config("10.0.0.0/8"));
     let m = md_owned(&[xfcc(&format!("URI={WEB_SPIFFE}"))]);
     let why = unauthenticated(c.identify(&m, Some(&peer(LOCAL))));
-    assert_eq!(why, NO_IDENTITY);
+    assert_eq!(why, no_identity(token::Headers::Authorization));
     // ...so its token is what counts.
     let mut m = m;
     m.insert(

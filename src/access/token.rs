@@ -1,5 +1,6 @@
-//! Caller tokens: `authorization: Bearer <token>` metadata, matched by
-//! SHA-256 digest in constant time.
+//! Caller tokens: `authorization: Bearer <token>` metadata (and, on the
+//! identity endpoint, `x-api-key`), matched by SHA-256 digest in constant
+//! time.
 //!
 //! The broker keeps only digests of caller tokens. The presented token is
 //! hashed and compared with every configured digest, whatever matches, so
@@ -21,6 +22,51 @@ pub enum Presented<'a> {
     /// An entry that is not `Bearer <token>`.
     Malformed,
     Token(&'a str),
+}
+
+/// Which headers carry a caller token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Headers {
+    /// `authorization: Bearer <token>` (the gRPC port).
+    Authorization,
+    /// `x-api-key: <token>`, where an SDK puts its API key, or
+    /// `authorization: Bearer <token>` (the identity endpoint). Both may be
+    /// sent if they agree.
+    ApiKeyOrAuthorization,
+}
+
+impl Headers {
+    /// What the request holds.
+    pub fn read(self, metadata: &MetadataMap) -> Presented<'_> {
+        match self {
+            Headers::Authorization => presented(metadata),
+            Headers::ApiKeyOrAuthorization => match (api_key(metadata), presented(metadata)) {
+                (Presented::Nothing, other) | (other, Presented::Nothing) => other,
+                (Presented::Token(a), Presented::Token(b)) if a == b => Presented::Token(a),
+                // Two credentials that disagree (or one unreadable beside
+                // another): which is the caller's is not for the broker to
+                // guess.
+                _ => Presented::Several,
+            },
+        }
+    }
+}
+
+/// Reads the `x-api-key` header: its whole value is the token.
+fn api_key(metadata: &MetadataMap) -> Presented<'_> {
+    let mut all = metadata.get_all("x-api-key").iter();
+    let Some(value) = all.next() else {
+        return Presented::Nothing;
+    };
+    if all.next().is_some() {
+        return Presented::Several;
+    }
+    value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map_or(Presented::Malformed, Presented::Token)
 }
 
 /// Reads the `authorization` metadata.
@@ -81,6 +127,30 @@ mod tests {
             Presented::Several
         );
         assert_eq!(presented(&md(&["Bearer abc", "x"])), Presented::Several);
+    }
+
+    #[test]
+    fn an_api_key_and_a_bearer_token_must_agree() {
+        let read = |key: &[&str], auth: &[&str]| {
+            let mut m = md(auth);
+            for k in key {
+                m.append("x-api-key", k.parse().unwrap());
+            }
+            format!("{:?}", Headers::ApiKeyOrAuthorization.read(&m))
+        };
+        assert_eq!(read(&[], &[]), "Nothing");
+        assert_eq!(read(&["abc"], &[]), "Token(\"abc\")");
+        assert_eq!(read(&[], &["Bearer abc"]), "Token(\"abc\")");
+        assert_eq!(read(&["abc"], &["Bearer abc"]), "Token(\"abc\")");
+        assert_eq!(read(&["abc"], &["Bearer def"]), "Several");
+        assert_eq!(read(&["abc", "abc"], &[]), "Several");
+        assert_eq!(read(&["abc"], &["Bearer abc", "Bearer abc"]), "Several");
+        assert_eq!(read(&["abc"], &["Basic abc"]), "Several");
+        assert_eq!(read(&[" "], &[]), "Malformed");
+        // The gRPC port does not read `x-api-key`.
+        let mut m = MetadataMap::new();
+        m.append("x-api-key", "abc".parse().unwrap());
+        assert_eq!(Headers::Authorization.read(&m), Presented::Nothing);
     }
 
     #[test]

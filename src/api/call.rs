@@ -116,6 +116,21 @@ pub(crate) fn refused(audit: &mut Audit, e: BrokerError) -> Status {
     Status::from(e)
 }
 
+/// A refusal's wait before retrying, from the `RetryInfo` the one mapping
+/// (`crate::api::status`) put in its status: for the `retry-after` of the
+/// HTTP answers (ext_authz, the identity endpoint).
+pub(crate) fn retry_info(status: &Status) -> Option<Duration> {
+    use tonic_types::StatusExt;
+    status.get_details_retry_info().and_then(|r| r.retry_delay)
+}
+
+/// `retry-after` is whole seconds; round up so that a client that waits as
+/// told is not refused again for coming back a fraction early.
+pub(crate) fn retry_after_seconds(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
 /// The caller's deadline, from the `grpc-timeout` header.
 pub(crate) fn deadline(metadata: &MetadataMap, clock: &Clock) -> Option<Instant> {
     let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
@@ -166,6 +181,14 @@ mod tests {
         assert_eq!(parse_grpc_timeout("123456789S"), None);
         assert_eq!(parse_grpc_timeout("5s"), None);
         assert_eq!(parse_grpc_timeout("S"), None);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_seconds(Duration::ZERO), 1);
+        assert_eq!(retry_after_seconds(Duration::from_secs(30)), 30);
+        assert_eq!(retry_after_seconds(Duration::from_millis(30_001)), 31);
     }
 
     #[test]

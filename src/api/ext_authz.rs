@@ -43,7 +43,7 @@ use arc_swap::ArcSwap;
 use tonic::{Code, Request, Response, Status};
 // `rpc::Status` is `google.rpc.Status`, the type build.rs maps the generated
 // `CheckResponse.status` to.
-use tonic_types::{StatusExt, pb as rpc};
+use tonic_types::pb as rpc;
 use url::{Host, Url};
 
 use crate::{
@@ -150,7 +150,7 @@ impl Denial {
         let retry_after = match http {
             // A 403 is not worth retrying, whatever the failing-peer throttle says.
             HttpStatusCode::TooManyRequests | HttpStatusCode::ServiceUnavailable => {
-                status.get_details_retry_info().and_then(|r| r.retry_delay)
+                call::retry_info(&status)
             }
             _ => None,
         };
@@ -165,7 +165,10 @@ impl Denial {
     fn into_response(self) -> CheckResponse {
         let mut headers = Vec::new();
         if let Some(wait) = self.retry_after {
-            headers.push(header("retry-after", retry_after_seconds(wait).to_string()));
+            headers.push(header(
+                "retry-after",
+                call::retry_after_seconds(wait).to_string(),
+            ));
         }
         CheckResponse {
             status: Some(rpc::Status {
@@ -183,13 +186,6 @@ impl Denial {
             dynamic_metadata: None,
         }
     }
-}
-
-/// `retry-after` is whole seconds; round up so that a client that waits as
-/// told is not refused again for coming back a fraction early.
-fn retry_after_seconds(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    secs.max(1)
 }
 
 /// A header for Envoy to set, replacing any value the request had.
@@ -747,14 +743,6 @@ mod tests {
             raw_value: Vec::new(),
         });
         assert_eq!(terminal_of(&r, "/v1").unwrap(), "5678001");
-    }
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds() {
-        assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after_seconds(Duration::ZERO), 1);
-        assert_eq!(retry_after_seconds(Duration::from_secs(30)), 30);
-        assert_eq!(retry_after_seconds(Duration::from_millis(30_001)), 31);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub(crate) mod call;
 pub mod ext_authz;
+pub mod identity;
 pub mod state;
 pub mod status;
 pub mod token_broker;

@@ -71,6 +71,9 @@ impl From<BrokerError> for Status {
             BrokerError::UnknownTerminal(t) => Status::not_found(format!(
                 "processing terminal `{t}` is not served by any configured credential"
             )),
+            BrokerError::UnknownCredential(name) => {
+                Status::not_found(format!("no credential is configured as `{name}`"))
+            }
             BrokerError::OutOfRange {
                 requested,
                 lifetime,

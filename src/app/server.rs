@@ -5,7 +5,7 @@
 use std::{collections::HashMap, future::Future, sync::Arc};
 
 use arc_swap::ArcSwap;
-use futures_util::{Stream, StreamExt};
+use futures_util::{Stream, StreamExt, future::OptionFuture};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -13,7 +13,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     access::{Callers, layer::Admission},
     api::ext_authz::{self, ExtAuthzService},
-    api::{state::State, token_broker::TokenBrokerService},
+    api::{identity::IdentityService, state::State, token_broker::TokenBrokerService},
     clock::{Clock, SharedEntropy},
     config::Config,
     domain::broker::Broker,
@@ -22,7 +22,7 @@ use crate::{
     obs::metrics::{CredentialGauges, Gauges, Metrics},
     payroc::AttemptObserver,
     proto::{self, token_broker_server::TokenBrokerServer},
-    transport::{Transport, tls::TlsError},
+    transport::{Protocol, Transport, tls::TlsError},
 };
 
 /// The fully qualified service name, as health checks and reflection know it.
@@ -43,6 +43,8 @@ pub enum ServeError {
     Reflection(tonic_reflection::server::Error),
     /// `metrics_listen` could not be bound.
     Metrics(std::net::SocketAddr, std::io::Error),
+    /// `identity_endpoint.listen` could not be bound.
+    IdentityEndpoint(std::net::SocketAddr, std::io::Error),
 }
 
 impl std::fmt::Display for ServeError {
@@ -54,6 +56,9 @@ impl std::fmt::Display for ServeError {
             ServeError::Reflection(e) => write!(f, "cannot build the reflection service: {e}"),
             ServeError::Metrics(addr, e) => {
                 write!(f, "cannot listen on {addr} (server.metrics_listen): {e}")
+            }
+            ServeError::IdentityEndpoint(addr, e) => {
+                write!(f, "cannot listen on {addr} (identity_endpoint.listen): {e}")
             }
         }
     }
@@ -71,7 +76,8 @@ pub fn credential_service_name(credential: &str) -> String {
 /// `config.server.shutdown_grace`. Each configuration from `reloads` (already
 /// validated) replaces the running one without disturbing RPCs in flight.
 ///
-/// With `server.metrics_listen`, Prometheus metrics are served there too.
+/// With `server.metrics_listen`, Prometheus metrics are served there too;
+/// with `[identity_endpoint]`, the identity endpoint on its `listen`.
 pub async fn serve(
     listener: TcpListener,
     config: &Config,
@@ -88,20 +94,49 @@ pub async fn serve(
         ),
         None => None,
     };
-    serve_with_metrics(listener, metrics, config, clock, entropy, shutdown, reloads).await
+    let identity = match &config.identity_endpoint {
+        Some(endpoint) => Some(
+            TcpListener::bind(endpoint.listen)
+                .await
+                .map_err(|e| ServeError::IdentityEndpoint(endpoint.listen, e))?,
+        ),
+        None => None,
+    };
+    let listeners = Listeners {
+        grpc: listener,
+        metrics,
+        identity,
+    };
+    serve_on(listeners, config, clock, entropy, shutdown, reloads).await
 }
 
-/// [`serve`], with metrics on `metrics` (already bound, so tests can bind
-/// port 0 and learn the address) instead of `server.metrics_listen`.
-pub async fn serve_with_metrics(
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
+/// The sockets the broker serves on, already bound (so tests can bind port
+/// 0 and learn the addresses).
+pub struct Listeners {
+    /// The gRPC port (`server.listen`).
+    pub grpc: TcpListener,
+    /// Prometheus `/metrics` (`server.metrics_listen`).
+    pub metrics: Option<TcpListener>,
+    /// The identity endpoint (`identity_endpoint.listen`); ignored when the
+    /// configuration has no `[identity_endpoint]`.
+    pub identity: Option<TcpListener>,
+}
+
+/// [`serve`], on listeners bound by the caller instead of the configured
+/// addresses.
+pub async fn serve_on(
+    listeners: Listeners,
     config: &Config,
     clock: Clock,
     entropy: SharedEntropy,
     shutdown: impl Future<Output = ()> + Send + 'static,
     reloads: impl Stream<Item = Config> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+        identity: identity_listener,
+    } = listeners;
     let metrics = Metrics::new();
     let broker = Broker::new(
         config,
@@ -214,7 +249,8 @@ pub async fn serve_with_metrics(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let transport = Transport::new(&config.server, clock.clone()).map_err(ServeError::Tls)?;
+    let transport =
+        Transport::new(&config.server, Protocol::Grpc, clock.clone()).map_err(ServeError::Tls)?;
     let tls = transport.reloader();
     let mut routes = Routes::builder();
     routes
@@ -225,11 +261,38 @@ pub async fn serve_with_metrics(
     if let Some(ext_authz) = ext_authz {
         routes.add_service(ext_authz);
     }
-    let routes = routes.routes();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(transport.serve(listener, routes, async {
-        let _ = stop_rx.await;
-    }));
+    let routes = routes.routes().prepare();
+    // Both ports stop on the same signal.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut server = tokio::spawn(transport.serve(listener, routes, stopped(stop_rx.clone())));
+
+    // The identity endpoint: its own port, the same TLS and limits, the
+    // same state; follows reloads with it.
+    let identity = match identity_listener.filter(|_| config.identity_endpoint.is_some()) {
+        None => None,
+        Some(listener) => {
+            let transport = Transport::new(&config.server, Protocol::Http, clock.clone())
+                .map_err(ServeError::Tls)?;
+            let reloader = transport.reloader();
+            let service = IdentityService::new(
+                Arc::clone(&state),
+                clock.clone(),
+                Auditor::new(clock.clone(), Arc::clone(&metrics)),
+            );
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, tls = config.server.tls.is_some(), "identity endpoint serving on /credentials/{{credential}}/authorize");
+            }
+            let task = tokio::spawn(transport.serve(listener, service, stopped(stop_rx.clone())));
+            Some((task, reloader))
+        }
+    };
+    let (mut identity_server, identity_tls) = match identity {
+        Some((task, reloader)) => (Some(task), Some(reloader)),
+        None => (None, None),
+    };
     tracing::info!(
         addr = %local,
         tls = config.server.tls.is_some(),
@@ -249,12 +312,23 @@ pub async fn serve_with_metrics(
                 ready.abort();
                 return finished.map_err(panic_to_error)?.map_err(ServeError::Transport);
             }
+            Some(finished) = OptionFuture::from(identity_server.as_mut()) => {
+                ready.abort();
+                server.abort();
+                return finished.map_err(panic_to_error)?.map_err(ServeError::Transport);
+            }
             () = &mut shutdown => break,
             Some(next) = reloads.next() => {
                 if next.ext_authz != config.ext_authz {
                     tracing::warn!("[ext_authz] settings changed; they take effect at the next restart");
                 }
+                if next.identity_endpoint != config.identity_endpoint {
+                    tracing::warn!("[identity_endpoint] settings changed; they take effect at the next restart");
+                }
                 tls.reload(next.server.tls.as_ref());
+                if let Some(identity_tls) = &identity_tls {
+                    identity_tls.reload(next.server.tls.as_ref());
+                }
                 reload(&state, &next, &server_config, &clock, &entropy, &metrics, &mut credential_health).await;
                 signals.reloaded();
             }
@@ -267,14 +341,32 @@ pub async fn serve_with_metrics(
     // Streams never finish on their own: end them, or the drain waits for
     // them until the grace period is over.
     signals.begin_shutdown();
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
-        Ok(result) => result
-            .map_err(panic_to_error)?
-            .map_err(ServeError::Transport)?,
+    let _ = stop_tx.send(true);
+    // One grace period for both ports, drained side by side.
+    let drained = async {
+        let grpc = (&mut server).await;
+        let identity = match identity_server.as_mut() {
+            Some(task) => Some(task.await),
+            None => None,
+        };
+        (grpc, identity)
+    };
+    match tokio::time::timeout(config.server.shutdown_grace, drained).await {
+        Ok((grpc, identity)) => {
+            grpc.map_err(panic_to_error)?
+                .map_err(ServeError::Transport)?;
+            if let Some(identity) = identity {
+                identity
+                    .map_err(panic_to_error)?
+                    .map_err(ServeError::Transport)?;
+            }
+        }
         Err(_) => {
-            tracing::warn!("grace period over; abandoning the RPCs still in flight");
+            tracing::warn!("grace period over; abandoning the requests still in flight");
             server.abort();
+            if let Some(task) = &identity_server {
+                task.abort();
+            }
         }
     }
     credential_health.stop();

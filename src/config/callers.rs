@@ -250,6 +250,35 @@ pub(super) fn bearer_scope_warnings(
     out
 }
 
+/// One line per caller allowed `Authorize` that lacks some terminal of a
+/// credential: the identity endpoint hands out a credential's token only to
+/// callers allowed every one of its terminals, so this caller gets 403 for it.
+pub(super) fn authorize_scope_warnings(
+    callers: &[CallerConfig],
+    credentials: &[CredentialConfig],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, caller) in callers.iter().enumerate() {
+        if !caller.rpcs.permits(&Rpc::Authorize) {
+            continue;
+        }
+        let partial: Vec<String> = credentials
+            .iter()
+            .filter(|cred| !cred.terminals.iter().all(|t| caller.terminals.permits(t)))
+            .map(|cred| format!("`{}`", cred.name))
+            .collect();
+        if !partial.is_empty() {
+            out.push(format!(
+                "callers[{i}]: caller `{}` may call Authorize but not for every terminal of \
+                 credential {}; the identity endpoint answers it 403 for that credential",
+                caller.name,
+                partial.join(", "),
+            ));
+        }
+    }
+    out
+}
+
 /// Exactly one of `token_env`, `token_sha256`, `spiffe_id`, `dns_name`; with
 /// the key that set it.
 fn identity(

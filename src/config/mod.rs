@@ -52,6 +52,17 @@ pub struct Config {
     pub credentials: Vec<CredentialConfig>,
     pub callers: Vec<CallerConfig>,
     pub ext_authz: ExtAuthzConfig,
+    /// `None`: the section is absent and the endpoint off.
+    pub identity_endpoint: Option<IdentityEndpointConfig>,
+}
+
+/// `[identity_endpoint]`: the Payroc-compatible identity endpoint that the
+/// official SDKs call (`POST /credentials/{credential}/authorize`), on a port
+/// of its own with `[server]`'s TLS and limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityEndpointConfig {
+    pub listen: std::net::SocketAddr,
 }
 
 /// `[ext_authz]`: Envoy's `envoy.service.auth.v3.Authorization/Check` on the gRPC port.
@@ -216,7 +227,29 @@ impl Config {
     /// Things worth a warning that are not errors (`check-config` prints
     /// them, `serve` logs them), each starting with the key path it is about.
     pub fn warnings(&self) -> Vec<String> {
-        callers::bearer_scope_warnings(&self.callers, &self.credentials)
+        let mut out = Vec::new();
+        if let Some(endpoint) = &self.identity_endpoint
+            && self.server.tls.is_none()
+            && !endpoint.listen.ip().is_loopback()
+        {
+            out.push(format!(
+                "identity_endpoint.listen: `{}` is not a loopback address and [server.tls] is not \
+                 set, so caller tokens and Bearer tokens would cross the network in clear; set \
+                 [server.tls], or listen on 127.0.0.1 behind a mesh sidecar that encrypts",
+                endpoint.listen
+            ));
+        }
+        out.extend(callers::bearer_scope_warnings(
+            &self.callers,
+            &self.credentials,
+        ));
+        if self.identity_endpoint.is_some() {
+            out.extend(callers::authorize_scope_warnings(
+                &self.callers,
+                &self.credentials,
+            ));
+        }
+        out
     }
 }
 
@@ -229,6 +262,7 @@ struct RawConfig {
     credentials: Vec<credentials::RawCredential>,
     callers: Vec<callers::RawCaller>,
     ext_authz: ExtAuthzConfig,
+    identity_endpoint: Option<IdentityEndpointConfig>,
 }
 
 impl RawConfig {
@@ -238,12 +272,30 @@ impl RawConfig {
         let payroc = self.payroc.check(c);
         let credentials = credentials::check(self.credentials, c);
         let callers = callers::check(self.callers, &credentials, c);
+        if let Some(endpoint) = &self.identity_endpoint {
+            let taken = [
+                (Some(server.listen), "the gRPC address (server.listen)"),
+                (
+                    server.metrics_listen,
+                    "the metrics address (server.metrics_listen)",
+                ),
+            ];
+            for (addr, what) in taken {
+                if addr == Some(endpoint.listen) && endpoint.listen.port() != 0 {
+                    c.problem(
+                        "identity_endpoint.listen",
+                        format!("`{}` is {what}; use another port", endpoint.listen),
+                    );
+                }
+            }
+        }
         Config {
             server,
             payroc,
             credentials,
             callers,
             ext_authz: self.ext_authz,
+            identity_endpoint: self.identity_endpoint,
         }
     }
 }

@@ -221,7 +221,7 @@ fn callers_are_checked() {
     assert_eq!(
         p,
         vec![
-            "broker.toml: callers[0].rpcs[0]: `Nope` is not an RPC name (GetBearerToken, CreateSession, WatchBearerToken, ExtAuthz)"
+            "broker.toml: callers[0].rpcs[0]: `Nope` is not an RPC name (GetBearerToken, CreateSession, WatchBearerToken, ExtAuthz, Authorize)"
         ]
     );
     let p = problems(&GOOD.replace("terminals = [\"1234001\"]", "terminals = [\"5555555\"]"));
@@ -832,26 +832,10 @@ fn rate_limits_and_bursts() {
 fn every_rpc_name_is_accepted() {
     let c = parse(&GOOD.replace(
         "rpcs = [\"CreateSession\"]",
-        "rpcs = [\"GetBearerToken\", \"CreateSession\", \"WatchBearerToken\", \"ExtAuthz\"]",
+        "rpcs = [\"GetBearerToken\", \"CreateSession\", \"WatchBearerToken\", \"ExtAuthz\", \"Authorize\"]",
     ))
     .unwrap();
-    assert_eq!(
-        c.callers[0].rpcs,
-        Allow::Only(vec![
-            Rpc::GetBearerToken,
-            Rpc::CreateSession,
-            Rpc::WatchBearerToken,
-            Rpc::ExtAuthz
-        ])
-    );
-    for rpc in [
-        Rpc::GetBearerToken,
-        Rpc::CreateSession,
-        Rpc::WatchBearerToken,
-        Rpc::ExtAuthz,
-    ] {
-        assert_eq!(Rpc::from_name(rpc.name()), Some(rpc));
-    }
+    assert_eq!(c.callers[0].rpcs, Allow::Only(Rpc::ALL.to_vec()));
 }
 
 #[test]
@@ -1108,4 +1092,68 @@ fn a_caller_with_bearer_tokens_for_part_of_a_credential_is_warned_about() {
     assert!(with("[\"1234001\"]", "[\"CreateSession\", \"ExtAuthz\"]").is_empty());
     assert!(with("[\"1234001\", \"1234002\"]", "[\"GetBearerToken\"]").is_empty());
     assert!(with("[\"*\"]", "[\"GetBearerToken\"]").is_empty());
+}
+
+#[test]
+fn the_identity_endpoint_is_off_unless_configured_and_needs_its_own_port() {
+    assert_eq!(parse(GOOD).unwrap().identity_endpoint, None);
+    let on = parse(&format!(
+        "{GOOD}\n[identity_endpoint]\nlisten = \"127.0.0.1:8080\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        on.identity_endpoint.map(|e| e.listen.to_string()),
+        Some("127.0.0.1:8080".to_owned())
+    );
+    let p = problems(&format!("{GOOD}\n[identity_endpoint]\nlisten = \"nope\"\n"));
+    assert!(
+        p[0].starts_with("broker.toml: identity_endpoint.listen: "),
+        "{p:?}"
+    );
+    let p = problems(&format!("{GOOD}\n[identity_endpoint]\nport = 8080\n"));
+    assert!(p[0].contains("identity_endpoint"), "{p:?}");
+    let p = problems(&format!(
+        "{GOOD}\n[identity_endpoint]\nlisten = \"127.0.0.1:6000\"\n"
+    ));
+    assert!(
+        p.iter().any(|p| p
+            == "broker.toml: identity_endpoint.listen: `127.0.0.1:6000` is the gRPC address (server.listen); use another port"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn the_identity_endpoint_warns_of_clear_text_and_of_partial_callers() {
+    let text = |listen: &str| format!("{GOOD}\n[identity_endpoint]\nlisten = \"{listen}\"\n");
+    let clear = parse(&text("0.0.0.0:8080")).unwrap().warnings();
+    assert!(
+        clear
+            .iter()
+            .any(|w| w
+                .starts_with("identity_endpoint.listen: `0.0.0.0:8080` is not a loopback address")),
+        "{clear:?}"
+    );
+    let local = parse(&text("127.0.0.1:8080")).unwrap().warnings();
+    assert!(local.is_empty(), "{local:?}");
+    // A caller allowed Authorize for part of a credential is named, once,
+    // with each such credential.
+    let partial = format!(
+        "{}\n[identity_endpoint]\nlisten = \"127.0.0.1:8080\"\n",
+        GOOD.replace(
+            "rpcs = [\"CreateSession\"]",
+            "rpcs = [\"CreateSession\", \"Authorize\"]"
+        )
+    );
+    let w = parse(&partial).unwrap().warnings();
+    assert_eq!(
+        w,
+        vec![
+            "callers[0]: caller `checkout` may call Authorize but not for every terminal of \
+             credential `acme`, `other`; the identity endpoint answers it 403 for that credential"
+                .to_owned()
+        ]
+    );
+    // Without the endpoint, Authorize is harmless.
+    let off = partial.replace("[identity_endpoint]\nlisten = \"127.0.0.1:8080\"\n", "");
+    assert!(parse(&off).unwrap().warnings().is_empty());
 }

@@ -162,6 +162,16 @@ impl Broker {
             .ok_or_else(|| BrokerError::UnknownTerminal(terminal.to_owned()))
     }
 
+    /// The credential configured as `name`, and the terminals it serves.
+    pub fn credential_named(
+        &self,
+        name: &str,
+    ) -> Result<(&Arc<Credential>, &[String]), BrokerError> {
+        self.tokens
+            .named(name)
+            .ok_or_else(|| BrokerError::UnknownCredential(name.to_owned()))
+    }
+
     /// `payroc.api_url`: ext_authz attaches tokens to requests for it only.
     pub fn api_url(&self) -> &url::Url {
         &self.payroc.api_url

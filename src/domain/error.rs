@@ -41,6 +41,8 @@ pub enum BrokerError {
     InvalidArgument(Vec<FieldViolation>),
     /// No credential serves the terminal.
     UnknownTerminal(String),
+    /// No credential has this name (the identity endpoint's path).
+    UnknownCredential(String),
     /// `min_validity` longer than a fresh token lives.
     OutOfRange {
         requested: Duration,

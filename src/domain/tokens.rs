@@ -720,6 +720,8 @@ fn later(at: Instant, wait: Duration) -> Instant {
 /// Every credential's cache, and which credential serves which terminal.
 pub struct Tokens<S> {
     credentials: Vec<Arc<CredentialTokens<S>>>,
+    /// Each credential's terminals, by the same index.
+    terminals: Vec<Box<[String]>>,
     by_terminal: HashMap<String, usize>,
 }
 
@@ -748,6 +750,10 @@ impl<S: TokenSource + Clone> Tokens<S> {
             setup.warm_start_concurrency.max(1),
         ));
         let mut by_terminal = HashMap::new();
+        let terminals = credentials
+            .iter()
+            .map(|c| c.terminals.clone().into_boxed_slice())
+            .collect();
         let credentials = credentials
             .iter()
             .enumerate()
@@ -779,8 +785,15 @@ impl<S: TokenSource + Clone> Tokens<S> {
             .collect();
         Self {
             credentials,
+            terminals,
             by_terminal,
         }
+    }
+
+    /// The credential configured as `name`, and its terminals.
+    pub fn named(&self, name: &str) -> Option<(&Arc<CredentialTokens<S>>, &[String])> {
+        let i = self.credentials.iter().position(|c| *c.name == *name)?;
+        Some((&self.credentials[i], &self.terminals[i]))
     }
 
     /// The credential serving `terminal`.

@@ -1,7 +1,8 @@
-//! One accepted connection, from TCP to HTTP/2: the TLS handshake and the
-//! HTTP/2 client preface under one deadline, then hyper's HTTP/2 server with
-//! an idle timeout, a maximum age and graceful shutdown; closed early when
-//! its place in the connection table goes to a new connection.
+//! One accepted connection, from TCP to HTTP: the TLS handshake and (gRPC)
+//! the HTTP/2 client preface under one deadline, then hyper's HTTP/2 server
+//! (gRPC) or its HTTP/1.1-and-HTTP/2 server (plain HTTP) with an idle
+//! timeout, a maximum age and graceful shutdown; closed early when its place
+//! in the connection table goes to a new connection.
 
 use std::{
     future::Future,
@@ -20,7 +21,7 @@ use tokio::{
 };
 
 use super::{
-    Limits, PeerInfo,
+    Edge, Limits, PeerInfo, Protocol,
     limits::{Activity, ConnSlot},
     request::{ConnService, Shared},
     tls::{TlsAcceptor, peer_cert},
@@ -37,32 +38,38 @@ const CONNECTION_WINDOW: u32 = 256 * 1024;
 /// Header blocks above this are refused (hyper's default is 16 KiB too; set
 /// so the README's ceiling does not depend on a default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// HTTP/1.1's read buffer, which bounds a request head the same way (hyper's
+/// default is about 400 KiB).
+const HTTP1_MAX_BUF: usize = 16 * 1024;
 
 /// Serves one accepted TCP connection until it closes, the limits close it,
 /// `slot` is evicted, or `stop` turns true (server shutdown: graceful, no
 /// deadline here; the server bounds the whole drain).
 #[allow(clippy::too_many_arguments)]
-pub async fn serve(
+pub async fn serve<S: Edge>(
     tcp: TcpStream,
     remote: SocketAddr,
+    protocol: Protocol,
     tls: Option<Arc<TlsAcceptor>>,
-    shared: Shared,
+    shared: Shared<S>,
     limits: Limits,
     stop: watch::Receiver<bool>,
     slot: &ConnSlot,
-) {
+) where
+    S::Future: Send,
+{
     let local = tcp.local_addr().ok();
     let mut evicted = std::pin::pin!(slot.evicted());
     let handshake = tokio::time::timeout(limits.handshake_timeout, async {
         match tls {
             None => {
-                let io = read_preface(tcp).await?;
+                let io = preface(protocol, tcp).await?;
                 Ok::<_, io::Error>(Established::Plain(io))
             }
             Some(tls) => {
                 let stream = tls.acceptor().accept(tcp).await?;
                 let cert = peer_cert(stream.get_ref().1.peer_certificates()).map(Arc::new);
-                let io = read_preface(stream).await?;
+                let io = preface(protocol, stream).await?;
                 Ok(Established::Tls(Box::new(io), cert))
             }
         }
@@ -90,14 +97,28 @@ pub async fn serve(
     if *stop.borrow() {
         return;
     }
+    let peer = Ends { remote, local };
     match established {
         Established::Plain(io) => {
-            serve_http(io, remote, local, None, shared, limits, stop, slot, evicted).await
+            serve_http(
+                io, peer, protocol, None, shared, limits, stop, slot, evicted,
+            )
+            .await
         }
         Established::Tls(io, cert) => {
-            serve_http(io, remote, local, cert, shared, limits, stop, slot, evicted).await
+            serve_http(
+                io, peer, protocol, cert, shared, limits, stop, slot, evicted,
+            )
+            .await
         }
     }
+}
+
+/// The connection's two ends.
+#[derive(Clone, Copy)]
+struct Ends {
+    remote: SocketAddr,
+    local: Option<SocketAddr>,
 }
 
 enum Established {
@@ -110,39 +131,123 @@ enum Established {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve_http<IO>(
+async fn serve_http<IO, S: Edge>(
     io: IO,
-    remote: SocketAddr,
-    local: Option<SocketAddr>,
+    ends: Ends,
+    protocol: Protocol,
     cert: Option<Arc<super::PeerCert>>,
-    shared: Shared,
+    shared: Shared<S>,
     limits: Limits,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     slot: &ConnSlot,
-    mut evicted: Pin<&mut impl Future<Output = ()>>,
+    evicted: Pin<&mut impl Future<Output = ()>>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S::Future: Send,
 {
     let activity = Activity::default();
     slot.serving(&activity);
     let service = ConnService {
         shared,
-        peer: PeerInfo { remote, cert },
-        local,
+        peer: PeerInfo {
+            remote: ends.remote,
+            cert,
+        },
+        local: ends.local,
         activity: activity.clone(),
     };
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_header_list_size(MAX_HEADER_LIST)
-        // A peer that stops answering pings is gone (or not reading):
-        // its connection is closed instead of held.
-        .keep_alive_interval(limits.keepalive_interval)
-        .keep_alive_timeout(limits.keepalive_timeout);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let io = TokioIo::new(io);
+    match protocol {
+        Protocol::Grpc => {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            http2_settings(&mut builder, &limits);
+            let conn = builder.serve_connection(io, service);
+            let graceful =
+                |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
+            drive(
+                conn,
+                graceful,
+                ends.remote,
+                &limits,
+                &activity,
+                stop,
+                evicted,
+            )
+            .await;
+        }
+        Protocol::Http => {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                // The request head must arrive in time, as a TLS handshake
+                // and HTTP/2 preface must: a slow-loris client is closed.
+                .header_read_timeout(limits.handshake_timeout)
+                .max_buf_size(HTTP1_MAX_BUF);
+            http2_settings(&mut builder.http2(), &limits);
+            let conn = builder.serve_connection(io, service);
+            let graceful =
+                |c: Pin<&mut _>| hyper_util::server::conn::auto::Connection::graceful_shutdown(c);
+            drive(
+                conn,
+                graceful,
+                ends.remote,
+                &limits,
+                &activity,
+                stop,
+                evicted,
+            )
+            .await;
+        }
+    }
+}
+
+/// The HTTP/2 settings of every port, on either builder.
+fn http2_settings<B: Http2Settings>(builder: &mut B, limits: &Limits) {
+    builder.apply(limits);
+}
+
+/// hyper's two HTTP/2 builders (alone, and inside the auto builder) have the
+/// same setters but no common trait.
+trait Http2Settings {
+    fn apply(&mut self, limits: &Limits);
+}
+
+macro_rules! http2_settings_for {
+    ($t:ty) => {
+        impl Http2Settings for $t {
+            fn apply(&mut self, limits: &Limits) {
+                self.timer(TokioTimer::new())
+                    .max_concurrent_streams(limits.max_concurrent_streams)
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_header_list_size(MAX_HEADER_LIST)
+                    // A peer that stops answering pings is gone (or not
+                    // reading): its connection is closed instead of held.
+                    .keep_alive_interval(limits.keepalive_interval)
+                    .keep_alive_timeout(limits.keepalive_timeout);
+            }
+        }
+    };
+}
+
+http2_settings_for!(hyper::server::conn::http2::Builder<TokioExecutor>);
+http2_settings_for!(hyper_util::server::conn::auto::Http2Builder<'_, TokioExecutor>);
+
+/// Runs `conn` until it ends, closing it gracefully at `idle_timeout`,
+/// `max_connection_age`, eviction or server shutdown.
+async fn drive<C, E>(
+    conn: C,
+    graceful_shutdown: fn(Pin<&mut C>),
+    remote: SocketAddr,
+    limits: &Limits,
+    activity: &Activity,
+    mut stop: watch::Receiver<bool>,
+    mut evicted: Pin<&mut impl Future<Output = ()>>,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     let mut conn = std::pin::pin!(conn);
 
     let age = tokio::time::sleep(limits.max_connection_age);
@@ -164,7 +269,7 @@ async fn serve_http<IO>(
             }
             () = &mut idle, if !closing => {
                 tracing::debug!(peer = %remote, "idle connection closed (server.idle_timeout)");
-                conn.as_mut().graceful_shutdown();
+                graceful_shutdown(conn.as_mut());
                 closing = true;
                 forced.set(Some(tokio::time::sleep(limits.close_grace)).into());
             }
@@ -179,13 +284,13 @@ async fn serve_http<IO>(
                 if activity.is_idle() {
                     return;
                 }
-                conn.as_mut().graceful_shutdown();
+                graceful_shutdown(conn.as_mut());
                 closing = true;
                 forced.set(Some(tokio::time::sleep(limits.close_grace)).into());
             }
             () = &mut age, if !closing => {
                 tracing::debug!(peer = %remote, "connection closed at its maximum age (server.max_connection_age)");
-                conn.as_mut().graceful_shutdown();
+                graceful_shutdown(conn.as_mut());
                 closing = true;
                 forced.set(Some(tokio::time::sleep(limits.close_grace)).into());
             }
@@ -197,11 +302,21 @@ async fn serve_http<IO>(
                 // Server shutdown: the server bounds the drain as a whole.
                 stopping = true;
                 if !closing {
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown(conn.as_mut());
                     closing = true;
                 }
             }
         }
+    }
+}
+
+/// The gRPC port reads the HTTP/2 preface; the HTTP port has none to read
+/// (hyper tells HTTP/1.1 from HTTP/2 itself, and its header read timeout
+/// bounds an HTTP/1.1 client's first request head).
+async fn preface<IO: AsyncRead + Unpin>(protocol: Protocol, io: IO) -> io::Result<Replay<IO>> {
+    match protocol {
+        Protocol::Grpc => read_preface(io).await,
+        Protocol::Http => Ok(Replay::replaying_nothing(io)),
     }
 }
 
@@ -234,6 +349,16 @@ async fn read_preface<IO: AsyncRead + Unpin>(mut io: IO) -> io::Result<Replay<IO
 struct Replay<IO> {
     pos: usize,
     inner: IO,
+}
+
+impl<IO> Replay<IO> {
+    /// An IO of which nothing was consumed (no preface read).
+    fn replaying_nothing(inner: IO) -> Self {
+        Self {
+            pos: PREFACE.len(),
+            inner,
+        }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {

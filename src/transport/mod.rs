@@ -1,5 +1,7 @@
-//! The gRPC port from TCP up to the routes: the accept loop, TLS (with
-//! reload), and the limits that keep one peer from exhausting the server.
+//! A port from TCP up to the routes: the accept loop, TLS (with reload), and
+//! the limits that keep one peer from exhausting the server. The gRPC port
+//! speaks HTTP/2 only ([`Protocol::Grpc`]); the identity endpoint's port
+//! HTTP/1.1 and HTTP/2 ([`Protocol::Http`]), with the same TLS and limits.
 //!
 //! Each accepted connection gets, in order:
 //! 1. a slot under `max_connections_per_peer` and `max_connections` (refused
@@ -10,12 +12,13 @@
 //!    ([`limits::ConnTable`]), so sockets held from many addresses cannot
 //!    lock callers and health checks out;
 //! 2. `handshake_timeout` to finish the TLS handshake and send the HTTP/2
-//!    preface, else it is closed;
-//! 3. HTTP/2 with `idle_timeout` (no open request), `max_connection_age`
-//!    (both graceful), and keepalive pings;
+//!    preface (HTTP/1.1: its request head), else it is closed;
+//! 3. HTTP with `idle_timeout` (no open request), `max_connection_age`
+//!    (both graceful), and HTTP/2 keepalive pings;
 //! 4. per request: [`PeerInfo`] in the extensions, a permit of
-//!    `max_in_flight_requests` (else RESOURCE_EXHAUSTED at once), and
-//!    `request_timeout` for the request body to arrive in full.
+//!    `max_in_flight_requests` (else the service's [`Edge::overloaded`]
+//!    answer at once), and `request_timeout` for the request body to arrive
+//!    in full.
 //!
 //! The accept loop is ours rather than tonic's `serve_with_incoming`, which
 //! has no place for the handshake deadline, the idle timeout, or per-request
@@ -26,18 +29,19 @@ pub mod limits;
 pub mod request;
 pub mod tls;
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Semaphore, watch},
     task::JoinSet,
 };
-use tonic::service::Routes;
+use tonic::{Status, service::Routes};
 
 use crate::{
     clock::Clock,
     config::{ServerConfig, TlsConfig},
+    domain::error::BrokerError,
 };
 use limits::{Admitted, ConnSlot, ConnTable, PeerSlots, RefusalLog};
 use tls::{TlsAcceptor, TlsError};
@@ -59,6 +63,41 @@ pub struct PeerCert {
     /// URI SANs, e.g. SPIFFE IDs (`spiffe://cluster.local/ns/shop/sa/web`).
     pub uri_sans: Vec<String>,
     pub dns_sans: Vec<String>,
+}
+
+/// What a port speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/2 only (ALPN `h2`); anything else is refused at its first byte.
+    Grpc,
+    /// HTTP/1.1 and HTTP/2 (ALPN `h2`, `http/1.1`), for plain HTTP clients.
+    Http,
+}
+
+/// The request and response types every port serves.
+pub type HttpRequest = http::Request<tonic::body::Body>;
+pub type HttpResponse = http::Response<tonic::body::Body>;
+
+/// What a port serves: requests to responses, and the answer to a request
+/// shed because too many are in flight (in the service's own wire format:
+/// a gRPC status, a problem document).
+pub trait Edge:
+    tower_service::Service<HttpRequest, Response = HttpResponse, Error = Infallible>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The answer for a request refused with `e` before it reached the
+    /// service.
+    fn overloaded(&self, e: BrokerError) -> HttpResponse;
+}
+
+/// The gRPC routes answer with a status.
+impl Edge for Routes {
+    fn overloaded(&self, e: BrokerError) -> HttpResponse {
+        Status::from(e).into_http()
+    }
 }
 
 /// How often at most the WARN line about refused connections (or shed
@@ -101,26 +140,29 @@ impl From<&ServerConfig> for Limits {
     }
 }
 
-/// The gRPC port: accept loop, TLS and limits around `routes`.
+/// A port: accept loop, TLS and limits around a service.
 pub struct Transport {
     limits: Limits,
     tls: Option<Arc<TlsAcceptor>>,
+    protocol: Protocol,
     clock: Clock,
 }
 
 impl Transport {
-    /// Reads the TLS files when `[server.tls]` is set; a bad one is an error
-    /// naming the key and file.
-    pub fn new(server: &ServerConfig, clock: Clock) -> Result<Self, TlsError> {
+    /// A port speaking `protocol` with `[server]`'s limits. Reads the TLS
+    /// files when `[server.tls]` is set; a bad one is an error naming the key
+    /// and file.
+    pub fn new(server: &ServerConfig, protocol: Protocol, clock: Clock) -> Result<Self, TlsError> {
         let tls = server
             .tls
             .as_ref()
-            .map(TlsAcceptor::new)
+            .map(|t| TlsAcceptor::new(t, protocol))
             .transpose()?
             .map(Arc::new);
         Ok(Self {
             limits: Limits::from(server),
             tls,
+            protocol,
             clock,
         })
     }
@@ -136,15 +178,19 @@ impl Transport {
     /// completes; then stops accepting (the listening socket closes), asks
     /// every connection to finish gracefully, and returns when all are
     /// closed. Dropping the future drops every connection.
-    pub async fn serve(
+    pub async fn serve<S: Edge>(
         self,
         listener: TcpListener,
-        routes: Routes,
+        service: S,
         shutdown: impl Future<Output = ()>,
-    ) -> io::Result<()> {
+    ) -> io::Result<()>
+    where
+        S::Future: Send,
+    {
         let limits = self.limits;
+        let protocol = self.protocol;
         let shared = request::Shared {
-            routes: routes.prepare(),
+            service,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight_requests)),
             request_timeout: limits.request_timeout,
             shed_log: Arc::new(RefusalLog::new(REFUSAL_LOG_EVERY)),
@@ -173,7 +219,7 @@ impl Transport {
                                 (self.tls.clone(), shared.clone(), limits.clone(), stop_rx.clone());
                             async move {
                                 let (_peer, conn) = slots;
-                                conn::serve(tcp, remote, tls, shared, limits, stop, &conn).await;
+                                conn::serve(tcp, remote, protocol, tls, shared, limits, stop, &conn).await;
                             }
                         });
                     }

@@ -1,7 +1,8 @@
-//! Per-request controls between hyper and the gRPC routes: the peer's
+//! Per-request controls between hyper and a port's service: the peer's
 //! identity in the request's extensions, the server-wide bound on requests in
-//! flight (answered at once with RESOURCE_EXHAUSTED, never queued), and the
-//! deadline by which the request body must have arrived in full.
+//! flight (answered at once, never queued: RESOURCE_EXHAUSTED on the gRPC
+//! port), and the deadline by which the request body must have arrived in
+//! full.
 
 use std::{
     convert::Infallible,
@@ -20,18 +21,18 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep},
 };
-use tonic::{Status, service::Routes, transport::server::TcpConnectInfo};
+use tonic::{Status, transport::server::TcpConnectInfo};
 
 use super::{
-    PeerInfo,
+    Edge, PeerInfo,
     limits::{ActiveRequest, Activity, RefusalLog},
 };
 use crate::{clock::Clock, domain::error::BrokerError};
 
 /// What every connection's service shares.
 #[derive(Clone)]
-pub struct Shared {
-    pub routes: Routes,
+pub struct Shared<S> {
+    pub service: S,
     /// Requests in flight server-wide.
     pub in_flight: Arc<Semaphore>,
     pub request_timeout: Duration,
@@ -42,8 +43,8 @@ pub struct Shared {
 
 /// The service of one connection: `Shared` plus who is on the other end.
 #[derive(Clone)]
-pub struct ConnService {
-    pub shared: Shared,
+pub struct ConnService<S> {
+    pub shared: Shared<S>,
     pub peer: PeerInfo,
     pub local: Option<std::net::SocketAddr>,
     pub activity: Activity,
@@ -52,7 +53,10 @@ pub struct ConnService {
 type BoxFuture =
     Pin<Box<dyn Future<Output = Result<Response<tonic::body::Body>, Infallible>> + Send>>;
 
-impl hyper::service::Service<Request<Incoming>> for ConnService {
+impl<S: Edge> hyper::service::Service<Request<Incoming>> for ConnService<S>
+where
+    S::Future: Send,
+{
     type Response = Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = BoxFuture;
@@ -66,14 +70,13 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 tracing::warn!(
                     shed,
                     peer = %self.peer.remote,
-                    "too many requests in flight (server.max_in_flight_requests); answering RESOURCE_EXHAUSTED"
+                    "too many requests in flight (server.max_in_flight_requests); refusing at once"
                 );
             }
             // Refused without reading the body: the stream costs nothing more.
-            let status = Status::from(BrokerError::Overloaded(
+            let response = self.shared.service.overloaded(BrokerError::Overloaded(
                 "the server has too many requests in flight; retry with backoff".into(),
             ));
-            let response = status.into_http::<tonic::body::Body>();
             return Box::pin(async move {
                 drop(active);
                 Ok(response)
@@ -90,9 +93,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         });
         let body = tonic::body::Body::new(DeadlineBody::new(body, deadline));
         let req = Request::from_parts(parts, body);
-        let mut routes = self.shared.routes.clone();
+        let mut service = self.shared.service.clone();
         Box::pin(async move {
-            let response = tower_service::Service::call(&mut routes, req).await?;
+            // Routes and the identity service are always ready.
+            let response = tower_service::Service::call(&mut service, req).await?;
             Ok(response.map(|body| {
                 tonic::body::Body::new(Guarded {
                     inner: body,

@@ -20,7 +20,7 @@ use rustls::{
 };
 use zeroize::Zeroizing;
 
-use super::PeerCert;
+use super::{PeerCert, Protocol};
 use crate::config::{
     TlsConfig,
     secret_file::{MAX_PUBLIC_FILE_BYTES, MAX_SECRET_FILE_BYTES, read_public},
@@ -28,6 +28,7 @@ use crate::config::{
 
 /// The one application protocol the port speaks.
 const ALPN_H2: &[u8] = b"h2";
+const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// Why a `[server.tls]` file was refused: the key it came from, the file and
 /// the reason. Safe to print: it never holds file contents.
@@ -57,6 +58,11 @@ const CA_KEY: &str = "server.tls.client_ca_file";
 /// Called at configuration load (so `check-config` and start-up refuse bad
 /// files), at start-up, and on every reload.
 pub fn load(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    load_for(config, Protocol::Grpc)
+}
+
+/// [`load`], offering the ALPN protocols of `protocol`.
+fn load_for(config: &TlsConfig, protocol: Protocol) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(ring::default_provider());
     let err = |key, file: &Path, reason: String| TlsError {
         key,
@@ -109,7 +115,11 @@ pub fn load(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
             format!("does not fit the certificate in server.tls.cert_file: {e}"),
         )
     })?;
-    server.alpn_protocols = vec![ALPN_H2.to_vec()];
+    server.alpn_protocols = match protocol {
+        Protocol::Grpc => vec![ALPN_H2.to_vec()],
+        // h2 first: a client offering both gets HTTP/2.
+        Protocol::Http => vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()],
+    };
     Ok(Arc::new(server))
 }
 
@@ -146,6 +156,7 @@ fn pem_reason(e: &rustls::pki_types::pem::Error, wanted: &str) -> String {
 /// with, so a reload never drops them.
 pub struct TlsAcceptor {
     current: ArcSwap<ServerConfig>,
+    protocol: Protocol,
 }
 
 impl fmt::Debug for TlsAcceptor {
@@ -155,16 +166,18 @@ impl fmt::Debug for TlsAcceptor {
 }
 
 impl TlsAcceptor {
-    pub fn new(config: &TlsConfig) -> Result<Self, TlsError> {
+    /// The acceptor of a port speaking `protocol` (its ALPN offer).
+    pub fn new(config: &TlsConfig, protocol: Protocol) -> Result<Self, TlsError> {
         Ok(Self {
-            current: ArcSwap::new(load(config)?),
+            current: ArcSwap::new(load_for(config, protocol)?),
+            protocol,
         })
     }
 
     /// Re-reads the files (rotated in place, or at new paths). On failure the
     /// configuration in force stays and the error says which file and why.
     pub fn reload(&self, config: &TlsConfig) -> Result<(), TlsError> {
-        self.current.store(load(config)?);
+        self.current.store(load_for(config, self.protocol)?);
         Ok(())
     }
 
@@ -262,6 +275,12 @@ mod tests {
         let (cert, key) = self_signed();
         let server = load(&config(&files, &cert, &key)).unwrap();
         assert_eq!(server.alpn_protocols, vec![b"h2".to_vec()]);
+        // The identity endpoint's port offers HTTP/1.1 too, after h2.
+        let http = load_for(&config(&files, &cert, &key), Protocol::Http).unwrap();
+        assert_eq!(
+            http.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
     }
 
     #[test]
@@ -326,7 +345,7 @@ mod tests {
         let files = Files::new();
         let (cert, key) = self_signed();
         let tls = config(&files, &cert, &key);
-        let acceptor = TlsAcceptor::new(&tls).unwrap();
+        let acceptor = TlsAcceptor::new(&tls, Protocol::Grpc).unwrap();
         let before = acceptor.current.load_full();
         files.write("tls.key", "garbage");
         assert!(acceptor.reload(&tls).is_err());

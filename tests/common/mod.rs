@@ -33,6 +33,7 @@ pub const KEY_ACME: &str = "acme-api-key-0f3b9c2e71";
 pub const KEY_GLOBEX: &str = "globex-api-key-8d1e4a55c0";
 pub const CALLER_WEB: &str = "caller-web-token-4c1d2e9a";
 pub const CALLER_OPS: &str = "caller-ops-token-77b0e1f3";
+pub const CALLER_ALL_ACME: &str = "caller-all-acme-token-5e0c71";
 
 /// What a test changes about the standard setup.
 #[derive(Default, Clone)]
@@ -63,6 +64,8 @@ pub struct Options {
     pub api_url: &'static str,
     /// Serve `/metrics` on an ephemeral port ([`Harness::scrape`]).
     pub metrics: bool,
+    /// `[identity_endpoint]` on an ephemeral port ([`Harness::identity_addr`]).
+    pub identity_endpoint: bool,
 }
 
 pub const KEY_REVOKED: &str = "revoked-api-key-000000";
@@ -83,6 +86,8 @@ pub struct Harness {
     pub channel: Channel,
     /// Where `/metrics` is served, with [`Options::metrics`].
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the identity endpoint is served, with [`Options::identity_endpoint`].
+    pub identity_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), ServeError>>>,
     reload: mpsc::Sender<Config>,
@@ -114,12 +119,20 @@ impl Harness {
             false => None,
         };
         let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
+        let identity = match opts.identity_endpoint {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let identity_addr = identity.as_ref().map(|l| l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let (reload, reloads) = mpsc::channel::<Config>(1);
         let server = tokio::spawn(async move {
-            server::serve_with_metrics(
-                listener,
-                metrics,
+            server::serve_on(
+                server::Listeners {
+                    grpc: listener,
+                    metrics,
+                    identity,
+                },
                 &config,
                 clock,
                 entropy,
@@ -145,6 +158,7 @@ impl Harness {
             client: TokenBrokerClient::new(channel.clone()),
             channel,
             metrics_addr,
+            identity_addr,
             stop: Some(stop),
             server: Some(server),
             reload,
@@ -262,6 +276,9 @@ pub async fn start_sim(opts: &Options) -> SimPayroc {
 /// (for tests that connect their own way: TLS, raw sockets).
 pub struct Served {
     pub addr: SocketAddr,
+    /// The identity endpoint, when the configuration has `[identity_endpoint]`
+    /// (served on an ephemeral loopback port, whatever its `listen`).
+    pub identity_addr: Option<SocketAddr>,
     pub stop: Option<oneshot::Sender<()>>,
     pub server: Option<JoinHandle<Result<(), ServeError>>>,
     /// Sends a configuration as SIGHUP would after validating it.
@@ -279,11 +296,20 @@ impl Drop for Served {
 pub async fn serve(config: Config) -> Served {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let identity = match config.identity_endpoint {
+        Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        None => None,
+    };
+    let identity_addr = identity.as_ref().map(|l| l.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
     let (reload, reloads) = mpsc::channel::<Config>(1);
     let server = tokio::spawn(async move {
-        server::serve(
-            listener,
+        server::serve_on(
+            server::Listeners {
+                grpc: listener,
+                metrics: None,
+                identity,
+            },
             &config,
             Clock::system(),
             Arc::new(OsEntropy),
@@ -296,6 +322,7 @@ pub async fn serve(config: Config) -> Served {
     });
     Served {
         addr,
+        identity_addr,
         stop: Some(stop),
         server: Some(server),
         reload,
@@ -318,6 +345,7 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
         {extra}
         [ext_authz]
         enabled = {ext_authz}
+        {identity_endpoint}
         [[credentials]]
         name = "acme"
         api_key_env = "KEY_ACME"
@@ -337,6 +365,11 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
             opts.api_url.to_owned()
         },
         ext_authz = opts.ext_authz,
+        identity_endpoint = if opts.identity_endpoint {
+            "[identity_endpoint]\nlisten = \"127.0.0.1:0\""
+        } else {
+            ""
+        },
         extra = opts.payroc,
         callers = opts.callers,
         credentials = opts.credentials,
@@ -369,6 +402,7 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
                 "KEY_REVOKED" => KEY_REVOKED,
                 "CALLER_WEB" => CALLER_WEB,
                 "CALLER_OPS" => CALLER_OPS,
+                "CALLER_ALL_ACME" => CALLER_ALL_ACME,
                 _ => return None,
             }
             .to_owned(),
