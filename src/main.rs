@@ -57,6 +57,10 @@ enum Command {
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Where the Payroc-compatible identity endpoint (for the official
+        /// SDKs) listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        identity_listen: SocketAddr,
         /// Serve TLS with a throwaway CA made at start-up; the one caller is
         /// the client certificate written next to it (paths are printed).
         #[arg(long)]
@@ -212,10 +216,15 @@ fn main() -> ExitCode {
         }
         Command::Sandbox {
             listen,
+            identity_listen,
             tls,
             tls_dir,
             ..
-        } => sandbox(listen, tls.then(|| tls_dir.unwrap_or_else(default_tls_dir))),
+        } => sandbox(
+            listen,
+            identity_listen,
+            tls.then(|| tls_dir.unwrap_or_else(default_tls_dir)),
+        ),
     }
 }
 
@@ -232,18 +241,24 @@ fn default_tls_dir() -> PathBuf {
 }
 
 #[cfg(feature = "sandbox")]
-fn sandbox(listen: SocketAddr, tls_dir: Option<PathBuf>) -> ExitCode {
+fn sandbox(listen: SocketAddr, identity_listen: SocketAddr, tls_dir: Option<PathBuf>) -> ExitCode {
     run(async move {
         let entropy: SharedEntropy = Arc::new(OsEntropy);
-        let sandbox =
-            SandboxHandle::start_with(listen, Clock::system(), entropy, tls_dir.as_deref()).await?;
+        let sandbox = SandboxHandle::start_with(
+            listen,
+            identity_listen,
+            Clock::system(),
+            entropy,
+            tls_dir.as_deref(),
+        )
+        .await?;
         Ok((sandbox.config.clone(), Some(sandbox), None))
     })
 }
 
 /// Production builds (`--no-default-features`) carry no simulated Payroc.
 #[cfg(not(feature = "sandbox"))]
-fn sandbox(_listen: SocketAddr, _tls_dir: Option<PathBuf>) -> ExitCode {
+fn sandbox(_listen: SocketAddr, _identity: SocketAddr, _tls_dir: Option<PathBuf>) -> ExitCode {
     eprintln!(
         "error: this payroc-broker was built without the `sandbox` feature, so it has no \
          simulated Payroc; use a build with default features to try it out"
@@ -252,12 +267,12 @@ fn sandbox(_listen: SocketAddr, _tls_dir: Option<PathBuf>) -> ExitCode {
 }
 
 #[cfg(feature = "sandbox")]
-fn instructions(sandbox: &SandboxHandle, addr: SocketAddr) -> String {
-    sandbox.instructions(addr)
+fn instructions(sandbox: &SandboxHandle, addr: SocketAddr, identity: SocketAddr) -> String {
+    sandbox.instructions(addr, identity)
 }
 
 #[cfg(not(feature = "sandbox"))]
-fn instructions(sandbox: &SandboxHandle, _addr: SocketAddr) -> String {
+fn instructions(sandbox: &SandboxHandle, _addr: SocketAddr, _identity: SocketAddr) -> String {
     match *sandbox {}
 }
 
@@ -342,18 +357,42 @@ fn run(prepare: impl Future<Output = Result<Prepared, String>>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let listener = match TcpListener::bind(config.server.listen).await {
+        // Every port is bound before anything is printed, so the printed
+        // addresses are the real ones (port 0 included).
+        let bind = async |addr: SocketAddr, key: &str| {
+            TcpListener::bind(addr).await.map_err(|e| {
+                eprintln!("error: cannot listen on {addr} ({key}): {e}");
+                ExitCode::FAILURE
+            })
+        };
+        let listener = match bind(config.server.listen, "server.listen").await {
             Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: cannot listen on {}: {e}", config.server.listen);
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
+        };
+        let metrics = match config.server.metrics_listen {
+            None => None,
+            Some(addr) => match bind(addr, "server.metrics_listen").await {
+                Ok(l) => Some(l),
+                Err(code) => return code,
+            },
+        };
+        let identity = match &config.identity_endpoint {
+            None => None,
+            Some(endpoint) => match bind(endpoint.listen, "identity_endpoint.listen").await {
+                Ok(l) => Some(l),
+                Err(code) => return code,
+            },
         };
         if let Some(sandbox) = &sandbox {
             let addr = listener.local_addr().unwrap_or(config.server.listen);
+            let identity_addr = identity
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .unwrap_or(addr);
             // Not println!: it panics if stdout is already closed.
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", instructions(sandbox, addr)).and_then(|()| out.flush());
+            let _ = writeln!(out, "{}", instructions(sandbox, addr, identity_addr))
+                .and_then(|()| out.flush());
         }
         let reloads = match policy.map(|p| p.reloads(&config)).transpose() {
             Ok(Some(r)) => r.left_stream(),
@@ -364,8 +403,13 @@ fn run(prepare: impl Future<Output = Result<Prepared, String>>) -> ExitCode {
             }
         };
         let entropy: SharedEntropy = Arc::new(OsEntropy);
-        match server::serve(
-            listener,
+        let listeners = server::Listeners {
+            grpc: listener,
+            metrics,
+            identity,
+        };
+        match server::serve_on(
+            listeners,
             &config,
             Clock::system(),
             entropy,

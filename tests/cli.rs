@@ -170,11 +170,26 @@ async fn exit_code(mut child: Running) -> Option<i32> {
 /// Reads lines from a child's pipe until one contains `needle`, then closes
 /// the pipe: the broker must carry on when its log reader goes away.
 async fn line_with(pipe: impl std::io::Read + Send + 'static, needle: &'static str) -> String {
+    lines_through(pipe, needle).await.pop().unwrap()
+}
+
+/// Every line up to and including the first that contains `needle`; then
+/// the pipe is closed, as for [`line_with`].
+async fn lines_through(
+    pipe: impl std::io::Read + Send + 'static,
+    needle: &'static str,
+) -> Vec<String> {
     tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
         for line in BufReader::new(pipe).lines() {
             match line {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
+                Ok(l) => {
+                    let done = l.contains(needle);
+                    seen.push(l);
+                    if done {
+                        return seen;
+                    }
+                }
                 Err(_) => break,
             }
         }
@@ -182,6 +197,15 @@ async fn line_with(pipe: impl std::io::Read + Send + 'static, needle: &'static s
     })
     .await
     .unwrap()
+}
+
+/// The URL after `label` in the sandbox's start-up text.
+fn printed_after<'a>(lines: &'a [String], label: &str) -> &'a str {
+    lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in {lines:?}"))
+        .trim()
 }
 
 async fn call(addr: SocketAddr) -> String {
@@ -203,13 +227,27 @@ async fn call(addr: SocketAddr) -> String {
 async fn sandbox_serves_and_stops_cleanly_on_sigterm() {
     let mut child = broker()
         .args(["sandbox", "--listen", "127.0.0.1:0"])
+        .args(["--identity-listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let child = Running(child);
-    let first = line_with(stdout, "gRPC on").await;
+    let lines = lines_through(stdout, "identity URL").await;
+    let first = &lines[0];
+    // The identity endpoint answers at the printed URL, as an SDK calls it.
+    let identity = printed_after(&lines, "identity URL");
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{identity}/authorize"))
+        .header("x-api-key", "anything")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(answer["access_token"].is_string(), "{answer}");
     let addr: SocketAddr = first
         .split("gRPC on ")
         .nth(1)
@@ -230,7 +268,8 @@ async fn sandbox_tls_serves_the_client_certificate_it_wrote_and_refuses_others()
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let dir = std::env::temp_dir().join(format!("payroc-broker-cli-tls-{}", std::process::id()));
     let mut child = broker()
-        .args(["sandbox", "--tls", "--listen", "127.0.0.1:0", "--tls-dir"])
+        .args(["sandbox", "--tls", "--listen", "127.0.0.1:0"])
+        .args(["--identity-listen", "127.0.0.1:0", "--tls-dir"])
         .arg(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -238,7 +277,9 @@ async fn sandbox_tls_serves_the_client_certificate_it_wrote_and_refuses_others()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let child = Running(child);
-    let first = line_with(stdout, "gRPC over TLS on").await;
+    let lines = lines_through(stdout, "identity URL").await;
+    let identity = printed_after(&lines, "identity URL").to_owned();
+    let first = &lines[0];
     let addr: SocketAddr = (first.split("gRPC over TLS on ").nth(1).unwrap())
         .split(',')
         .next()
@@ -280,6 +321,30 @@ async fn sandbox_tls_serves_the_client_certificate_it_wrote_and_refuses_others()
     let mut c = TokenBrokerClient::new(channel(without).await);
     let err = c.get_bearer_token(request()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // The identity endpoint over the same TLS: the certificate is the
+    // caller, whatever `x-api-key` says; without it, 401.
+    let https = |with_cert: bool| {
+        let mut b = reqwest::Client::builder().add_root_certificate(
+            reqwest::Certificate::from_pem(read("ca.crt").as_bytes()).unwrap(),
+        );
+        if with_cert {
+            let pem = read("client.crt") + &read("client.key");
+            b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+        }
+        b.build().unwrap()
+    };
+    assert!(identity.starts_with("https://"), "{identity}");
+    let url = format!("{identity}/authorize").replace("127.0.0.1", "localhost");
+    for (client, status) in [(https(true), 200), (https(false), 401)] {
+        let r = client
+            .post(&url)
+            .header("x-api-key", "whatever")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+    }
 
     signal(&child.0, "-TERM");
     assert_eq!(exit_code(child).await, Some(0));

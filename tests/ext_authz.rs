@@ -651,7 +651,7 @@ async fn the_sandbox_prints_a_check_that_works() {
         .await
         .unwrap();
     assert!(sandbox.config.ext_authz.enabled);
-    let printed = sandbox.instructions(addr);
+    let printed = sandbox.instructions(addr, addr);
     let line = printed
         .lines()
         .find(|l| l.contains("envoy.service.auth.v3.Authorization/Check"))

@@ -34,20 +34,24 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Starts the simulator on a loopback port and builds the broker's
-    /// configuration for `listen`.
+    /// configuration for `listen` (the identity endpoint on any free
+    /// loopback port).
     pub async fn start(
         listen: SocketAddr,
         clock: Clock,
         entropy: SharedEntropy,
     ) -> Result<Sandbox, String> {
-        Self::start_with(listen, clock, entropy, None).await
+        let identity = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_with(listen, identity, clock, entropy, None).await
     }
 
-    /// [`Sandbox::start`], serving TLS with certificates made into `tls_dir`
-    /// when given: client certificates are verified against the sandbox CA,
-    /// and the caller [`CLIENT_SPIFFE_ID`] may call everything.
+    /// [`Sandbox::start`] with the identity endpoint on `identity_listen`,
+    /// serving TLS with certificates made into `tls_dir` when given: client
+    /// certificates are verified against the sandbox CA, and the caller
+    /// [`CLIENT_SPIFFE_ID`] may call everything.
     pub async fn start_with(
         listen: SocketAddr,
+        identity_listen: SocketAddr,
         clock: Clock,
         entropy: SharedEntropy,
         tls_dir: Option<&Path>,
@@ -73,7 +77,8 @@ impl Sandbox {
         let mut text = format!(
             "[server]\nlisten = \"{listen}\"\nshutdown_grace = \"5s\"\n\
              [payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n\
-             [ext_authz]\nenabled = true\n",
+             [ext_authz]\nenabled = true\n\
+             [identity_endpoint]\nlisten = \"{identity_listen}\"\n",
             sim.identity_url(),
             sim.api_url()
         );
@@ -103,8 +108,9 @@ impl Sandbox {
         Ok(Sandbox { sim, config, pki })
     }
 
-    /// How to call the sandbox at `addr`, printed at start-up.
-    pub fn instructions(&self, addr: SocketAddr) -> String {
+    /// How to call the sandbox at `addr` (and its identity endpoint at
+    /// `identity`), printed at start-up.
+    pub fn instructions(&self, addr: SocketAddr, identity: SocketAddr) -> String {
         let mut terminals = String::new();
         for (name, ts) in DEMO_CREDENTIALS {
             terminals.push_str(&format!(
@@ -155,9 +161,69 @@ impl Sandbox {
              python3 -m pip install -r examples/clients/python/requirements.txt\n  \
              python3 examples/clients/python/client.py --target {addr} --terminal 1234001{python_tls}\n\
              \n\
+             {sdk}\
+             \n\
              Ctrl-C stops it.",
             sim = self.sim.api_url(),
             check = self.check_example(addr),
+            sdk = self.sdk_instructions(identity),
+        )
+    }
+
+    /// The identity endpoint's base URL for credential `name`: what an SDK
+    /// takes as its identity URL.
+    pub fn identity_base(&self, identity: SocketAddr, name: &str) -> String {
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        // The sandbox certificate names `localhost` and 127.0.0.1.
+        format!("{scheme}://{identity}/credentials/{name}")
+    }
+
+    /// The curl line that fetches a Bearer token as an SDK does.
+    pub fn curl_example(&self, identity: SocketAddr) -> String {
+        let tls = match &self.pki {
+            None => String::new(),
+            Some(pki) => format!(
+                "--cacert {} --cert {} --key {} ",
+                pki.ca_cert.display(),
+                pki.client_cert.display(),
+                pki.client_key.display()
+            ),
+        };
+        format!(
+            "curl -s {tls}-X POST -H 'x-api-key: any-value-here' {}/authorize",
+            self.identity_base(identity, DEMO_CREDENTIALS[0].0)
+        )
+    }
+
+    /// The identity endpoint's part of the start-up text.
+    fn sdk_instructions(&self, identity: SocketAddr) -> String {
+        let key = match &self.pki {
+            None => {
+                "any value (the sandbox has no [[callers]]; in production, the service's caller token)"
+            }
+            Some(_) => {
+                "any value (the client certificate identifies the caller; in production without one, the service's caller token)"
+            }
+        };
+        let tls = match &self.pki {
+            None => String::new(),
+            Some(pki) => format!(
+                "  and, as for gRPC, trust {} and present the client certificate\n",
+                pki.ca_cert.display()
+            ),
+        };
+        format!(
+            "Payroc's identity API for the official SDKs and plain HTTP, on {identity}\n\
+             (POST /credentials/{{credential}}/authorize answers as Payroc's POST /authorize):\n  \
+             {curl}\n\
+             An SDK needs two settings (README.md, \"Using the official SDKs\"):\n  \
+             identity URL  {base}\n  \
+             API key       {key}\n\
+             {tls}\
+             and its API URL stays Payroc's, here the simulated {api}\n",
+            curl = self.curl_example(identity),
+            base = self.identity_base(identity, DEMO_CREDENTIALS[0].0),
+            api = self.sim.api_url(),
         )
     }
 
