@@ -537,3 +537,97 @@ async fn the_idempotency_key_is_logged_only_in_the_audit_event() {
     assert_eq!(with_key.len(), 1, "{with_key:#?}");
     assert_eq!(with_key[0].target, "payroc_broker::audit");
 }
+
+#[tokio::test]
+async fn every_identity_endpoint_request_is_audited_once_and_no_secret_is_logged() {
+    let logs = capture();
+    // Cold: the first request waits for the identity answer.
+    let h = Harness::with(Options {
+        callers: CALLERS,
+        cold: true,
+        identity_endpoint: true,
+        ..Options::default()
+    })
+    .await;
+    let base = format!("http://{}", h.identity_addr.unwrap());
+    let client = reqwest::Client::new();
+    let post = |path: &str, key: &str| {
+        client
+            .post(format!("{base}{path}"))
+            .header("x-api-key", key)
+            .header("traceparent", TRACEPARENT)
+            .send()
+    };
+    let ok: Value = post("/credentials/acme/authorize", CALLER_WEB)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = ok["access_token"].as_str().unwrap().to_owned();
+    let statuses = [
+        post("/credentials/acme/authorize", "not-a-caller-token-xyz-0123").await,
+        post("/credentials/acme/authorize", CALLER_OPS).await,
+        post("/credentials/nope/authorize", CALLER_WEB).await,
+        post("/credentials/revoked/authorize", CALLER_WEB).await,
+    ]
+    .map(|r| r.unwrap().status().as_u16());
+    assert_eq!(statuses, [401, 403, 404, 502]);
+    h.shutdown().await.unwrap();
+
+    let audits = logs.events.audits();
+    assert_eq!(audits.len(), 5, "one event per request: {audits:#?}");
+    let authorize = |rest: &[(&'static str, Value)]| -> Vec<(&'static str, Value)> {
+        let mut all = vec![
+            ("rpc", s("Authorize")),
+            ("terminal", s("")),
+            ("trace_id", s(TRACE_ID)),
+        ];
+        all.extend_from_slice(rest);
+        all
+    };
+    assert_audit(
+        &audits[0],
+        &authorize(&[
+            ("caller", s("web")),
+            ("credential", s("acme")),
+            ("code", s("OK")),
+            ("upstream_status", 200.into()),
+            ("token_fp", s(&fingerprint(&token))),
+        ]),
+    );
+    assert_audit(&audits[1], &authorize(&[("code", s("UNAUTHENTICATED"))]));
+    assert_audit(
+        &audits[2],
+        &authorize(&[("caller", s("ops")), ("code", s("PERMISSION_DENIED"))]),
+    );
+    assert_audit(
+        &audits[3],
+        &authorize(&[("caller", s("web")), ("code", s("NOT_FOUND"))]),
+    );
+    assert_audit(
+        &audits[4],
+        &authorize(&[
+            ("caller", s("web")),
+            ("credential", s("revoked")),
+            ("code", s("FAILED_PRECONDITION")),
+            ("upstream_status", 401.into()),
+        ]),
+    );
+    let (json, text) = (logs.json.text(), logs.text.text());
+    for secret in [
+        KEY_ACME,
+        KEY_GLOBEX,
+        KEY_REVOKED,
+        CALLER_WEB,
+        CALLER_OPS,
+        "not-a-caller-token-xyz-0123",
+        token.as_str(),
+    ] {
+        for (format, out) in [("json", &json), ("text", &text)] {
+            if let Some(l) = out.lines().find(|l| l.contains(secret)) {
+                panic!("a secret reached the {format} logs: {l}");
+            }
+        }
+    }
+}

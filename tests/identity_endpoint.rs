@@ -456,3 +456,74 @@ async fn shutdown_stops_the_identity_port_too() {
             .unwrap();
     assert!(refused.is_err(), "the identity port closed");
 }
+
+/// A workload identified by its certificate, allowed every terminal of acme.
+const MESH_CALLERS: &str = r#"
+    [[callers]]
+    name = "shop"
+    spiffe_id = "spiffe://cluster.local/ns/shop/sa/web"
+    terminals = ["1234001", "1234002", "5678002", "4444001"]
+    rpcs = ["Authorize"]
+    [[callers]]
+    name = "web"
+    token_env = "CALLER_WEB"
+    terminals = ["*"]
+    rpcs = ["*"]
+"#;
+
+#[tokio::test]
+async fn over_tls_and_mtls_with_http1_and_http2() {
+    use common::pki::{Pki, uri};
+    let pki = Pki::new(false);
+    let opts = Options {
+        callers: MESH_CALLERS,
+        identity_endpoint: true,
+        ..Options::default()
+    };
+    let sim = start_sim(&opts).await;
+    let mut config = config_for(&sim, &opts);
+    config.server.tls = Some(pki.tls.clone());
+    let served = serve(config).await;
+    let url = format!(
+        "https://localhost:{}/credentials/acme/authorize",
+        served.identity_addr.unwrap().port()
+    );
+    let ca = reqwest::Certificate::from_pem(pki.server_ca.pem().as_bytes()).unwrap();
+    let leaf = pki
+        .client_ca
+        .client_with(vec![uri("spiffe://cluster.local/ns/shop/sa/web")]);
+    let identity = reqwest::Identity::from_pem((leaf.cert_pem + &leaf.key_pem).as_bytes()).unwrap();
+    let client = |cert: bool, http1: bool| {
+        let mut b = Client::builder().add_root_certificate(ca.clone());
+        if cert {
+            b = b.identity(identity.clone());
+        }
+        if http1 {
+            b = b.http1_only();
+        }
+        b.build().unwrap()
+    };
+    for (http1, version) in [
+        (true, reqwest::Version::HTTP_11),
+        (false, reqwest::Version::HTTP_2),
+    ] {
+        // The certificate names the caller; the x-api-key is anything (an
+        // SDK must send one).
+        let r = post_key(&client(true, http1), &url, "whatever-the-sdk-sends").await;
+        assert_eq!((r.status(), r.version()), (StatusCode::OK, version));
+        let body: Value = r.json().await.unwrap();
+        assert!(body["access_token"].is_string());
+        // Without a certificate, the caller token decides.
+        let r = post_key(&client(false, http1), &url, CALLER_WEB).await;
+        assert_eq!((r.status(), r.version()), (StatusCode::OK, version));
+        let r = post_key(&client(false, http1), &url, "whatever-the-sdk-sends").await;
+        problem(r, StatusCode::UNAUTHORIZED).await;
+    }
+    // A certificate held to its allow list: globex is not shop's.
+    let globex = url.replace("/acme/", "/globex/");
+    let r = post_key(&client(true, false), &globex, CALLER_WEB).await;
+    problem(r, StatusCode::FORBIDDEN).await;
+    // Plaintext on the TLS port gets nothing.
+    let plain = url.replace("https://", "http://");
+    assert!(h1().post(&plain).send().await.is_err());
+}

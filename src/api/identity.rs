@@ -242,6 +242,9 @@ impl IdentityService {
         let name = credential_in(parts.uri.path());
         let rpc = name.map(|_| Rpc::Authorize);
         let outcome = call::run(&self.auditor, rpc, origin, async |audit| {
+            // A Bearer token is for every terminal of its credential: the
+            // event's terminal is empty (the contract's part 3).
+            audit.terminal("");
             let Some(name) = name else {
                 return Err(Problem::new(
                     StatusCode::NOT_FOUND,
