@@ -200,6 +200,7 @@ async fn lines_through(
 }
 
 /// The URL after `label` in the sandbox's start-up text.
+#[cfg(feature = "sandbox")]
 fn printed_after<'a>(lines: &'a [String], label: &str) -> &'a str {
     lines
         .iter()
