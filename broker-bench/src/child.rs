@@ -90,6 +90,8 @@ pub struct Broker {
     pub pid: u32,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    /// The identity endpoint (`[identity_endpoint]`), for `/authorize`.
+    pub identity: SocketAddr,
     pub log: PathBuf,
 }
 
@@ -109,9 +111,10 @@ impl Broker {
     /// Starts the broker and waits until its health check says SERVING
     /// (every credential's first token fetched, or the warm-start timeout).
     pub async fn start(bin: &Path, flags: Flags, dir: &Path, setup: Setup<'_>) -> Broker {
-        let (addr, metrics) = (free_addr(), free_addr());
+        let (addr, metrics, identity) = (free_addr(), free_addr(), free_addr());
         let config = format!(
-            "[server]\nlisten = \"{addr}\"\nlog_format = \"json\"\nmetrics_listen = \"{metrics}\"\n{}\n{}",
+            "[server]\nlisten = \"{addr}\"\nlog_format = \"json\"\nmetrics_listen = \"{metrics}\"\n{}\n\
+             [identity_endpoint]\nlisten = \"{identity}\"\n{}",
             setup.server, setup.rest
         );
         let config_path = dir.join(format!("{}.toml", setup.name));
@@ -138,6 +141,7 @@ impl Broker {
             pid,
             addr,
             metrics,
+            identity,
             log,
         };
         broker.wait_serving(Duration::from_secs(180)).await;

@@ -32,12 +32,20 @@ pub enum Rpc {
     Bearer,
     /// `CreateSession`, answered by the simulator after its latency.
     Session,
+    /// `POST /credentials/{credential}/authorize` on the identity endpoint,
+    /// over HTTP/2 with `x-api-key`, answered from the same cache.
+    Authorize,
 }
 
 /// Where calls go and what they carry.
 #[derive(Clone)]
 pub struct Target {
     channels: Vec<Channel>,
+    /// One HTTP/2 client per connection, for [`Rpc::Authorize`].
+    http: Vec<reqwest::Client>,
+    /// `http://<identity endpoint>/credentials/<name>/authorize`.
+    authorize_url: Option<Arc<str>>,
+    caller_token: Arc<str>,
     auth: MetadataValue<Ascii>,
     terminals: Arc<[String]>,
     /// Sent as `grpc-timeout`, as production clients do.
@@ -62,8 +70,20 @@ impl Target {
                 .expect("the broker accepts connections");
             channels.push(channel);
         }
+        let http = (0..connections.max(1))
+            .map(|_| {
+                reqwest::Client::builder()
+                    .http2_prior_knowledge()
+                    .tcp_nodelay(true)
+                    .build()
+                    .expect("HTTP client")
+            })
+            .collect();
         Target {
             channels,
+            http,
+            authorize_url: None,
+            caller_token: caller_token.into(),
             auth: format!("Bearer {caller_token}")
                 .parse()
                 .expect("header value"),
@@ -72,10 +92,18 @@ impl Target {
         }
     }
 
+    /// Sends [`Rpc::Authorize`] to the identity endpoint at `addr`, for
+    /// credential `name`.
+    pub fn with_identity(mut self, addr: SocketAddr, name: &str) -> Target {
+        self.authorize_url = Some(format!("http://{addr}/credentials/{name}/authorize").into());
+        self
+    }
+
     /// A caller bound to connection `i % connections`.
     pub fn caller(&self, i: usize) -> Caller {
         let channel = self.channels[i % self.channels.len()].clone();
         Caller {
+            http: self.http[i % self.http.len()].clone(),
             target: self.clone(),
             health: HealthClient::new(channel.clone()),
             broker: TokenBrokerClient::new(channel),
@@ -87,6 +115,7 @@ impl Target {
 #[derive(Clone)]
 pub struct Caller {
     target: Target,
+    http: reqwest::Client,
     health: HealthClient<Channel>,
     broker: TokenBrokerClient<Channel>,
 }
@@ -128,8 +157,30 @@ impl Caller {
                 });
                 self.broker.create_session(req).await.map(drop)
             }
+            Rpc::Authorize => return self.authorize().await,
         };
         outcome.map_err(|s| format!("{:?}", s.code()))
+    }
+
+    /// One `/authorize`, as an SDK sends it; the body is read in full, as
+    /// an SDK reads the token. Err: the HTTP status (or `transport`).
+    async fn authorize(&self) -> Result<(), String> {
+        let url = self.target.authorize_url.as_deref().expect("with_identity");
+        let answer = self
+            .http
+            .post(url)
+            .header("x-api-key", &*self.target.caller_token)
+            .timeout(self.target.timeout)
+            .send()
+            .await
+            .map_err(|_| "transport".to_owned())?;
+        let status = answer.status();
+        let body = answer.bytes().await.map_err(|_| "transport".to_owned())?;
+        if status == reqwest::StatusCode::OK && !body.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", status.as_u16()))
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! | name | what |
 //! |---|---|
 //! | `bearer` | health Check (`noop`) vs cached GetBearerToken, interleaved rounds at saturation; then GetBearerToken paced at half the noop rate |
+//! | `authorize` | the identity endpoint's cached `POST /credentials/{name}/authorize` (HTTP/2, `x-api-key`) vs cached GetBearerToken, interleaved rounds at saturation; then both paced at the same rate for p99 |
 //! | `session` | CreateSession, a fixed number in flight, the simulator answering after L |
 //! | `peer` | the same session workload from N processes that each fetch their own Bearer token (SDK per service) |
 //! | `fanin` | N GetBearerToken calls at once across C cold credentials |
@@ -50,7 +51,7 @@ use crate::{
     stats::{Sample, Summary, r3},
 };
 
-const SCENARIOS: [&str; 5] = ["bearer", "session", "peer", "fanin", "scale"];
+const SCENARIOS: [&str; 6] = ["bearer", "authorize", "session", "peer", "fanin", "scale"];
 const CALLER_TOKEN: &str = "broker-bench-caller-token-7f3a9c2e41d8";
 const CALLER_ENV: &str = "BROKER_BENCH_CALLER_TOKEN";
 const LIB_VERSION: &str = "1.7.0.261457";
@@ -287,6 +288,109 @@ fn terminal_ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i:06}")).collect()
 }
 
+/// The identity endpoint beside GetBearerToken on the same broker: both
+/// answered from the one cache, so the difference is the edge (HTTP and JSON
+/// against gRPC and protobuf).
+async fn authorize(ctx: &mut Ctx, broker: &Broker, terminals: &[String]) {
+    let o = &ctx.opts;
+    let target = Target::connect(broker.addr, o.connections, CALLER_TOKEN, terminals.to_vec())
+        .await
+        .with_identity(broker.identity, "bench");
+    let side = Duration::from_secs_f64(o.seconds);
+    let warm = Duration::from_millis(300);
+    let (mut bearer, mut auth) = (Sample::default(), Sample::default());
+    let mut rows = String::new();
+    for round in 0..o.rounds {
+        let run = |rpc| load::closed_loop(&target, rpc, o.concurrency, warm, side);
+        let (b, a) = if round % 2 == 0 {
+            let b = run(Rpc::Bearer).await;
+            (b, run(Rpc::Authorize).await)
+        } else {
+            let a = run(Rpc::Authorize).await;
+            (run(Rpc::Bearer).await, a)
+        };
+        rows.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.3} |\n",
+            round + 1,
+            b.rps(),
+            a.rps(),
+            a.rps() / b.rps()
+        ));
+        note(format!(
+            "round {}: bearer {:.0} rps, authorize {:.0} rps",
+            round + 1,
+            b.rps(),
+            a.rps()
+        ));
+        let (bw, aw) = (bearer.window + b.window, auth.window + a.window);
+        bearer.merge(b);
+        auth.merge(a);
+        bearer.window = bw;
+        auth.window = aw;
+    }
+    let ratio = auth.rps() / bearer.rps();
+    // Both paced at the same rate, half the slower one's saturation.
+    let rate = o.paced_rate.unwrap_or(bearer.rps().min(auth.rps()) / 2.0);
+    let paced = async |rpc| {
+        load::paced(
+            &target,
+            rpc,
+            rate,
+            Duration::from_secs(1),
+            Duration::from_secs_f64(o.paced_seconds),
+        )
+        .await
+    };
+    let paced_bearer = paced(Rpc::Bearer).await;
+    let paced_auth = paced(Rpc::Authorize).await;
+    let (bs, as_, pb, pa) = (
+        bearer.summary(),
+        auth.summary(),
+        paced_bearer.summary(),
+        paced_auth.summary(),
+    );
+    ctx.text.push_str(&format!(
+        "\n## identity endpoint /authorize vs GetBearerToken (both cached): {} interleaved rounds \
+         of {} s per side, {} in flight over {} connections\n\n\
+         | round | bearer rps | authorize rps | ratio |\n|---|---|---|---|\n{rows}\n\
+         | path | rps | p50 / p90 / p99 / max ms | failures |\n|---|---|---|---|\n\
+         | GetBearerToken (gRPC) | {:.0} | {} | {} |\n\
+         | /authorize (HTTP/2 + JSON) | {:.0} | {} | {} |\n\
+         | GetBearerToken paced at {rate:.0}/s | {:.0} | {} | {} |\n\
+         | /authorize paced at {rate:.0}/s | {:.0} | {} | {} |\n\n\
+         authorize_over_bearer (ratio of mean rps) = {ratio:.3}\n",
+        o.rounds,
+        o.seconds,
+        o.concurrency,
+        o.connections,
+        bearer.rps(),
+        bs.cells(),
+        bearer.failures(),
+        auth.rps(),
+        as_.cells(),
+        auth.failures(),
+        paced_bearer.rps(),
+        pb.cells(),
+        paced_bearer.failures(),
+        paced_auth.rps(),
+        pa.cells(),
+        paced_auth.failures(),
+    ));
+    let out = &mut ctx.out;
+    out.insert("authorize_rps".into(), json!(auth.rps().round()));
+    out.insert("authorize_over_bearer".into(), json!(r3(ratio)));
+    out.insert("authorize_p99_ms".into(), json!(r3(pa.p99)));
+    out.insert("authorize_paced_bearer_p99_ms".into(), json!(r3(pb.p99)));
+    out.insert("authorize_saturated".into(), as_.json());
+    out.insert("authorize_paced".into(), pa.json());
+    out.insert(
+        "authorize_failures".into(),
+        json!(
+            auth.failures() + paced_auth.failures() + bearer.failures() + paced_bearer.failures()
+        ),
+    );
+}
+
 /// Noop vs cached bearer, paced bearer, then sessions, on one broker process.
 /// Returns the session sample for the peer comparison.
 async fn bearer_and_session(ctx: &mut Ctx) -> Sample {
@@ -429,6 +533,11 @@ async fn bearer_and_session(ctx: &mut Ctx) -> Sample {
             json!(noop.failures() + bearer.failures() + paced.failures()),
         );
     }
+
+    if o.wants("authorize") {
+        authorize(ctx, &broker, &terminals).await;
+    }
+    let o = &ctx.opts;
 
     if o.wants("session") || o.wants("peer") {
         let latency = Duration::from_millis(o.session_latency_ms);
