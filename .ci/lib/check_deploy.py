@@ -7,7 +7,12 @@
 - the broker.toml inside the ConfigMap is a configuration the broker accepts:
   `payroc-broker check-config` on a copy whose key-file paths point at the
   example Secret's values written to a scratch directory;
-- the Deployment, ConfigMap and Secret agree (mount paths, ports, names);
+- the Deployment, ConfigMap and Secret agree (mount paths, ports, names),
+  and so do the Service and NetworkPolicy for every port the broker listens
+  on; TLS files and the probes' CA come from the Secret (the example's
+  placeholders are replaced by a scratch CA and certificate, made with
+  openssl, for check-config), and the probes speak TLS exactly when the
+  configuration does;
 - the Envoy bootstrap and Istio objects point at the broker's port and
   Payroc's API host;
 - the Dockerfile's dependency layer leaves a manifest Cargo accepts: its
@@ -130,6 +135,29 @@ if missing:
     fail("Dockerfile: no RUN with `cargo build` in the build stage")
 
 
+def make_certificate(key_dir, server_name, cert_file, key_file, ca_files):
+    """A scratch CA and a server certificate for `server_name` signed by it,
+    written over the example Secret's placeholders in `key_dir`."""
+    def openssl(*args):
+        out = subprocess.run(["openssl", *args], cwd=key_dir, capture_output=True, text=True)
+        if out.returncode != 0:
+            fail(f"openssl {args[0]}: {out.stderr}")
+
+    ca_key, ca_crt = "scratch-ca.key", "scratch-ca.crt"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", ca_key, "-out", ca_crt, "-days", "1", "-subj", "/CN=check_deploy CA")
+    key, csr = os.path.basename(key_file), "scratch.csr"
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", key, "-out", csr, "-subj", f"/CN={server_name}")
+    with open(os.path.join(key_dir, "scratch.ext"), "w", encoding="utf-8") as f:
+        f.write(f"subjectAltName=DNS:{server_name}\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial",
+            "-days", "1", "-extfile", "scratch.ext", "-out", os.path.basename(cert_file))
+    os.chmod(os.path.join(key_dir, key), 0o600)
+    for ca in ca_files:
+        shutil.copy(os.path.join(key_dir, ca_crt), os.path.join(key_dir, os.path.basename(ca)))
+
+
 def main():
     broker, scratch = sys.argv[1], os.path.abspath(sys.argv[2])
     os.makedirs(scratch, exist_ok=True)
@@ -180,9 +208,50 @@ def main():
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     if int(annotations["prometheus.io/port"]) != metrics_port:
         fail("prometheus.io/port is not metrics_listen's port")
+    tls = re.search(r"^\[server\.tls\]$", toml_text, re.M) is not None
+    probe_cas = set()
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        if container[probe]["grpc"]["port"] != listen_port:
-            fail(f"{probe} does not probe the gRPC port")
+        spec = container[probe]
+        if "grpc" in spec:
+            # Kubelet's native gRPC probe speaks cleartext only.
+            if tls:
+                fail(f"{probe}: a native grpc probe cannot speak TLS, and [server.tls] is set")
+            if spec["grpc"]["port"] != listen_port:
+                fail(f"{probe} does not probe the gRPC port")
+            continue
+        command = spec.get("exec", {}).get("command", [])
+        if command[1:2] != ["health"]:
+            fail(f"{probe}: neither a grpc probe nor `payroc-broker health`")
+        flags = dict(zip(command[2::2], command[3::2]))
+        scheme = "https" if tls else "http"
+        if flags.get("--addr") != f"{scheme}://127.0.0.1:{listen_port}":
+            fail(f"{probe}: --addr {flags.get('--addr')} is not {scheme}://127.0.0.1:{listen_port}")
+        if tls:
+            if "--tls-ca" not in flags or "--tls-server-name" not in flags:
+                fail(f"{probe}: a TLS probe needs --tls-ca and --tls-server-name")
+            probe_cas.add(flags["--tls-ca"])
+            server_name = flags["--tls-server-name"]
+
+    # The identity endpoint, when on, has its container port, and the Service
+    # and NetworkPolicy let callers reach it as they reach gRPC.
+    identity = re.search(r'^\[identity_endpoint\]\n(?:#.*\n)*listen = "[^"]*:(\d+)"', toml_text, re.M)
+    client_ports = ["grpc"]
+    if identity:
+        client_ports.append("http-identity")
+        if ports.get("http-identity") != int(identity.group(1)):
+            fail(f"container port http-identity {ports.get('http-identity')} is not "
+                 f"[identity_endpoint] listen's port {identity.group(1)}")
+    service = by_kind(k8s, "Service", deployment["metadata"]["name"])
+    service_ports = {p["targetPort"]: p for p in service["spec"]["ports"]}
+    policy = by_kind(k8s, "NetworkPolicy")
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    for name in client_ports:
+        if name not in service_ports:
+            fail(f"the Service has no port for the container's {name}")
+        if name not in allowed:
+            fail(f"the NetworkPolicy lets nobody reach port {name}")
+        if tls and service_ports[name].get("appProtocol") == "kubernetes.io/h2c":
+            fail(f"Service port {name}: appProtocol kubernetes.io/h2c, but the port speaks TLS")
 
     # The configuration itself, as `payroc-broker check-config` sees it, with
     # each api_key_file read from the example Secret.
@@ -196,11 +265,21 @@ def main():
     referenced = re.findall(r'^api_key_file = "([^"]+)"', toml_text, re.M)
     if not referenced:
         fail("the ConfigMap's broker.toml names no api_key_file")
-    for path in referenced:
+    tls_files = dict(re.findall(r'^(cert_file|key_file|client_ca_file) = "([^"]+)"', toml_text, re.M))
+    if tls and not {"cert_file", "key_file"} <= tls_files.keys():
+        fail("[server.tls] without cert_file and key_file")
+    for path in referenced + list(tls_files.values()) + sorted(probe_cas):
         if os.path.dirname(path) != keys_dir:
-            fail(f"api_key_file {path} is outside the Secret mount {keys_dir}")
+            fail(f"{path} is outside the Secret mount {keys_dir}")
         if os.path.basename(path) not in secret.get("stringData", {}):
-            fail(f"api_key_file {path}: the example Secret has no key {os.path.basename(path)}")
+            fail(f"{path}: the example Secret has no key {os.path.basename(path)}")
+    if tls:
+        # The example Secret holds placeholders: a CA and a certificate for
+        # the probes' server name take their place, signed as a real one is.
+        if shutil.which("openssl") is None:
+            fail("openssl is needed to make a scratch certificate for [server.tls]")
+        make_certificate(key_dir, server_name, tls_files["cert_file"], tls_files["key_file"],
+                         sorted(probe_cas) + ([tls_files["client_ca_file"]] if "client_ca_file" in tls_files else []))
     local_toml = os.path.join(scratch, "broker.toml")
     with open(local_toml, "w", encoding="utf-8") as f:
         f.write(toml_text.replace(f'"{keys_dir}/', f'"{key_dir}/'))
@@ -208,6 +287,8 @@ def main():
     print(out.stdout.strip())
     if out.returncode != 0:
         fail(f"check-config refused the ConfigMap's broker.toml:\n{out.stderr}")
+    if "warning" in out.stderr:
+        fail(f"check-config warns about the ConfigMap's broker.toml:\n{out.stderr}")
 
     # Envoy egress: ext_authz calls the broker over HTTP/2, upstream TLS to Payroc.
     (envoy,) = docs[f"{DEPLOY}/envoy/egress.yaml"]
@@ -221,6 +302,8 @@ def main():
         fail("the Envoy ext_authz cluster does not point at the broker's port")
     if "http2_protocol_options" not in yaml.safe_dump(broker_cluster):
         fail("the Envoy ext_authz cluster must speak HTTP/2 (gRPC)")
+    if tls != ("UpstreamTlsContext" in yaml.safe_dump(broker_cluster.get("transport_socket", {}))):
+        fail("the Envoy ext_authz cluster must speak TLS to the broker exactly when [server.tls] is set")
     upstream = [c for n, c in clusters.items() if n != authz_cluster]
     if not any(
         "UpstreamTlsContext" in yaml.safe_dump(c.get("transport_socket", {})) and PAYROC_API_HOST in yaml.safe_dump(c)
