@@ -218,7 +218,10 @@ fn main() -> ExitCode {
     };
     let load_start = stats::load_average();
     load_rt.block_on(async {
-        let session = if ctx.opts.wants("bearer") || ctx.opts.wants("session") {
+        let session = if ["bearer", "authorize", "session"]
+            .iter()
+            .any(|s| ctx.opts.wants(s))
+        {
             Some(bearer_and_session(&mut ctx).await)
         } else {
             None
@@ -299,16 +302,29 @@ async fn authorize(ctx: &mut Ctx, broker: &Broker, terminals: &[String]) {
     let side = Duration::from_secs_f64(o.seconds);
     let warm = Duration::from_millis(300);
     let (mut bearer, mut auth) = (Sample::default(), Sample::default());
+    // The broker's CPU per call is the edge's cost alone: the load
+    // generators differ (tonic against reqwest), and they share the bench's
+    // one client worker, so rps also measures the client.
+    let (mut bearer_cpu, mut auth_cpu) = (0.0, 0.0);
     let mut rows = String::new();
     for round in 0..o.rounds {
-        let run = |rpc| load::closed_loop(&target, rpc, o.concurrency, warm, side);
-        let (b, a) = if round % 2 == 0 {
+        let run = async |rpc: Rpc| {
+            let cpu = broker.cpu_seconds();
+            let s = load::closed_loop(&target, rpc, o.concurrency, warm, side).await;
+            // The warm-up's CPU is in the delta too: scale to the window.
+            let used =
+                (broker.cpu_seconds() - cpu) * side.as_secs_f64() / (side + warm).as_secs_f64();
+            (s, used)
+        };
+        let ((b, bc), (a, ac)) = if round % 2 == 0 {
             let b = run(Rpc::Bearer).await;
             (b, run(Rpc::Authorize).await)
         } else {
             let a = run(Rpc::Authorize).await;
             (run(Rpc::Bearer).await, a)
         };
+        bearer_cpu += bc;
+        auth_cpu += ac;
         rows.push_str(&format!(
             "| {} | {:.0} | {:.0} | {:.3} |\n",
             round + 1,
@@ -329,6 +345,8 @@ async fn authorize(ctx: &mut Ctx, broker: &Broker, terminals: &[String]) {
         auth.window = aw;
     }
     let ratio = auth.rps() / bearer.rps();
+    let cpu_us = |cpu: f64, s: &Sample| cpu * 1e6 / s.ok().max(1) as f64;
+    let (bearer_cpu, auth_cpu) = (cpu_us(bearer_cpu, &bearer), cpu_us(auth_cpu, &auth));
     // Both paced at the same rate, half the slower one's saturation.
     let rate = o.paced_rate.unwrap_or(bearer.rps().min(auth.rps()) / 2.0);
     let paced = async |rpc| {
@@ -353,11 +371,12 @@ async fn authorize(ctx: &mut Ctx, broker: &Broker, terminals: &[String]) {
         "\n## identity endpoint /authorize vs GetBearerToken (both cached): {} interleaved rounds \
          of {} s per side, {} in flight over {} connections\n\n\
          | round | bearer rps | authorize rps | ratio |\n|---|---|---|---|\n{rows}\n\
-         | path | rps | p50 / p90 / p99 / max ms | failures |\n|---|---|---|---|\n\
-         | GetBearerToken (gRPC) | {:.0} | {} | {} |\n\
-         | /authorize (HTTP/2 + JSON) | {:.0} | {} | {} |\n\
-         | GetBearerToken paced at {rate:.0}/s | {:.0} | {} | {} |\n\
-         | /authorize paced at {rate:.0}/s | {:.0} | {} | {} |\n\n\
+         | path | rps | p50 / p90 / p99 / max ms | broker CPU µs per call | failures |\n\
+         |---|---|---|---|---|\n\
+         | GetBearerToken (gRPC) | {:.0} | {} | {bearer_cpu:.1} | {} |\n\
+         | /authorize (HTTP/2 + JSON) | {:.0} | {} | {auth_cpu:.1} | {} |\n\
+         | GetBearerToken paced at {rate:.0}/s | {:.0} | {} | | {} |\n\
+         | /authorize paced at {rate:.0}/s | {:.0} | {} | | {} |\n\n\
          authorize_over_bearer (ratio of mean rps) = {ratio:.3}\n",
         o.rounds,
         o.seconds,
@@ -379,6 +398,11 @@ async fn authorize(ctx: &mut Ctx, broker: &Broker, terminals: &[String]) {
     let out = &mut ctx.out;
     out.insert("authorize_rps".into(), json!(auth.rps().round()));
     out.insert("authorize_over_bearer".into(), json!(r3(ratio)));
+    out.insert("authorize_cpu_us_per_call".into(), json!(r3(auth_cpu)));
+    out.insert(
+        "authorize_bearer_cpu_us_per_call".into(),
+        json!(r3(bearer_cpu)),
+    );
     out.insert("authorize_p99_ms".into(), json!(r3(pa.p99)));
     out.insert("authorize_paced_bearer_p99_ms".into(), json!(r3(pb.p99)));
     out.insert("authorize_saturated".into(), as_.json());
@@ -391,7 +415,8 @@ async fn authorize(ctx: &mut Ctx, broker: &Broker, terminals: &[String]) {
     );
 }
 
-/// Noop vs cached bearer, paced bearer, then sessions, on one broker process.
+/// Noop vs cached bearer, paced bearer, /authorize vs bearer, then sessions,
+/// on one broker process.
 /// Returns the session sample for the peer comparison.
 async fn bearer_and_session(ctx: &mut Ctx) -> Sample {
     let o = &ctx.opts;
