@@ -596,10 +596,18 @@ async fn every_identity_endpoint_request_is_audited_once_and_no_secret_is_logged
             ("token_fp", s(&fingerprint(&token))),
         ]),
     );
-    assert_audit(&audits[1], &authorize(&[("code", s("UNAUTHENTICATED"))]));
+    // A refused caller's event still names the configured credential.
+    assert_audit(
+        &audits[1],
+        &authorize(&[("credential", s("acme")), ("code", s("UNAUTHENTICATED"))]),
+    );
     assert_audit(
         &audits[2],
-        &authorize(&[("caller", s("ops")), ("code", s("PERMISSION_DENIED"))]),
+        &authorize(&[
+            ("caller", s("ops")),
+            ("credential", s("acme")),
+            ("code", s("PERMISSION_DENIED")),
+        ]),
     );
     assert_audit(
         &audits[3],

@@ -294,17 +294,21 @@ impl IdentityService {
     ) -> Result<HttpResponse, BrokerError> {
         // One configuration from start to end, as for every RPC.
         let state = self.state.load_full();
+        // The audit event names a configured credential even when the caller
+        // is refused (who tried for which key); the answer does not.
+        let found = state.broker.credential_named(name);
+        if let Ok((credential, _)) = &found {
+            audit.credential(&credential.name);
+        }
         let caller = state
             .callers
             .admit_with(Source::IDENTITY_ENDPOINT, evidence)?;
         audit.caller(caller.name());
         // The allow lists before the name: a caller without `Authorize`
         // learns nothing of which credentials exist.
-        let found = state.broker.credential_named(name);
         let terminals = found.as_ref().map_or(&[][..], |(_, t)| t);
         caller.authorize_all(Rpc::Authorize, terminals)?;
         let (credential, _) = found?;
-        audit.credential(&credential.name);
         // No deadline: HTTP carries none; the wait is bounded by the
         // upstream's own timeouts and attempts.
         let grant = state.broker.bearer(credential, None, None).await?;
