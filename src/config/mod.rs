@@ -235,7 +235,8 @@ impl Config {
             out.push(format!(
                 "identity_endpoint.listen: `{}` is not a loopback address and [server.tls] is not \
                  set, so caller tokens and Bearer tokens would cross the network in clear; set \
-                 [server.tls], or listen on 127.0.0.1 behind a mesh sidecar that encrypts",
+                 [server.tls], or make sure a mesh sidecar encrypts this port (then this warning is \
+                 expected)",
                 endpoint.listen
             ));
         }
