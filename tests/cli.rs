@@ -7,7 +7,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStderr, Command, Stdio},
     sync::Arc,
     time::Duration,
 };
@@ -34,6 +34,32 @@ fn broker() -> Command {
     c
 }
 
+/// `check-config --config path`, with MINIMAL's API key in the environment
+/// (a test may remove it or add more).
+fn check_config(path: &std::path::Path) -> Command {
+    let mut c = broker();
+    c.args(["check-config", "--config"])
+        .arg(path)
+        .env("PAYROC_API_KEY_ACME", "secret-from-env-123");
+    c
+}
+
+/// What a finished command said: its exit code and both streams as text.
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(command: &mut Command) -> Ran {
+    let out = command.output().unwrap();
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 const MINIMAL: &str = r#"
 [payroc]
 identity_url = "http://127.0.0.1:9/authorize"
@@ -47,14 +73,8 @@ terminals = ["1234001", "1234002"]
 #[test]
 fn check_config_names_the_file_the_key_and_the_reason() {
     let path = temp_config("missing-env.toml", MINIMAL);
-    let out = broker()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env_remove("PAYROC_API_KEY_ACME")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let Ran { code, stderr, .. } = run(check_config(&path).env_remove("PAYROC_API_KEY_ACME"));
+    assert_eq!(code, Some(2));
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
     assert!(
         stderr.contains(
@@ -63,24 +83,18 @@ fn check_config_names_the_file_the_key_and_the_reason() {
         "{stderr}"
     );
 
-    let out = broker()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env("PAYROC_API_KEY_ACME", "secret-from-env-123")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Ran {
+        code,
+        stdout,
+        stderr,
+    } = run(&mut check_config(&path));
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stdout.contains("OK (1 credentials, 2 terminals, 0 callers)"),
         "{stdout}"
     );
     assert!(!stdout.contains("secret-from-env-123"));
+    assert!(!stderr.contains("secret-from-env-123"));
 }
 
 #[test]
@@ -89,14 +103,11 @@ fn the_config_path_can_come_from_the_environment() {
         "from-env.toml",
         &MINIMAL.replace("[payroc]", "[payroc]\nbogus = 1"),
     );
-    let out = broker()
+    let Ran { code, stderr, .. } = run(broker()
         .arg("check-config")
         .env("PAYROC_BROKER_CONFIG", &path)
-        .env("PAYROC_API_KEY_ACME", "k-123456")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        .env("PAYROC_API_KEY_ACME", "k-123456"));
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains("payroc.bogus: unknown field `bogus`"),
         "{stderr}"
@@ -105,25 +116,23 @@ fn the_config_path_can_come_from_the_environment() {
 
 #[test]
 fn an_unreadable_config_is_exit_2() {
-    let out = broker()
-        .args(["check-config", "--config", "/nonexistent/broker.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/broker.toml: cannot read"));
+    let Ran { code, stderr, .. } = run(&mut check_config("/nonexistent/broker.toml".as_ref()));
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("/nonexistent/broker.toml: cannot read"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn serve_refuses_to_run_open_without_the_flag() {
     let path = temp_config("open.toml", MINIMAL);
-    let out = broker()
+    let Ran { code, stderr, .. } = run(broker()
         .args(["serve", "--config"])
         .arg(&path)
-        .env("PAYROC_API_KEY_ACME", "k-123456")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-unauthenticated"));
+        .env("PAYROC_API_KEY_ACME", "k-123456"));
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--allow-unauthenticated"), "{stderr}");
 }
 
 /// The address in the broker's "payroc-broker serving addr=..." log line.
@@ -138,6 +147,33 @@ fn serving_addr(line: &str) -> SocketAddr {
 
 /// Kills the child if a test fails half-way.
 struct Running(Child);
+
+impl Running {
+    /// Starts `command` with its stdout to read (the sandbox's instructions)
+    /// and stderr discarded.
+    #[cfg(feature = "sandbox")]
+    fn with_stdout(command: &mut Command) -> (Running, std::process::ChildStdout) {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        (Running(child), stdout)
+    }
+
+    /// Starts `command` with its stderr to read (the log) and stdout
+    /// discarded.
+    fn with_stderr(command: &mut Command) -> (Running, ChildStderr) {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        (Running(child), stderr)
+    }
+}
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -226,15 +262,11 @@ async fn call(addr: SocketAddr) -> String {
 #[cfg(feature = "sandbox")]
 #[tokio::test]
 async fn sandbox_serves_and_stops_cleanly_on_sigterm() {
-    let mut child = broker()
-        .args(["sandbox", "--listen", "127.0.0.1:0"])
-        .args(["--identity-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let child = Running(child);
+    let (child, stdout) = Running::with_stdout(
+        broker()
+            .args(["sandbox", "--listen", "127.0.0.1:0"])
+            .args(["--identity-listen", "127.0.0.1:0"]),
+    );
     let lines = lines_through(stdout, "identity URL").await;
     let first = &lines[0];
     // The identity endpoint answers at the printed URL, as an SDK calls it.
@@ -268,16 +300,12 @@ async fn sandbox_serves_and_stops_cleanly_on_sigterm() {
 async fn sandbox_tls_serves_the_client_certificate_it_wrote_and_refuses_others() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let dir = std::env::temp_dir().join(format!("payroc-broker-cli-tls-{}", std::process::id()));
-    let mut child = broker()
-        .args(["sandbox", "--tls", "--listen", "127.0.0.1:0"])
-        .args(["--identity-listen", "127.0.0.1:0", "--tls-dir"])
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let child = Running(child);
+    let (child, stdout) = Running::with_stdout(
+        broker()
+            .args(["sandbox", "--tls", "--listen", "127.0.0.1:0"])
+            .args(["--identity-listen", "127.0.0.1:0", "--tls-dir"])
+            .arg(&dir),
+    );
     let lines = lines_through(stdout, "identity URL").await;
     let identity = printed_after(&lines, "identity URL").to_owned();
     let first = &lines[0];
@@ -369,22 +397,18 @@ async fn serve_runs_a_real_config_and_stops_cleanly_on_sigint() {
     );
     let path = temp_config("serve.toml", &text);
     std::fs::write(path.with_file_name("acme.key"), "cli-test-key-123456\n").unwrap();
-    let mut child = broker()
-        .args([
-            "serve",
-            "--allow-unauthenticated",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&path)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let child = Running(child);
+    let (child, stderr) = Running::with_stderr(
+        broker()
+            .args([
+                "serve",
+                "--allow-unauthenticated",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&path)
+            .env("NO_COLOR", "1"),
+    );
     let line = line_with(stderr, "payroc-broker serving").await;
     let addr = serving_addr(&line);
     assert_eq!(call(addr).await, "acme");
@@ -447,24 +471,21 @@ async fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
         sim.api_url()
     );
     let path = temp_config("hup.toml", &base);
-    let mut child = broker()
-        .args([
-            "serve",
-            "--allow-unauthenticated",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&path)
-        .env("HUP_ACME", "hup-key-acme-123456")
-        .env("HUP_GLOBEX", "hup-key-globex-123456")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = lines_of(child.stderr.take().unwrap());
-    let child = Running(child);
+    let (child, stderr) = Running::with_stderr(
+        broker()
+            .args([
+                "serve",
+                "--allow-unauthenticated",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&path)
+            .env("HUP_ACME", "hup-key-acme-123456")
+            .env("HUP_GLOBEX", "hup-key-globex-123456")
+            .env("NO_COLOR", "1"),
+    );
+    let mut lines = lines_of(stderr);
     let line = next_with(&mut lines, "payroc-broker serving").await;
     let addr = serving_addr(&line);
     let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
@@ -571,24 +592,21 @@ async fn a_key_rotated_in_a_secret_volume_is_used_without_a_signal() {
         ),
     )
     .unwrap();
-    let mut child = broker()
-        .args([
-            "serve",
-            "--allow-unauthenticated",
-            "--listen",
-            "127.0.0.1:0",
-            "--watch-interval",
-            "50ms",
-            "--config",
-        ])
-        .arg(&path)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = lines_of(child.stderr.take().unwrap());
-    let child = Running(child);
+    let (child, stderr) = Running::with_stderr(
+        broker()
+            .args([
+                "serve",
+                "--allow-unauthenticated",
+                "--listen",
+                "127.0.0.1:0",
+                "--watch-interval",
+                "50ms",
+                "--config",
+            ])
+            .arg(&path)
+            .env("NO_COLOR", "1"),
+    );
+    let mut lines = lines_of(stderr);
     let line = next_with(&mut lines, "payroc-broker serving").await;
     let addr = serving_addr(&line);
     let mut c = TokenBrokerClient::connect(format!("http://{addr}"))
@@ -646,19 +664,16 @@ async fn secret_variables_leave_the_environment_and_reloads_still_find_them() {
         sim.api_url()
     );
     let path = temp_config("environ.toml", &text);
-    let mut child = broker()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .env("ENV_ACME", KEY)
-        .env("ENV_CALLER", TOKEN)
-        .env("PAYROC_BROKER_TEST_KEPT", "kept")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = lines_of(child.stderr.take().unwrap());
-    let child = Running(child);
+    let (child, stderr) = Running::with_stderr(
+        broker()
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .env("ENV_ACME", KEY)
+            .env("ENV_CALLER", TOKEN)
+            .env("PAYROC_BROKER_TEST_KEPT", "kept")
+            .env("NO_COLOR", "1"),
+    );
+    let mut lines = lines_of(stderr);
     let addr = serving_addr(&next_with(&mut lines, "payroc-broker serving").await);
 
     let environ = format!("/proc/{}/environ", child.0.id());
@@ -729,15 +744,9 @@ fn check_config_warns_about_bearer_tokens_for_part_of_a_credential() {
          terminals = [\"1234001\"]\nrpcs = [\"GetBearerToken\"]\n"
     );
     let path = temp_config("partial.toml", &text);
-    let out = broker()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env("PAYROC_API_KEY_ACME", "secret-from-env-123")
-        .env("WEB_TOKEN", "web-token-0123456789abcdef")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let Ran { code, stderr, .. } =
+        run(check_config(&path).env("WEB_TOKEN", "web-token-0123456789abcdef"));
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "warning: {}: callers[0]: caller `web` may call GetBearerToken for 1 of the 2 \
@@ -772,30 +781,19 @@ fn check_config_parses_the_tls_files_and_names_the_bad_one() {
     let path = temp_config("tls.toml", &config);
     let check = |key_text: &str| {
         temp_config("tls.key", key_text);
-        broker()
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env("PAYROC_API_KEY_ACME", "secret-from-env-123")
-            .output()
-            .unwrap()
+        run(&mut check_config(&path))
     };
     for bad in [
         other_key.as_str(),
         "-----BEGIN PRIVATE KEY-----\nnot base64 !!\n",
     ] {
-        let out = check(bad);
-        assert_eq!(out.status.code(), Some(2));
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let Ran { code, stderr, .. } = check(bad);
+        assert_eq!(code, Some(2));
         assert!(stderr.contains("server.tls.key_file"), "{stderr}");
         assert!(stderr.contains(&path.display().to_string()), "{stderr}");
         let body = bad.lines().nth(1).unwrap();
         assert!(!stderr.contains(body), "key material in: {stderr}");
     }
-    let out = check(&key);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Ran { code, stderr, .. } = check(&key);
+    assert_eq!(code, Some(0), "{stderr}");
 }
