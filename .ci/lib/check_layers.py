@@ -10,9 +10,10 @@ The check fails when
 - a module refers (`use crate::x`, or a `crate::x::...` path anywhere in its
   code) to a module of a higher layer;
 - the top-level modules import each other in a cycle (within a layer too);
-- inside a directory module, sibling submodules import each other in a cycle
-  (`super::x` or `crate::<dir>::x`; the directory's own mod.rs is exempt, it
-  is the parent that re-exports).
+- inside a directory module, at any depth, sibling submodules import each
+  other in a cycle (`super::x` or `crate::<dir>::x`; the directory's own
+  mod.rs is exempt, it is the parent that re-exports; so are inline
+  `#[cfg(test)] mod tests` blocks, which may share test scaffolding).
 
 Comments and string literals are ignored. `python3 check_layers.py --self-test`
 proves the check fails on an upward import and on a cycle before trusting it.
@@ -64,6 +65,24 @@ def strip_code(text):
         else:
             out.append(c)
             i += 1
+    return "".join(out)
+
+
+def without_unit_tests(code):
+    """`code` (already stripped) minus its `#[cfg(test)] mod x { ... }`
+    blocks: a module's unit tests may use its siblings' test scaffolding
+    without that being a dependency of the module itself."""
+    out, i = [], 0
+    for m in re.finditer(r"#\[cfg\(test\)\]\s*mod\s+" + IDENT + r"\s*\{", code):
+        if m.start() < i:
+            continue
+        out.append(code[i : m.start()])
+        depth, j = 1, m.end()
+        while j < len(code) and depth:
+            depth += {"{": 1, "}": -1}.get(code[j], 0)
+            j += 1
+        i = j
+    out.append(code[i:])
     return "".join(out)
 
 
@@ -171,29 +190,40 @@ def find_cycle(graph):
     return None
 
 
-def submodule_graph(src, top, paths):
-    """Sibling imports inside directory module `top`: {child: {child}}."""
-    base = os.path.join(src, top)
+def submodule_graph(src, rel, paths):
+    """Sibling imports inside directory module `rel` ("domain",
+    "domain/tokens"): {child: {child}}, from the files under it."""
+    base = os.path.join(src, rel)
+    modpath = rel.replace(os.sep, "::")
     children = {}
     for path in paths:
-        rel = os.path.relpath(path, base)
-        if rel == "mod.rs" or not rel.endswith(".rs"):
+        sub = os.path.relpath(path, base)
+        if sub.startswith("..") or sub == "mod.rs" or not sub.endswith(".rs"):
             continue
-        children.setdefault(rel.split(os.sep)[0].removesuffix(".rs"), []).append(path)
+        children.setdefault(sub.split(os.sep)[0].removesuffix(".rs"), []).append(path)
     graph = {}
     for child, files in children.items():
         refs = set()
         for path in files:
-            code = strip_code(open(path, encoding="utf-8").read())
-            # `super::x` from a direct child file (a/b.rs) names a sibling.
-            if os.path.dirname(path) == base:
+            code = without_unit_tests(strip_code(open(path, encoding="utf-8").read()))
+            # `super::x` names a sibling from a direct child: a/b.rs or a/b/mod.rs.
+            sub = os.path.relpath(path, base)
+            if os.path.dirname(sub) == "" or sub == os.path.join(child, "mod.rs"):
                 refs.update(use_trees(code, "super"))
                 refs.update(re.findall(r"\bsuper::(" + IDENT + ")", code))
-            refs.update(re.findall(r"\bcrate::" + top + "::(" + IDENT + ")", code))
-            for m in re.finditer(r"\buse\s+crate::" + top + r"::\{", code):
-                refs.update(use_trees(code[m.start() :].replace("crate::" + top + "::", "crate::", 1), "crate"))
+            refs.update(re.findall(r"\bcrate::" + modpath + "::(" + IDENT + ")", code))
+            for m in re.finditer(r"\buse\s+crate::" + modpath + r"::\{", code):
+                refs.update(use_trees(code[m.start() :].replace("crate::" + modpath + "::", "crate::", 1), "crate"))
         graph[child] = {r for r in refs if r in children and r != child}
     return graph
+
+
+def directory_modules(src, top):
+    """`top` and every directory module under it, as paths relative to src."""
+    found = []
+    for dirpath, _, _ in os.walk(os.path.join(src, top)):
+        found.append(os.path.relpath(dirpath, src))
+    return sorted(found)
 
 
 def check(src):
@@ -221,10 +251,12 @@ def check(src):
                         f"imports `{ref}` (layer {layers[ref]}), a layer above it"
                     )
         graph[top] = edges
-        if len(paths) > 1:
-            cycle = find_cycle(submodule_graph(src, top, paths))
-            if cycle:
-                problems.append(f"import cycle inside `{top}`: " + " -> ".join(cycle))
+        if os.path.isdir(os.path.join(src, top)):
+            for rel in directory_modules(src, top):
+                cycle = find_cycle(submodule_graph(src, rel, paths))
+                if cycle:
+                    name = rel.replace(os.sep, "::")
+                    problems.append(f"import cycle inside `{name}`: " + " -> ".join(cycle))
     cycle = find_cycle(graph)
     if cycle:
         problems.append("import cycle between modules: " + " -> ".join(cycle))
@@ -262,6 +294,29 @@ def self_test(src):
         problems, _, _ = check(copy)
         if not any("cycle" in p for p in problems):
             return f"a cycle ({pair[0]} <-> {pair[1]}) went unnoticed"
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, "src")
+        shutil.copytree(src, copy)
+        # Two siblings of the deepest directory module importing each other.
+        nested = []
+        for top, paths in module_files(copy).items():
+            if os.path.isdir(os.path.join(copy, top)):
+                for rel in directory_modules(copy, top):
+                    kids = sorted(
+                        f for f in os.listdir(os.path.join(copy, rel))
+                        if f.endswith(".rs") and f != "mod.rs"
+                    )
+                    if len(kids) > 1:
+                        nested.append((rel.count(os.sep), rel, kids[:2]))
+        if not nested:
+            return None
+        _, rel, (a, b) = max(nested)
+        for x, y in ((a, b), (b, a)):
+            with open(os.path.join(copy, rel, x), "a", encoding="utf-8") as f:
+                f.write(f"\nfn _cycle() {{ let _ = super::{y[:-3]}::X; }}\n")
+        problems, _, _ = check(copy)
+        if not any(f"inside `{rel.replace(os.sep, '::')}`" in p for p in problems):
+            return f"a cycle inside {rel} ({a} <-> {b}) went unnoticed"
     return None
 
 
@@ -274,7 +329,7 @@ def main(argv):
         if failure:
             print(f"check_layers self-test FAILED: {failure}", file=sys.stderr)
             return 1
-        print("check_layers self-test: an upward import and a cycle are both caught")
+        print("check_layers self-test: an upward import, a cycle and a nested sibling cycle are all caught")
     problems, graph, layers = check(src)
     if "--graph" in argv:
         for top in sorted(graph, key=lambda t: (-layers.get(t, -1), t)):
