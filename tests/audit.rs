@@ -150,12 +150,8 @@ fn capture() -> Logs {
     }
 }
 
-const CALLERS: &str = r#"
-    [[callers]]
-    name = "web"
-    token_env = "CALLER_WEB"
-    terminals = ["*"]
-    rpcs = ["*"]
+const CALLERS: &str = callers_with_web!(
+    r#"
     [[callers]]
     name = "ops"
     token_env = "CALLER_OPS"
@@ -163,7 +159,8 @@ const CALLERS: &str = r#"
     rpcs = ["GetBearerToken"]
     rate_limit = "2/m"
     burst = 2
-"#;
+"#
+);
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

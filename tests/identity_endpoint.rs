@@ -16,12 +16,8 @@ use serde_json::Value;
 /// web: everything. ops: GetBearerToken on 1234001 only, rate-limited.
 /// partial: Authorize on two of acme's four terminals. all-acme: Authorize on
 /// every terminal of acme.
-const CALLERS: &str = r#"
-    [[callers]]
-    name = "web"
-    token_env = "CALLER_WEB"
-    terminals = ["*"]
-    rpcs = ["*"]
+const CALLERS: &str = callers_with_web!(
+    r#"
     [[callers]]
     name = "ops"
     token_env = "CALLER_OPS"
@@ -34,7 +30,8 @@ const CALLERS: &str = r#"
     rpcs = ["Authorize"]
     rate_limit = "2/m"
     burst = 2
-"#;
+"#
+);
 
 async fn harness(opts: Options) -> Harness {
     Harness::with(Options {

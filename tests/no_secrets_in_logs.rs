@@ -33,19 +33,16 @@ impl Write for Capture {
     }
 }
 
-const CALLERS: &str = r#"
-    [[callers]]
-    name = "web"
-    token_env = "CALLER_WEB"
-    terminals = ["*"]
-    rpcs = ["*"]
+const CALLERS: &str = callers_with_web!(
+    r#"
     [[callers]]
     name = "ops"
     token_env = "CALLER_OPS"
     terminals = ["*"]
     rpcs = ["*"]
     rate_limit = "1/m"
-"#;
+"#
+);
 
 /// [`authed`] with a `traceparent`, so the trace paths are in the capture too.
 fn authed_traced<T>(msg: T, token: &str) -> Request<T> {

@@ -22,19 +22,16 @@ use payroc_sim::{Fault, SimAccount, SimConfig, SimEndpoint, SimPayroc};
 use serde_json::Value;
 use tonic::{Code, Request};
 
-const CALLERS: &str = r#"
-    [[callers]]
-    name = "web"
-    token_env = "CALLER_WEB"
-    terminals = ["*"]
-    rpcs = ["*"]
+const CALLERS: &str = callers_with_web!(
+    r#"
     [[callers]]
     name = "ops"
     token_env = "CALLER_OPS"
     terminals = ["1234001"]
     rpcs = ["GetBearerToken"]
     rate_limit = "1/m"
-"#;
+"#
+);
 
 /// The value of one series (`name{labels}` exactly as exposed).
 #[track_caller]

@@ -35,6 +35,28 @@ pub const CALLER_WEB: &str = "caller-web-token-4c1d2e9a";
 pub const CALLER_OPS: &str = "caller-ops-token-77b0e1f3";
 pub const CALLER_ALL_ACME: &str = "caller-all-acme-token-5e0c71";
 
+/// `[[callers]]` TOML for [`Options::callers`]: `web` (token [`CALLER_WEB`]),
+/// allowed every RPC on every terminal, then the file's own callers. A macro
+/// because `Options::callers` is a `&'static str` and `concat!` takes only
+/// literals.
+#[allow(unused_macros)] // not every test file uses it
+macro_rules! callers_with_web {
+    ($($more:literal)?) => {
+        concat!(
+            r#"
+    [[callers]]
+    name = "web"
+    token_env = "CALLER_WEB"
+    terminals = ["*"]
+    rpcs = ["*"]
+"#,
+            $($more)?
+        )
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use callers_with_web;
+
 /// What a test changes about the standard setup.
 #[derive(Default, Clone)]
 pub struct Options {
