@@ -2,6 +2,7 @@
 //! process, configured as in production, its stderr going to a file.
 
 use std::{
+    ffi::OsString,
     fs::File,
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener},
@@ -77,6 +78,19 @@ impl Flags {
     }
 }
 
+/// `program`, run by `launcher` when there is one (valgrind runs its program
+/// in its own process, so the child's pid stays the server's).
+fn command(launcher: &[OsString], program: &std::ffi::OsStr) -> Command {
+    match launcher.split_first() {
+        None => Command::new(program),
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
+            cmd
+        }
+    }
+}
+
 /// A free loopback port (bound, read, released: another process could take
 /// it in between, which on a bench machine it does not).
 pub fn free_addr() -> SocketAddr {
@@ -111,6 +125,18 @@ impl Broker {
     /// Starts the broker and waits until its health check says SERVING
     /// (every credential's first token fetched, or the warm-start timeout).
     pub async fn start(bin: &Path, flags: Flags, dir: &Path, setup: Setup<'_>) -> Broker {
+        Broker::start_under(&[], bin, flags, dir, setup).await
+    }
+
+    /// [`Broker::start`], the binary run by `launcher` (a command and its
+    /// arguments, such as valgrind's) when that is not empty.
+    pub async fn start_under(
+        launcher: &[OsString],
+        bin: &Path,
+        flags: Flags,
+        dir: &Path,
+        setup: Setup<'_>,
+    ) -> Broker {
         let (addr, metrics, identity) = (free_addr(), free_addr(), free_addr());
         let config = format!(
             "[server]\nlisten = \"{addr}\"\nlog_format = \"json\"\nmetrics_listen = \"{metrics}\"\n{}\n\
@@ -120,7 +146,7 @@ impl Broker {
         let config_path = dir.join(format!("{}.toml", setup.name));
         std::fs::write(&config_path, config).expect("write the configuration");
         let log = dir.join(format!("{}.log", setup.name));
-        let mut cmd = Command::new(bin);
+        let mut cmd = command(launcher, bin.as_os_str());
         cmd.arg("serve").arg("--config").arg(&config_path);
         if flags.log_format {
             cmd.args(["--log-format", "json"]);
@@ -134,7 +160,33 @@ impl Broker {
         for (k, v) in &setup.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("start payroc-broker");
+        Broker::launch(cmd, addr, metrics, identity, log).await
+    }
+
+    /// The stock tonic health server (`broker-bench floor-server`), run by
+    /// `launcher`, as a [`Broker`] with only `addr` and `log` meaningful.
+    pub async fn floor(launcher: &[OsString], dir: &Path) -> Broker {
+        let addr = free_addr();
+        let log = dir.join("floor.log");
+        let exe = std::env::current_exe().expect("the bench's own executable");
+        let mut cmd = command(launcher, exe.as_os_str());
+        cmd.arg("floor-server")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("create the log file"));
+        Broker::launch(cmd, addr, addr, addr, log).await
+    }
+
+    async fn launch(
+        mut cmd: Command,
+        addr: SocketAddr,
+        metrics: SocketAddr,
+        identity: SocketAddr,
+        log: PathBuf,
+    ) -> Broker {
+        let child = cmd.spawn().expect("start the server");
         let pid = child.id();
         let broker = Broker {
             child: Some(child),

@@ -12,7 +12,13 @@ use std::{
 };
 
 use payroc_broker::proto::{
-    CreateSessionRequest, GetBearerTokenRequest, Scenario, token_broker_client::TokenBrokerClient,
+    CreateSessionRequest, GetBearerTokenRequest, Scenario,
+    envoy::service::auth::v3::{
+        AttributeContext, CheckRequest,
+        attribute_context::{HttpRequest, Request as AttrRequest},
+        authorization_client::AuthorizationClient,
+    },
+    token_broker_client::TokenBrokerClient,
 };
 use tonic::{
     Request,
@@ -35,6 +41,9 @@ pub enum Rpc {
     /// `POST /credentials/{credential}/authorize` on the identity endpoint,
     /// over HTTP/2 with `x-api-key`, answered from the same cache.
     Authorize,
+    /// `envoy.service.auth.v3.Authorization/Check` for a request to Payroc's
+    /// API, allowed with the cached token.
+    ExtAuthz,
 }
 
 /// Where calls go and what they carry.
@@ -45,6 +54,8 @@ pub struct Target {
     http: Vec<reqwest::Client>,
     /// `http://<identity endpoint>/credentials/<name>/authorize`.
     authorize_url: Option<Arc<str>>,
+    /// The authority of `payroc.api_url`, for [`Rpc::ExtAuthz`].
+    api_host: Option<Arc<str>>,
     caller_token: Arc<str>,
     auth: MetadataValue<Ascii>,
     terminals: Arc<[String]>,
@@ -83,6 +94,7 @@ impl Target {
             channels,
             http,
             authorize_url: None,
+            api_host: None,
             caller_token: caller_token.into(),
             auth: format!("Bearer {caller_token}")
                 .parse()
@@ -99,6 +111,13 @@ impl Target {
         self
     }
 
+    /// Sends [`Rpc::ExtAuthz`] checks for requests to `api_host` (the
+    /// authority of the broker's `payroc.api_url`).
+    pub fn with_ext_authz(mut self, api_host: &str) -> Target {
+        self.api_host = Some(api_host.into());
+        self
+    }
+
     /// A caller bound to connection `i % connections`.
     pub fn caller(&self, i: usize) -> Caller {
         let channel = self.channels[i % self.channels.len()].clone();
@@ -106,6 +125,7 @@ impl Target {
             http: self.http[i % self.http.len()].clone(),
             target: self.clone(),
             health: HealthClient::new(channel.clone()),
+            ext_authz: AuthorizationClient::new(channel.clone()),
             broker: TokenBrokerClient::new(channel),
         }
     }
@@ -117,6 +137,7 @@ pub struct Caller {
     target: Target,
     http: reqwest::Client,
     health: HealthClient<Channel>,
+    ext_authz: AuthorizationClient<Channel>,
     broker: TokenBrokerClient<Channel>,
 }
 
@@ -158,6 +179,34 @@ impl Caller {
                 self.broker.create_session(req).await.map(drop)
             }
             Rpc::Authorize => return self.authorize().await,
+            Rpc::ExtAuthz => {
+                let host = self.target.api_host.as_deref().expect("with_ext_authz");
+                let req = self.request(CheckRequest {
+                    attributes: Some(AttributeContext {
+                        request: Some(AttrRequest {
+                            http: Some(HttpRequest {
+                                method: "POST".into(),
+                                host: host.into(),
+                                path: format!("/v1/processing-terminals/{}/payments", terminal()),
+                                scheme: "https".into(),
+                                ..HttpRequest::default()
+                            }),
+                            ..AttrRequest::default()
+                        }),
+                        ..AttributeContext::default()
+                    }),
+                });
+                let answer = self
+                    .ext_authz
+                    .check(req)
+                    .await
+                    .map_err(|s| format!("{:?}", s.code()))?;
+                // A decision is an answer; only OK (code 0) counts as served.
+                return match answer.get_ref().status.as_ref().map(|s| s.code) {
+                    Some(0) => Ok(()),
+                    other => Err(format!("denied {other:?}")),
+                };
+            }
         };
         outcome.map_err(|s| format!("{:?}", s.code()))
     }

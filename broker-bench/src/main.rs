@@ -18,6 +18,7 @@
 //! | `peer` | the same session workload from N processes that each fetch their own Bearer token (SDK per service) |
 //! | `fanin` | N GetBearerToken calls at once across C cold credentials |
 //! | `scale` | RSS of a broker with 10,000 terminals under 1,000 warm credentials |
+//! | `instructions` | instructions per call under callgrind (`--instructions` runs it alone): each path, the noop, and a stock tonic server as the floor |
 //!
 //! The last line of stdout with `--json` is one JSON object with every figure.
 
@@ -25,6 +26,7 @@
 #![allow(clippy::cast_precision_loss)]
 
 mod child;
+mod instructions;
 mod load;
 mod peer;
 mod stats;
@@ -51,7 +53,15 @@ use crate::{
     stats::{Sample, Summary, r3},
 };
 
-const SCENARIOS: [&str; 6] = ["bearer", "authorize", "session", "peer", "fanin", "scale"];
+const SCENARIOS: [&str; 7] = [
+    "bearer",
+    "authorize",
+    "session",
+    "peer",
+    "fanin",
+    "scale",
+    "instructions",
+];
 const CALLER_TOKEN: &str = "broker-bench-caller-token-7f3a9c2e41d8";
 const CALLER_ENV: &str = "BROKER_BENCH_CALLER_TOKEN";
 const LIB_VERSION: &str = "1.7.0.261457";
@@ -77,6 +87,19 @@ struct Opts {
     /// Short phases and small counts: checks the tool, measures nothing.
     #[arg(long)]
     quick: bool,
+    /// Run only the `instructions` scenario (same as `--only instructions`).
+    #[arg(long)]
+    instructions: bool,
+
+    /// instructions: measured calls per kind and batch (two batches each).
+    #[arg(long, default_value_t = 2000)]
+    instr_calls: usize,
+    /// instructions: calls before the counters are zeroed.
+    #[arg(long, default_value_t = 300)]
+    instr_warmup: usize,
+    /// instructions: calls in flight (over `--connections`).
+    #[arg(long, default_value_t = 16)]
+    instr_concurrency: usize,
 
     /// bearer: seconds per side per round.
     #[arg(long, default_value_t = 2.0)]
@@ -155,6 +178,8 @@ impl Opts {
         self.fanin_credentials = self.fanin_credentials.min(10);
         self.scale_terminals = self.scale_terminals.min(200);
         self.scale_credentials = self.scale_credentials.min(20);
+        self.instr_calls = self.instr_calls.min(100);
+        self.instr_warmup = self.instr_warmup.min(20);
     }
 }
 
@@ -179,7 +204,14 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("peer-worker") {
         return peer::worker(peer::WorkerArgs::parse_from(std::env::args().skip(1)));
     }
+    if std::env::args().nth(1).as_deref() == Some("floor-server") {
+        let listen = std::env::args().skip_while(|a| a != "--listen").nth(1);
+        return instructions::floor_server(&listen.unwrap_or_default());
+    }
     let mut opts = Opts::parse();
+    if opts.instructions {
+        opts.only = vec!["instructions".into()];
+    }
     if let Some(bad) = opts.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
         eprintln!("broker-bench: unknown scenario `{bad}`; known: {SCENARIOS:?}");
         return ExitCode::from(2);
@@ -234,6 +266,9 @@ fn main() -> ExitCode {
         }
         if ctx.opts.wants("scale") {
             scale(&mut ctx).await;
+        }
+        if ctx.opts.wants("instructions") {
+            instruction_counts(&mut ctx).await;
         }
     });
     let load_end = stats::load_average();
@@ -413,6 +448,161 @@ async fn authorize(ctx: &mut Ctx, broker: &Broker, terminals: &[String]) {
             auth.failures() + paced_auth.failures() + bearer.failures() + paced_bearer.failures()
         ),
     );
+}
+
+/// The kinds of call counted, in the order measured, with their JSON names.
+const COUNTED: [(Rpc, &str); 5] = [
+    (Rpc::Noop, "noop"),
+    (Rpc::Bearer, "bearer"),
+    (Rpc::Session, "session"),
+    (Rpc::ExtAuthz, "ext_authz"),
+    (Rpc::Authorize, "authorize"),
+];
+
+/// Instructions per call under callgrind: every kind on one broker
+/// configured as in the other scenarios (JSON audit line per call, the
+/// caller check, metrics; `[ext_authz]` and the identity endpoint on), then
+/// the health Check on a stock tonic server, the floor.
+async fn instruction_counts(ctx: &mut Ctx) {
+    if let Err(why) = instructions::available() {
+        note(format!("instructions: skipped, {why}"));
+        ctx.text.push_str(&format!(
+            "
+## instructions per call
+
+not measured: {why}; the instruction keys are left out
+"
+        ));
+        return;
+    }
+    let key = "broker-bench-api-key-0123456789";
+    let terminals = terminal_ids("T", 8);
+    let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
+    let sim = start_sim(ctx, vec![SimAccount::new(key, &refs)]).await;
+    let rest = payroc_toml(
+        &sim,
+        "",
+        &format!(
+            "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n\
+             [ext_authz]\nenabled = true\n"
+        ),
+    );
+    let out = ctx.dir.join("callgrind-broker.out");
+    let broker = Broker::start_under(
+        &instructions::launcher(&out),
+        &ctx.bin,
+        ctx.flags,
+        &ctx.dir,
+        Setup {
+            name: "instructions",
+            server: "warm_start_timeout = \"60s\"".into(),
+            rest,
+            env: vec![
+                ("BROKER_BENCH_KEY".into(), key.into()),
+                (CALLER_ENV.into(), CALLER_TOKEN.into()),
+            ],
+        },
+    )
+    .await;
+    note(format!(
+        "instructions: broker pid {} under callgrind",
+        broker.pid
+    ));
+    let o = &ctx.opts;
+    let target = Target::connect(broker.addr, o.connections, CALLER_TOKEN, terminals.clone())
+        .await
+        .with_identity(broker.identity, "bench")
+        .with_ext_authz(&sim.addr().to_string());
+    let mut counter = instructions::Counter::new(broker.pid, &out);
+    let mut rows = Vec::new();
+    for (rpc, name) in COUNTED {
+        let batches = count_batches(o, &target, &mut counter, rpc).await;
+        note(format!("instructions: {name} {batches:?} per call"));
+        rows.push((name, batches));
+    }
+    // The same window with no calls: what an idle broker costs meanwhile.
+    counter.zero();
+    let idle = counter.take(SETTLE).await;
+    broker.stop();
+
+    let out = ctx.dir.join("callgrind-floor.out");
+    let floor = Broker::floor(&instructions::launcher(&out), &ctx.dir).await;
+    let target = Target::connect(floor.addr, o.connections, CALLER_TOKEN, terminals).await;
+    let mut counter = instructions::Counter::new(floor.pid, &out);
+    let floor_batches = count_batches(o, &target, &mut counter, Rpc::Noop).await;
+    note(format!("instructions: floor {floor_batches:?} per call"));
+    floor.stop();
+    rows.insert(0, ("floor", floor_batches));
+
+    let mean = |b: &[f64; 2]| (b[0] + b[1]) / 2.0;
+    let noop = mean(&rows[1].1);
+    let mut table = String::new();
+    let mut per_kind = Map::new();
+    let mut spread: f64 = 0.0;
+    for (name, b) in &rows {
+        let m = mean(b);
+        spread = spread.max((b[0] - b[1]).abs() / m * 100.0);
+        table.push_str(&format!(
+            "| {name} | {:.0} | {:.0} / {:.0} | {:.2} |\n",
+            m,
+            b[0],
+            b[1],
+            m / noop
+        ));
+        per_kind.insert((*name).into(), json!(m.round()));
+    }
+    let bearer = mean(&rows[2].1);
+    ctx.text.push_str(&format!(
+        "\n## instructions per call (callgrind; {} calls per batch after {} warm-up, {} in flight over {} connections)\n\n\
+         | kind | instructions per call | batch 1 / batch 2 | ratio to noop |\n|---|---|---|---|\n{table}\n\
+         bearer_instr_over_noop = {:.3}; largest difference between batches {spread:.2} %; \
+         an idle broker over the same {} ms settle: {idle} instructions\n",
+        o.instr_calls,
+        o.instr_warmup,
+        o.instr_concurrency,
+        o.connections,
+        bearer / noop,
+        SETTLE.as_millis(),
+    ));
+    let out = &mut ctx.out;
+    out.insert("instructions".into(), Value::Object(per_kind));
+    out.insert("bearer_instr_over_noop".into(), json!(r3(bearer / noop)));
+    out.insert("instructions_batch_spread_pct".into(), json!(r3(spread)));
+}
+
+/// How long a server under callgrind is left to finish a batch's work (the
+/// log writer gathers lines before writing) before the counters are read.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Instructions per call of `rpc`, two batches (the second shows how
+/// repeatable the first is).
+async fn count_batches(
+    o: &Opts,
+    target: &Target,
+    counter: &mut instructions::Counter,
+    rpc: Rpc,
+) -> [f64; 2] {
+    let mut batches = [0.0; 2];
+    for b in &mut batches {
+        let warm = load::sweep(target, rpc, o.instr_warmup, o.instr_concurrency).await;
+        assert_eq!(
+            warm.failures(),
+            0,
+            "{rpc:?} failed while warming up: {:?}",
+            warm.errors
+        );
+        counter.zero();
+        let s = load::sweep(target, rpc, o.instr_calls, o.instr_concurrency).await;
+        let instructions = counter.take(SETTLE).await;
+        assert_eq!(
+            s.failures(),
+            0,
+            "{rpc:?} failed while counted: {:?}",
+            s.errors
+        );
+        *b = instructions as f64 / o.instr_calls as f64;
+    }
+    batches
 }
 
 /// Noop vs cached bearer, paced bearer, /authorize vs bearer, then sessions,
