@@ -19,7 +19,6 @@ use std::{
 use common::*;
 use payroc_broker::{
     config::LogFormat,
-    obs::audit::fingerprint,
     obs::logging,
     proto::{CreateSessionRequest, Scenario},
 };
@@ -161,6 +160,15 @@ const CALLERS: &str = callers_with_web!(
     burst = 2
 "#
 );
+
+/// `token_fp` as the contract defines it: the first 8 hex digits of the
+/// token's SHA-256 (computed here, not by the broker's own code).
+fn fingerprint(secret: &str) -> String {
+    payroc_broker::config::sha256(secret.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

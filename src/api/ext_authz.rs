@@ -282,7 +282,7 @@ impl ExtAuthzService {
             .map_err(|e| deny(e, audit))?;
         audit.upstream_status(grant.upstream_status);
         let token = secrecy::ExposeSecret::expose_secret(&grant.token.access_token);
-        audit.token(token);
+        audit.token(grant.token.fingerprint);
         Ok(Allowed {
             authorization: format!("Bearer {token}"),
         })

@@ -315,7 +315,7 @@ impl IdentityService {
         audit.upstream_status(grant.upstream_status);
         let token = &grant.token;
         let access_token = token.access_token.expose_secret();
-        audit.token(access_token);
+        audit.token(token.fingerprint);
         // Whole seconds left, rounded down (never more than Payroc granted);
         // at least 1, as the floor guarantees.
         let left = token.remaining(self.clock.now()).min(token.lifetime);

@@ -28,6 +28,7 @@ use crate::{
     clock::Clock,
     domain::broker::WatchStart,
     domain::error::BrokerError,
+    domain::fingerprint::Fingerprint,
     domain::tokens::BearerToken,
     obs::audit::{Audit, Auditor},
     proto::{
@@ -180,7 +181,7 @@ impl TokenBrokerService {
             .await?;
         audit.upstream_status(grant.upstream_status);
         let response = bearer_response(&grant.token, &grant.credential);
-        audit.token(&response.access_token);
+        audit.token(grant.token.fingerprint);
         Ok(response)
     }
 
@@ -219,7 +220,7 @@ impl TokenBrokerService {
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let (end_tx, end_rx) = oneshot::channel::<Status>();
         let response = bearer_response(&first, &credential.name);
-        audit.token(&response.access_token);
+        audit.token(first.fingerprint);
         // A fresh channel has room.
         let _ = tx.try_send(response);
         let watcher = Watcher {
@@ -267,7 +268,8 @@ impl TokenBrokerService {
         let grant = state.broker.session(&credential, request, deadline).await?;
         audit.upstream_status(Some(grant.session.status));
         let session_token = secrecy::ExposeSecret::expose_secret(&grant.session.token);
-        audit.token(session_token);
+        // Each session token is new: its fingerprint is computed here, once.
+        audit.token(Fingerprint::of(session_token));
         Ok(CreateSessionResponse {
             processing_terminal_id: grant.session.processing_terminal_id,
             session_token: session_token.to_owned(),

@@ -8,4 +8,5 @@
 pub mod broker;
 pub mod cell;
 pub mod error;
+pub mod fingerprint;
 pub mod tokens;

@@ -12,9 +12,7 @@
 //! text format prints quoted with control characters escaped and the JSON
 //! format escapes as JSON: a caller cannot forge a log line. Values of our
 //! own (names from the configuration, codes, addresses) print unquoted. The token is
-//! recorded only as `token_fp`, the first 8 hex digits of its SHA-256,
-//! enough to match an event with a token a caller reports, useless to
-//! anyone else.
+//! recorded only as `token_fp`, its [`Fingerprint`].
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -24,7 +22,7 @@ use uuid::Uuid;
 
 use crate::{
     clock::Clock,
-    domain::error::BrokerError,
+    domain::{error::BrokerError, fingerprint::Fingerprint},
     obs::metrics::Metrics,
     rpc::{Rpc, code_name},
     trace::TraceParent,
@@ -90,7 +88,7 @@ pub struct Audit {
     terminal: Option<String>,
     credential: Option<Arc<str>>,
     upstream_status: Option<u16>,
-    token_fp: Option<String>,
+    token_fp: Option<Fingerprint>,
     idempotency_key: Option<Uuid>,
     finished: bool,
 }
@@ -120,9 +118,9 @@ impl Audit {
         }
     }
 
-    /// The token handed out: only its fingerprint is kept.
-    pub fn token(&mut self, secret: &str) {
-        self.token_fp = Some(fingerprint(secret));
+    /// The token handed out, by its fingerprint.
+    pub fn token(&mut self, fingerprint: Fingerprint) {
+        self.token_fp = Some(fingerprint);
     }
 
     pub fn idempotency_key(&mut self, key: Uuid) {
@@ -188,7 +186,7 @@ impl Audit {
             credential = self.credential.as_deref().map(tracing::field::display),
             code = tracing::field::display(code_name(code)),
             upstream_status = self.upstream_status,
-            token_fp = self.token_fp.as_deref().map(tracing::field::display),
+            token_fp = self.token_fp.as_ref().map(Fingerprint::as_str).map(tracing::field::display),
             idempotency_key = self.idempotency_key.map(|k| tracing::field::display(k.hyphenated())),
             peer = self.peer.map(tracing::field::display),
             duration_ms,
@@ -206,23 +204,9 @@ impl Drop for Audit {
     }
 }
 
-/// The first 8 hex digits of the SHA-256 of `secret`.
-pub fn fingerprint(secret: &str) -> String {
-    crate::config::sha256(secret.as_bytes())[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprints_are_8_hex_digits_of_sha256() {
-        // sha256("abc") = ba7816bf...
-        assert_eq!(fingerprint("abc"), "ba7816bf");
-    }
 
     #[test]
     fn long_terminals_are_cut() {

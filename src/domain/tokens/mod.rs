@@ -48,7 +48,10 @@ use std::{
 use secrecy::SecretString;
 use tokio::time::Instant;
 
-use crate::payroc::{IdentityToken, PayrocClient, UpstreamError};
+use crate::{
+    domain::fingerprint::Fingerprint,
+    payroc::{IdentityToken, PayrocClient, UpstreamError},
+};
 
 use policy::refetch_spacing;
 
@@ -72,6 +75,8 @@ pub struct BearerToken {
     pub fetched_at: Instant,
     /// The HTTP status of the identity answer that issued it.
     pub upstream_status: u16,
+    /// What the audit records of it, computed once.
+    pub fingerprint: Fingerprint,
 }
 
 impl BearerToken {

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use secrecy::ExposeSecret;
+
 use crate::{
     clock::Clock,
+    domain::fingerprint::Fingerprint,
     payroc::{Endpoint, IdentityToken, UpstreamError},
 };
 
@@ -117,6 +120,7 @@ pub(super) fn cache_entry(
         .unwrap_or(t.requested_at)
         .max(t.requested_at);
     Ok(BearerToken {
+        fingerprint: Fingerprint::of(t.access_token.expose_secret()),
         access_token: t.access_token,
         token_type: t.token_type,
         scopes: t.scopes,
