@@ -152,7 +152,18 @@ impl Audit {
 
     /// A span for the call, with its RPC name and trace id: log lines of the
     /// call (retries, token fetches it starts) carry them.
+    ///
+    /// Only when it has something to carry: the call came with a trace, or
+    /// DEBUG is on somewhere (refusals are logged at DEBUG, in the span).
+    /// Otherwise no span at all, since a span is a subscriber call and an
+    /// allocation on every call, and the call's own audit event names its
+    /// RPC anyway (BENCHMARKS.md has the measured cost).
     pub fn span(&self) -> tracing::Span {
+        if self.trace.is_none()
+            && tracing::level_filters::LevelFilter::current() < tracing::Level::DEBUG
+        {
+            return tracing::Span::none();
+        }
         tracing::info_span!(
             "rpc",
             rpc = self.rpc.map_or("unknown", Rpc::name),
