@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::{
     clock::Clock,
     domain::{error::BrokerError, fingerprint::Fingerprint},
-    obs::metrics::Metrics,
+    obs::{logging, metrics::Metrics},
     rpc::{Rpc, code_name},
     trace::TraceParent,
 };
@@ -189,21 +189,61 @@ impl Audit {
             self.auditor.metrics.rpc(rpc, code, took);
         }
         let duration_ms = (took.as_micros() as f64) / 1000.0;
-        tracing::info!(
-            target: TARGET,
-            caller = self.caller.as_deref().map(tracing::field::display),
-            rpc = tracing::field::display(self.rpc.map_or("unknown", Rpc::name)),
-            terminal = self.terminal.as_deref(),
-            credential = self.credential.as_deref().map(tracing::field::display),
-            code = tracing::field::display(code_name(code)),
-            upstream_status = self.upstream_status,
-            token_fp = self.token_fp.as_ref().map(Fingerprint::as_str).map(tracing::field::display),
-            idempotency_key = self.idempotency_key.map(|k| tracing::field::display(k.hyphenated())),
-            peer = self.peer.map(tracing::field::display),
-            duration_ms,
-            trace_id = self.trace.map(|t| tracing::field::display(t.trace_id())),
-            "rpc"
-        );
+        let rpc = self.rpc.map_or("unknown", Rpc::name);
+        let code = code_name(code);
+        let trace_id = self.trace.map(|t| t.trace_id());
+        // The members in the event's own order (message first, as tracing
+        // puts it), each as the formatter writes that field.
+        let render = |m: &mut logging::JsonMembers<'_>| {
+            m.str("message", "rpc");
+            if let Some(caller) = &self.caller {
+                m.str("caller", caller);
+            }
+            m.str("rpc", rpc);
+            if let Some(terminal) = &self.terminal {
+                m.str("terminal", terminal);
+            }
+            if let Some(credential) = &self.credential {
+                m.str("credential", credential);
+            }
+            m.str("code", code);
+            if let Some(status) = self.upstream_status {
+                m.u64("upstream_status", status.into());
+            }
+            if let Some(fp) = &self.token_fp {
+                m.str("token_fp", fp.as_str());
+            }
+            if let Some(key) = self.idempotency_key {
+                m.str(
+                    "idempotency_key",
+                    key.hyphenated().encode_lower(&mut Uuid::encode_buffer()),
+                );
+            }
+            if let Some(peer) = self.peer {
+                m.display("peer", peer);
+            }
+            m.f64("duration_ms", duration_ms);
+            if let Some(trace_id) = &trace_id {
+                m.str("trace_id", trace_id);
+            }
+        };
+        logging::with_json_fields(render, || {
+            tracing::info!(
+                target: TARGET,
+                caller = self.caller.as_deref().map(tracing::field::display),
+                rpc = tracing::field::display(rpc),
+                terminal = self.terminal.as_deref(),
+                credential = self.credential.as_deref().map(tracing::field::display),
+                code = tracing::field::display(code),
+                upstream_status = self.upstream_status,
+                token_fp = self.token_fp.as_ref().map(Fingerprint::as_str).map(tracing::field::display),
+                idempotency_key = self.idempotency_key.map(|k| tracing::field::display(k.hyphenated())),
+                peer = self.peer.map(tracing::field::display),
+                duration_ms,
+                trace_id = trace_id.as_deref().map(tracing::field::display),
+                "rpc"
+            )
+        });
     }
 }
 
@@ -218,6 +258,81 @@ impl Drop for Audit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The audit line as the JSON format writes it, through the
+    /// pre-rendered members or (`visit`) through tracing's field visitor.
+    fn audit_line(visit: bool, fill: impl Fn(&mut Audit)) -> String {
+        use std::sync::Mutex;
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(logging::fmt_layer(
+            crate::config::LogFormat::Json,
+            move || out.clone(),
+            false,
+        ));
+        logging::visit_always(visit);
+        tracing::subscriber::with_default(subscriber, || {
+            let clock = Clock::starting_at(std::time::SystemTime::UNIX_EPOCH);
+            let auditor = Auditor::new(clock, Metrics::new());
+            let mut a = auditor.start(
+                Some(Rpc::CreateSession),
+                Some("127.0.0.1:4711".parse().unwrap()),
+                TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            );
+            fill(&mut a);
+            a.finish(Code::ResourceExhausted);
+        });
+        logging::visit_always(false);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        // The timestamp differs between the two runs, nothing else may.
+        let (_, rest) = text
+            .split_once("\",\"level\"")
+            .unwrap_or_else(|| panic!("a JSON line: {text:?}"));
+        rest.to_owned()
+    }
+
+    // Paused: both lines take the same (zero) time.
+    #[tokio::test(start_paused = true)]
+    async fn pre_rendered_audit_lines_are_the_lines_the_field_visitor_writes() {
+        let full = |a: &mut Audit| {
+            a.caller("web");
+            a.terminal("12\"34\\\n\u{1}é");
+            a.credential(&Arc::from("acme"));
+            a.upstream_status(Some(429));
+            a.token(Fingerprint::of("token"));
+            a.idempotency_key(Uuid::from_u128(0x5f0c6a8e_3b7d_4c2a_9e1f_2a4b6c8d0e1f));
+        };
+        let pre = audit_line(false, full);
+        assert_eq!(pre, audit_line(true, full));
+        for field in [
+            "\"caller\":\"web\"",
+            "\"terminal\":\"12\\\"34\\\\\\n\\u0001é\"",
+            "\"upstream_status\":429",
+            "\"idempotency_key\":\"5f0c6a8e-3b7d-4c2a-9e1f-2a4b6c8d0e1f\"",
+            "\"peer\":\"127.0.0.1:4711\"",
+            "\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\"",
+            "\"code\":\"RESOURCE_EXHAUSTED\"",
+            "\"duration_ms\":0.0",
+        ] {
+            assert!(pre.contains(field), "{field} in {pre}");
+        }
+        // Every optional field left out.
+        let bare = |_: &mut Audit| {};
+        assert_eq!(audit_line(false, bare), audit_line(true, bare));
+        assert!(!audit_line(false, bare).contains("caller"));
+    }
 
     #[test]
     fn long_terminals_are_cut() {

@@ -24,11 +24,12 @@ use std::{
     io::{self, Write},
     sync::{
         Arc, Condvar, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 
 use tracing::{
@@ -64,6 +65,100 @@ const LINGER: Duration = Duration::from_millis(1);
 
 /// Lines dropped since start, by every queue of the process.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a JSON formatter was ever installed in this process: only then
+/// is pre-rendering an event's fields ([`with_json_fields`]) worth its cost.
+static JSON_INSTALLED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// The fields of the event this thread is dispatching, already written
+    /// as JSON members by [`with_json_fields`]; `None` outside it.
+    static PRERENDERED: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Each thread's buffer for them, kept between events.
+    static BUFFER: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Whether the JSON formatter ignores pre-rendered members on this thread
+/// (tests compare the two routes).
+#[cfg(test)]
+pub(crate) fn visit_always(yes: bool) {
+    VISIT_ALWAYS.with(|v| v.set(yes));
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Makes the formatter ignore pre-rendered members, so a test can
+    /// compare both routes.
+    static VISIT_ALWAYS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Emits an event (`emit`, which must dispatch exactly one) whose fields
+/// `render` writes straight as JSON members, from the typed values the
+/// caller holds, in the order the event declares them. The JSON formatter
+/// then copies those members instead of visiting the fields one by one
+/// through `tracing`'s `Visit` (a `Display` field costs a `fmt` pass into a
+/// scratch buffer, then an escaping pass), which made the one audit line per
+/// RPC the largest part of a cached call. Every other subscriber and layer
+/// (the text format, tests' captures) still sees an ordinary event with
+/// every field. A test holds the two routes to the same bytes.
+pub fn with_json_fields(render: impl FnOnce(&mut JsonMembers<'_>), emit: impl FnOnce()) {
+    if !JSON_INSTALLED.load(Ordering::Relaxed) {
+        return emit();
+    }
+    let mut members = BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    members.clear();
+    render(&mut JsonMembers {
+        out: &mut members,
+        scratch: String::new(),
+    });
+    PRERENDERED.with(|p| *p.borrow_mut() = Some(members));
+    emit();
+    if let Some(mut members) = PRERENDERED.with(|p| p.borrow_mut().take()) {
+        members.clear();
+        BUFFER.with(|b| *b.borrow_mut() = members);
+    }
+}
+
+/// Where [`with_json_fields`]' `render` writes: each call one member,
+/// `,"name":value`, as the formatter would have written that field.
+pub struct JsonMembers<'a> {
+    out: &'a mut String,
+    /// For `Display` values (allocated only if one is written).
+    scratch: String,
+}
+
+impl JsonMembers<'_> {
+    fn key(&mut self, name: &str) {
+        self.out.push(',');
+        let _ = write_json_str(self.out, name);
+        self.out.push(':');
+    }
+
+    /// A string field (or a `Display` one whose text is at hand).
+    pub fn str(&mut self, name: &str, value: &str) {
+        self.key(name);
+        let _ = write_json_str(self.out, value);
+    }
+
+    /// A `Display` field.
+    pub fn display(&mut self, name: &str, value: impl fmt::Display) {
+        self.scratch.clear();
+        let _ = write!(self.scratch, "{value}");
+        self.key(name);
+        let _ = write_json_str(self.out, &self.scratch);
+    }
+
+    pub fn u64(&mut self, name: &str, value: u64) {
+        self.key(name);
+        let _ = write!(self.out, "{value}");
+    }
+
+    /// As the formatter writes an `f64` field.
+    pub fn f64(&mut self, name: &str, value: f64) {
+        self.key(name);
+        let _ = write_f64(self.out, value);
+    }
+}
 
 /// Log lines dropped since the process started (queue full, or stderr
 /// refused them).
@@ -104,10 +199,13 @@ where
         .log_internal_errors(false);
     match format {
         LogFormat::Text => layer.with_ansi(ansi).boxed(),
-        LogFormat::Json => layer
-            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-            .event_format(JsonLine)
-            .boxed(),
+        LogFormat::Json => {
+            JSON_INSTALLED.store(true, Ordering::Relaxed);
+            layer
+                .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .event_format(JsonLine)
+                .boxed()
+        }
     }
 }
 
@@ -281,13 +379,23 @@ where
         let now = std::time::SystemTime::now();
         write_rfc3339(&mut w, now)?;
         write!(w, "\",\"level\":\"{}\"", meta.level())?;
-        let mut fields = JsonFieldsOf {
-            w: &mut w,
-            scratch: String::new(),
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
+        // Members pre-rendered by with_json_fields for this very event, if
+        // any (it dispatches exactly one); otherwise visit the fields.
+        let prerendered = PRERENDERED.with(|p| match &*p.borrow() {
+            #[cfg(test)]
+            Some(_) if VISIT_ALWAYS.with(std::cell::Cell::get) => Ok(false),
+            Some(members) => w.write_str(members).map(|()| true),
+            None => Ok(false),
+        })?;
+        if !prerendered {
+            let mut fields = JsonFieldsOf {
+                w: &mut w,
+                scratch: String::new(),
+                result: Ok(()),
+            };
+            event.record(&mut fields);
+            fields.result?;
+        }
         w.write_str(",\"target\":")?;
         write_json_str(&mut w, meta.target())?;
         if let Some(span) = ctx.lookup_current() {
@@ -350,11 +458,7 @@ impl Visit for JsonFieldsOf<'_, '_> {
         self.put(field, |s| write!(s.w, "{value}"));
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // As serde_json: non-finite numbers are null.
-        self.put(field, |s| match value.is_finite() {
-            true => write!(s.w, "{value:?}"),
-            false => s.w.write_str("null"),
-        });
+        self.put(field, |s| write_f64(s.w, value));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.put(field, |s| {
@@ -365,9 +469,22 @@ impl Visit for JsonFieldsOf<'_, '_> {
     }
 }
 
+/// `value` as serde_json writes it: non-finite numbers are null.
+fn write_f64(w: &mut impl fmt::Write, value: f64) -> fmt::Result {
+    match value.is_finite() {
+        true => write!(w, "{value:?}"),
+        false => w.write_str("null"),
+    }
+}
+
 /// `s` as a JSON string, escaped as serde_json escapes.
 fn write_json_str(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
     w.write_char('"')?;
+    // Most values need no escape: one write, not one per run of bytes.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        w.write_str(s)?;
+        return w.write_char('"');
+    }
     let mut from = 0;
     for (i, b) in s.bytes().enumerate() {
         let esc = match b {
