@@ -188,7 +188,8 @@ impl Audit {
         if let Some(rpc) = self.rpc {
             self.auditor.metrics.rpc(rpc, code, took);
         }
-        let duration_ms = (took.as_micros() as f64) / 1000.0;
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let duration_ms = micros as f64 / 1000.0;
         let rpc = self.rpc.map_or("unknown", Rpc::name);
         let code = code_name(code);
         let trace_id = self.trace.map(|t| t.trace_id());
@@ -222,7 +223,7 @@ impl Audit {
             if let Some(peer) = self.peer {
                 m.display("peer", peer);
             }
-            m.f64("duration_ms", duration_ms);
+            m.thousandths("duration_ms", micros);
             if let Some(trace_id) = &trace_id {
                 m.str("trace_id", trace_id);
             }

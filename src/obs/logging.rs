@@ -128,10 +128,13 @@ pub struct JsonMembers<'a> {
 }
 
 impl JsonMembers<'_> {
+    /// Names are the event's own field names, identifiers that need no
+    /// escape.
     fn key(&mut self, name: &str) {
-        self.out.push(',');
-        let _ = write_json_str(self.out, name);
-        self.out.push(':');
+        debug_assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        self.out.push_str(",\"");
+        self.out.push_str(name);
+        self.out.push_str("\":");
     }
 
     /// A string field (or a `Display` one whose text is at hand).
@@ -157,6 +160,27 @@ impl JsonMembers<'_> {
     pub fn f64(&mut self, name: &str, value: f64) {
         self.key(name);
         let _ = write_f64(self.out, value);
+    }
+
+    /// `thousandths / 1000` as the formatter writes that `f64` (a duration
+    /// in ms from whole µs), without a float formatting pass: the shortest
+    /// decimal that reads back as the same `f64` is the exact one with its
+    /// trailing zeros cut, and `Debug` keeps one `0` after the point.
+    /// Exact below 2^53 / 1000 (285 years of µs); past that, the float route.
+    pub fn thousandths(&mut self, name: &str, thousandths: u64) {
+        const EXACT: u64 = (1 << 53) / 1000;
+        if thousandths >= EXACT * 1000 {
+            return self.f64(name, thousandths as f64 / 1000.0);
+        }
+        self.key(name);
+        let (whole, mut frac) = (thousandths / 1000, thousandths % 1000);
+        let _ = write!(self.out, "{whole}.");
+        let mut digits = 3;
+        while frac % 10 == 0 && digits > 1 {
+            frac /= 10;
+            digits -= 1;
+        }
+        let _ = write!(self.out, "{frac:0digits$}");
     }
 }
 
@@ -528,6 +552,29 @@ fn write_rfc3339(w: &mut impl fmt::Write, t: std::time::SystemTime) -> fmt::Resu
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn thousandths_are_written_as_the_f64_formatter_writes_them() {
+        let mut values: Vec<u64> = vec![0, 1, 9, 10, 99, 100, 999, 1000, 1001, 1010, 1100];
+        // A spread of magnitudes, up to where the exact route ends.
+        let mut v = 7u64;
+        while v < (1 << 53) / 1000 * 1000 {
+            values.extend([v, v + 1, v * 10]);
+            v = v * 13 + 5;
+        }
+        values.push((1 << 53) / 1000 * 1000 + 17);
+        for m in values {
+            let mut out = String::new();
+            JsonMembers {
+                out: &mut out,
+                scratch: String::new(),
+            }
+            .thousandths("d", m);
+            let mut expected = String::new();
+            write_f64(&mut expected, m as f64 / 1000.0).unwrap();
+            assert_eq!(out, format!(",\"d\":{expected}"), "{m} thousandths");
+        }
+    }
+
     use super::*;
     use std::sync::mpsc;
 
