@@ -18,6 +18,7 @@
 //! | `peer` | the same session workload from N processes that each fetch their own Bearer token (SDK per service) |
 //! | `fanin` | N GetBearerToken calls at once across C cold credentials |
 //! | `scale` | RSS of a broker with 10,000 terminals under 1,000 warm credentials |
+//! | `watch` | N WatchBearerToken streams held open: broker memory per stream, and the time from a new token to the last stream receiving it |
 //! | `instructions` | instructions per call under callgrind (`--instructions` runs it alone): each path, the noop, and a stock tonic server as the floor |
 //!
 //! The last line of stdout with `--json` is one JSON object with every figure.
@@ -31,6 +32,7 @@ mod load;
 mod peer;
 mod stats;
 mod timer;
+mod watch;
 
 use std::{
     collections::BTreeSet,
@@ -53,13 +55,14 @@ use crate::{
     stats::{Sample, Summary, r3},
 };
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "bearer",
     "authorize",
     "session",
     "peer",
     "fanin",
     "scale",
+    "watch",
     "instructions",
 ];
 const CALLER_TOKEN: &str = "broker-bench-caller-token-7f3a9c2e41d8";
@@ -90,6 +93,16 @@ struct Opts {
     /// Run only the `instructions` scenario (same as `--only instructions`).
     #[arg(long)]
     instructions: bool,
+
+    /// watch: WatchBearerToken streams held open at once.
+    #[arg(long, default_value_t = 10_000)]
+    watch_streams: usize,
+    /// watch: HTTP/2 connections they spread over.
+    #[arg(long, default_value_t = 100)]
+    watch_connections: usize,
+    /// instructions: WatchBearerToken streams a new token is delivered to.
+    #[arg(long, default_value_t = 1000)]
+    instr_watch_streams: usize,
 
     /// instructions: measured calls per kind and batch (two batches each).
     #[arg(long, default_value_t = 2000)]
@@ -179,6 +192,9 @@ impl Opts {
         self.scale_terminals = self.scale_terminals.min(200);
         self.scale_credentials = self.scale_credentials.min(20);
         self.instr_calls = self.instr_calls.min(100);
+        self.watch_streams = self.watch_streams.min(200);
+        self.watch_connections = self.watch_connections.min(10);
+        self.instr_watch_streams = self.instr_watch_streams.min(50);
         self.instr_warmup = self.instr_warmup.min(20);
     }
 }
@@ -266,6 +282,9 @@ fn main() -> ExitCode {
         }
         if ctx.opts.wants("scale") {
             scale(&mut ctx).await;
+        }
+        if ctx.opts.wants("watch") {
+            watch_scale(&mut ctx).await;
         }
         if ctx.opts.wants("instructions") {
             instruction_counts(&mut ctx).await;
@@ -450,6 +469,109 @@ async fn authorize(ctx: &mut Ctx, broker: &Broker, terminals: &[String]) {
     );
 }
 
+/// The `[server]` lines a broker holding `streams` watchers over
+/// `connections` connections from one address needs (both limits count
+/// streams and connections from the bench as from any peer).
+fn watch_server(streams: usize, connections: usize) -> String {
+    format!(
+        "warm_start_timeout = \"60s\"\nmax_connections_per_peer = {}\nmax_in_flight_requests = {}\n",
+        connections + 16,
+        streams * 2 + 1024
+    )
+}
+
+/// A new token for every watcher: one CreateSession is answered 401 (Payroc
+/// rejecting the cached token), so the broker fetches the next one and
+/// retries. Returns when the simulator issued it.
+async fn replace_token(sim: &SimPayroc, target: &Target) -> Option<std::time::Instant> {
+    sim.faults()
+        .push(SimEndpoint::Sessions, payroc_sim::Fault::status(401), 1);
+    let outcome = target.caller(0).call(Rpc::Session, 0).await;
+    if let Err(code) = outcome {
+        note(format!(
+            "watch: the CreateSession that replaces the token failed: {code}"
+        ));
+    }
+    sim.stats().last_token_issued_at.map(|t| t.into_std())
+}
+
+/// Watchers at scale: memory per stream, and the time from a new token to
+/// the last of them receiving it.
+async fn watch_scale(ctx: &mut Ctx) {
+    let o = &ctx.opts;
+    let (streams, connections) = (o.watch_streams, o.watch_connections);
+    let key = "broker-bench-api-key-0123456789";
+    let terminals = terminal_ids("W", 4);
+    let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
+    let sim = start_sim(ctx, vec![SimAccount::new(key, &refs)]).await;
+    let rest = payroc_toml(
+        &sim,
+        "",
+        &format!(
+            "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n"
+        ),
+    );
+    let broker = Broker::start(
+        &ctx.bin,
+        ctx.flags,
+        &ctx.dir,
+        Setup {
+            name: "watch",
+            server: watch_server(streams, connections),
+            rest,
+            env: vec![
+                ("BROKER_BENCH_KEY".into(), key.into()),
+                (CALLER_ENV.into(), CALLER_TOKEN.into()),
+            ],
+        },
+    )
+    .await;
+    let channels = watch::connect(broker.addr, connections).await;
+    let target = Target::connect(broker.addr, 1, CALLER_TOKEN, terminals.clone()).await;
+    // Connections, and one call through every path the trigger takes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, before_kib) = broker.rss_kib();
+    let mut opened_kib = 0;
+    let started = std::time::Instant::now();
+    let watched = watch::watchers(
+        &channels,
+        streams,
+        CALLER_TOKEN,
+        &terminals[0],
+        Duration::from_secs(60),
+        async || {
+            note(format!(
+                "watch: {streams} streams open after {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            opened_kib = broker.rss_kib().1;
+        },
+        async || replace_token(&sim, &target).await,
+    )
+    .await;
+    let (peak_kib, _) = broker.rss_kib();
+    broker.stop();
+    let per_stream = opened_kib.saturating_sub(before_kib) as f64 / streams.max(1) as f64;
+    let delivery = Summary::of(&watched.delivery_ns);
+    ctx.text.push_str(&format!(
+        "\n## watch: {streams} WatchBearerToken streams over {connections} connections\n\n\
+         broker RSS {before_kib} KiB with the connections open, {opened_kib} KiB with every stream \
+         holding its first token: {per_stream:.2} KiB per stream (peak {peak_kib} KiB)\n\
+         new token to each stream (ms, from when the simulator issued it): p50 / p90 / p99 / max \
+         {}; {} of {streams} streams received it; failures {}\n",
+        delivery.cells(),
+        watched.delivery_ns.len(),
+        watched.failures,
+    ));
+    let out = &mut ctx.out;
+    out.insert("watch_streams".into(), json!(watched.streams));
+    out.insert("watch_kib_per_stream".into(), json!(r3(per_stream)));
+    out.insert("watch_delivery_p99_ms".into(), json!(r3(delivery.p99)));
+    out.insert("watch_delivery".into(), delivery.json());
+    out.insert("watch_failures".into(), json!(watched.failures));
+}
+
 /// The kinds of call counted, in the order measured, with their JSON names.
 const COUNTED: [(Rpc, &str); 5] = [
     (Rpc::Noop, "noop"),
@@ -520,6 +642,30 @@ not measured: {why}; the instruction keys are left out
         note(format!("instructions: {name} {batches:?} per call"));
         rows.push((name, batches));
     }
+    // WatchBearerToken: a new token delivered to every open stream.
+    let streams = o.instr_watch_streams;
+    let channels = watch::connect(broker.addr, 10).await;
+    let counter_ref = &counter;
+    let watched = watch::watchers(
+        &channels,
+        streams,
+        CALLER_TOKEN,
+        &terminals[0],
+        Duration::from_secs(300),
+        async || counter_ref.zero(),
+        async || replace_token(&sim, &target).await,
+    )
+    .await;
+    let delivered = counter.take(SETTLE).await;
+    assert_eq!(
+        watched.failures, 0,
+        "watchers missed the new token under callgrind"
+    );
+    let per_delivery = delivered as f64 / streams.max(1) as f64;
+    note(format!(
+        "instructions: watch delivery {per_delivery:.0} per stream"
+    ));
+    drop(channels);
     // The same window with no calls: what an idle broker costs meanwhile.
     counter.zero();
     let idle = counter.take(SETTLE).await;
@@ -551,6 +697,11 @@ not measured: {why}; the instruction keys are left out
         ));
         per_kind.insert((*name).into(), json!(m.round()));
     }
+    table.push_str(&format!(
+        "| watch delivery (one new token to each of {streams} streams, the CreateSession that replaces it included) | {per_delivery:.0} | | {:.2} |\n",
+        per_delivery / noop
+    ));
+    per_kind.insert("watch_delivery".into(), json!(per_delivery.round()));
     let bearer = mean(&rows[2].1);
     ctx.text.push_str(&format!(
         "\n## instructions per call (callgrind; {} calls per batch after {} warm-up, {} in flight over {} connections)\n\n\

@@ -319,6 +319,9 @@ pub struct SimStats {
     pub session_requests: u64,
     /// Sessions actually created (idempotent replays excluded).
     pub sessions_created: u64,
+    /// When the last Bearer token was issued (benchmarks time deliveries
+    /// from it).
+    pub last_token_issued_at: Option<Instant>,
 }
 
 /// One sessions request as received, and what it was answered.
@@ -741,6 +744,7 @@ impl Sim {
         let mut books = lock(&self.books);
         books.sweep_tokens(self.config.clock.now());
         books.tokens.insert(access_token.clone(), issued);
+        books.stats.last_token_issued_at = Some(self.config.clock.now());
         drop(books);
         // The unknown field proves the client ignores fields it does not know.
         Ok(axum::Json(json!({
