@@ -196,8 +196,7 @@ fn http_status(e: &BrokerError) -> Option<StatusCode> {
         | BrokerError::DeadlineExceeded
         | BrokerError::RequestTimeout
         | BrokerError::Overloaded(_)
-        | BrokerError::ShuttingDown
-        | BrokerError::WatcherLagging => StatusCode::SERVICE_UNAVAILABLE,
+        | BrokerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
     })
 }
 

@@ -109,13 +109,6 @@ impl From<BrokerError> for Status {
                 &[],
                 None,
             ),
-            BrokerError::WatcherLagging => broker_raised(
-                Code::ResourceExhausted,
-                "the stream was ended because its client did not read the tokens sent to it".into(),
-                "WATCHER_LAGGING",
-                &[],
-                None,
-            ),
         }
     }
 }

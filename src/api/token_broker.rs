@@ -13,9 +13,8 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use futures_util::{Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use futures_util::Stream;
+use tokio::sync::watch;
 use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
@@ -37,11 +36,6 @@ use crate::{
     },
     rpc::Rpc,
 };
-
-/// Tokens a WatchBearerToken stream holds for a client that has not read
-/// them yet; one more and the stream is ended (a client that does not read
-/// must not make the broker buffer for it).
-const WATCH_BUFFER: usize = 2;
 
 /// The stream of tokens a WatchBearerToken call answers with.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<GetBearerTokenResponse, Status>> + Send>>;
@@ -217,12 +211,8 @@ impl TokenBrokerService {
             changes,
             min_validity,
         } = start?;
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let (end_tx, end_rx) = oneshot::channel::<Status>();
         let response = bearer_response(&first, &credential.name);
         audit.token(first.fingerprint);
-        // A fresh channel has room.
-        let _ = tx.try_send(response);
         let watcher = Watcher {
             service: self.clone(),
             caller,
@@ -231,19 +221,8 @@ impl TokenBrokerService {
             changes,
             last: first,
             min_validity,
-            tx,
         };
-        tokio::spawn(async move {
-            if let Some(end) = watcher.follow().await {
-                let status = Status::from(end);
-                tracing::debug!(code = ?status.code(), error = status.message(), "watch stream ended");
-                let _ = end_tx.send(status);
-            }
-        });
-        // The tokens, then the status that ended the stream (if any).
-        let end =
-            futures_util::stream::once(end_rx).filter_map(|r| std::future::ready(r.ok().map(Err)));
-        Ok(Box::pin(ReceiverStream::new(rx).map(Ok).chain(end)))
+        Ok(watcher.into_stream(response))
     }
 
     async fn session(
@@ -301,59 +280,95 @@ struct Watcher {
     changes: watch::Receiver<Option<Arc<BearerToken>>>,
     last: Arc<BearerToken>,
     min_validity: Duration,
-    tx: mpsc::Sender<GetBearerTokenResponse>,
+}
+
+/// Where a watch stream is: its first token still to send, following the
+/// cache, or ended.
+enum Follow {
+    First(GetBearerTokenResponse, Box<Following>),
+    Next(Box<Following>),
+    Ended,
+}
+
+/// A watcher and the signals it follows besides its credential's cache.
+struct Following {
+    watcher: Watcher,
+    shutdown: watch::Receiver<bool>,
+    reloads: watch::Receiver<u64>,
 }
 
 impl Watcher {
-    /// Sends each replacement token until something ends the stream: the
-    /// error to end it with, or `None` when the client went away.
-    async fn follow(mut self) -> Option<BrokerError> {
-        let mut shutdown = self.service.signals.shutdown.subscribe();
-        let mut reloads = self.service.signals.reloads.subscribe();
+    /// The stream itself follows the cache, when tonic polls it: no task
+    /// and no channel per watcher, and a client that does not read is not
+    /// read for (tonic polls for the next token only once h2 has taken the
+    /// last). Ends with the error that ended it, or when the client goes
+    /// away (the stream is dropped).
+    fn into_stream(self, first: GetBearerTokenResponse) -> WatchStream {
+        let following = Following {
+            shutdown: self.service.signals.shutdown.subscribe(),
+            reloads: self.service.signals.reloads.subscribe(),
+            watcher: self,
+        };
+        let start = Follow::First(first, Box::new(following));
+        Box::pin(futures_util::stream::unfold(start, |state| async move {
+            match state {
+                Follow::First(first, f) => Some((Ok(first), Follow::Next(f))),
+                Follow::Next(mut f) => match f.next().await {
+                    Ok(token) => Some((Ok(token), Follow::Next(f))),
+                    Err(end) => {
+                        let status = Status::from(end);
+                        tracing::debug!(code = ?status.code(), error = status.message(), "watch stream ended");
+                        Some((Err(status), Follow::Ended))
+                    }
+                },
+                Follow::Ended => None,
+            }
+        }))
+    }
+}
+
+impl Following {
+    /// The next token to send, or the error that ends the stream.
+    async fn next(&mut self) -> Result<GetBearerTokenResponse, BrokerError> {
+        let Following {
+            watcher: this,
+            shutdown,
+            reloads,
+        } = self;
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|down| *down) => return Some(BrokerError::ShuttingDown),
-                () = self.tx.closed() => return None,
+                _ = shutdown.wait_for(|down| *down) => return Err(BrokerError::ShuttingDown),
                 changed = reloads.changed() => {
                     if changed.is_err() {
-                        return Some(BrokerError::ShuttingDown);
+                        return Err(BrokerError::ShuttingDown);
                     }
-                    let state = self.service.state.load_full();
+                    let state = this.service.state.load_full();
                     // The checks of a new call, in the same order.
-                    let Some(caller) = state.callers.by_name(self.caller.name(), self.caller.via()) else {
-                        return Some(BrokerError::Unauthenticated(
+                    let Some(caller) = state.callers.by_name(this.caller.name(), this.caller.via()) else {
+                        return Err(BrokerError::Unauthenticated(
                             "the caller is no longer configured",
                         ));
                     };
-                    if let Err(e) = caller.authorize(Rpc::WatchBearerToken, &self.terminal) {
-                        return Some(e);
-                    }
-                    self.caller = caller;
-                    match state.broker.credential(&self.terminal) {
-                        Err(e) => return Some(e),
+                    caller.authorize(Rpc::WatchBearerToken, &this.terminal)?;
+                    this.caller = caller;
+                    match state.broker.credential(&this.terminal) {
+                        Err(e) => return Err(e),
                         // Another credential (or the same one with a new
                         // key) serves it now: follow that cache; its token
                         // differs from the last one sent, so it goes out.
-                        Ok(c) if !Arc::ptr_eq(c, &self.credential) => {
-                            self.credential = Arc::clone(c);
-                            self.changes = self.credential.subscribe();
+                        Ok(c) if !Arc::ptr_eq(c, &this.credential) => {
+                            this.credential = Arc::clone(c);
+                            this.changes = this.credential.subscribe();
                         }
                         Ok(_) => {}
                     }
                 }
-                next = self.credential.replacement(&mut self.changes, &self.last, self.min_validity) => {
-                    let token = match next {
-                        Ok(t) => t,
-                        Err(e) => return Some(e.into()),
-                    };
-                    match self.tx.try_send(bearer_response(&token, &self.credential.name)) {
-                        Ok(()) => self.last = token,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            return Some(BrokerError::WatcherLagging);
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => return None,
-                    }
+                next = this.credential.replacement(&mut this.changes, &this.last, this.min_validity) => {
+                    let token = next?;
+                    let response = bearer_response(&token, &this.credential.name);
+                    this.last = token;
+                    return Ok(response);
                 }
             }
         }

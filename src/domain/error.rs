@@ -68,9 +68,6 @@ pub enum BrokerError {
     Internal(String),
     /// The server is shutting down (ends WatchBearerToken streams).
     ShuttingDown,
-    /// A WatchBearerToken client did not read the tokens sent to it; the
-    /// broker ends its stream rather than buffer for it.
-    WatcherLagging,
 }
 
 impl BrokerError {
