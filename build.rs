@@ -58,6 +58,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Prost's codec with smaller buffers (see `proto::Codec`).
+        .codec_path("crate::proto::Codec")
         .compile_fds(compiler.file_descriptor_set())?;
 
     // Descriptor only, without source info: reflection clients need the
