@@ -15,6 +15,7 @@
 //! | `bearer` | health Check (`noop`) vs cached GetBearerToken, interleaved rounds at saturation; then GetBearerToken paced at half the noop rate |
 //! | `authorize` | the identity endpoint's cached `POST /credentials/{name}/authorize` (HTTP/2, `x-api-key`) vs cached GetBearerToken, interleaved rounds at saturation; then both paced at the same rate for p99 |
 //! | `session` | CreateSession, a fixed number in flight, the simulator answering after L |
+//! | `session50` | CreateSession at 50 in flight through the broker, then the same load from SDK-per-service peers, side by side against one simulator |
 //! | `peer` | the same session workload from N processes that each fetch their own Bearer token (SDK per service) |
 //! | `fanin` | N GetBearerToken calls at once across C cold credentials |
 //! | `scale` | RSS of a broker with 10,000 terminals under 1,000 warm credentials |
@@ -55,11 +56,12 @@ use crate::{
     stats::{Sample, Summary, r3},
 };
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "bearer",
     "authorize",
     "session",
     "peer",
+    "session50",
     "fanin",
     "scale",
     "watch",
@@ -276,6 +278,9 @@ fn main() -> ExitCode {
         };
         if ctx.opts.wants("peer") {
             peer_comparison(&mut ctx, session.as_ref()).await;
+        }
+        if ctx.opts.wants("session50") {
+            session50(&mut ctx).await;
         }
         if ctx.opts.wants("fanin") {
             fanin(&mut ctx).await;
@@ -551,6 +556,7 @@ async fn watch_scale(ctx: &mut Ctx) {
     )
     .await;
     let (peak_kib, _) = broker.rss_kib();
+    drop(watched.held);
     broker.stop();
     let per_stream = opened_kib.saturating_sub(before_kib) as f64 / streams.max(1) as f64;
     let delivery = Summary::of(&watched.delivery_ns);
@@ -661,6 +667,8 @@ not measured: {why}; the instruction keys are left out
         watched.failures, 0,
         "watchers missed the new token under callgrind"
     );
+    // Closed after the count: closing streams is not delivering to them.
+    drop(watched.held);
     let per_delivery = delivered as f64 / streams.max(1) as f64;
     note(format!(
         "instructions: watch delivery {per_delivery:.0} per stream"
@@ -1095,6 +1103,132 @@ async fn peer_comparison(ctx: &mut Ctx, broker_side: Option<&Sample>) {
     out.insert("peer_added_p99_ms".into(), json!(r3(sum.p99 - l)));
     out.insert("peer_failures".into(), json!(s.failures()));
     out.insert("peer_upstream_connections".into(), json!(connections));
+}
+
+/// Sessions in flight for the side-by-side at the load this machine carries.
+const SESSION50: usize = 50;
+
+/// CreateSession at 50 in flight (1,000/s offered at L = 50 ms), through the
+/// broker and then from SDK-per-service peers, against one simulator: the
+/// broker's extra hop, where the cores are not the limit.
+async fn session50(ctx: &mut Ctx) {
+    let o = &ctx.opts;
+    let (key, peer_key) = (
+        "broker-bench-api-key-0123456789",
+        "broker-bench-peer-api-key-0123456789",
+    );
+    let terminals = terminal_ids("T", 8);
+    let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
+    let sim = start_sim(
+        ctx,
+        vec![
+            SimAccount::new(key, &refs),
+            SimAccount::new(peer_key, &refs),
+        ],
+    )
+    .await;
+    let l = o.session_latency_ms as f64;
+    sim.faults().set_latency(
+        SimEndpoint::Sessions,
+        Duration::from_millis(o.session_latency_ms),
+    );
+    let rest = payroc_toml(
+        &sim,
+        "max_concurrent_sessions = 128\nmax_concurrent_sessions_per_caller = 128",
+        &format!(
+            "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n"
+        ),
+    );
+    let broker = Broker::start(
+        &ctx.bin,
+        ctx.flags,
+        &ctx.dir,
+        Setup {
+            name: "session50",
+            server: "warm_start_timeout = \"30s\"".into(),
+            rest,
+            env: vec![
+                ("BROKER_BENCH_KEY".into(), key.into()),
+                (CALLER_ENV.into(), CALLER_TOKEN.into()),
+            ],
+        },
+    )
+    .await;
+    let target = Target::connect(
+        broker.addr,
+        o.session_connections,
+        CALLER_TOKEN,
+        terminals.clone(),
+    )
+    .await;
+    let window = Duration::from_secs_f64(o.session_seconds);
+    ctx.lateness.take();
+    let via_broker = load::closed_loop(
+        &target,
+        Rpc::Session,
+        SESSION50,
+        Duration::from_secs(2),
+        window,
+    )
+    .await;
+    let late = Summary::of(&ctx.lateness.take());
+    broker.stop();
+    let mut direct = peer::run(peer::PeerRun {
+        processes: o.peers,
+        concurrency: SESSION50,
+        identity_url: sim.identity_url(),
+        api_url: sim.api_url(),
+        api_key: peer_key,
+        terminals: &terminals,
+        lib_version: LIB_VERSION,
+        warmup: Duration::from_secs(2),
+        window,
+        dir: &ctx.dir,
+    })
+    .await;
+    direct.window = o.session_seconds;
+    let (b, p) = (via_broker.summary(), direct.summary());
+    ctx.text.push_str(&format!(
+        "\n## Side by side at {SESSION50} sessions in flight, L = {l} ms, {} s each, one simulator\n\n\
+         | path | sessions/s | p50 / p90 / p99 / max ms | p50 − L | p99 − L | failures |\n|---|---|---|---|---|---|\n\
+         | one broker, 1 client process | {:.0} | {} | {:.3} | {:.3} | {} |\n\
+         | SDK per service, {} processes | {:.0} | {} | {:.3} | {:.3} | {} |\n\n\
+         the broker's hop over the direct peer: p50 {:+.3} ms, p99 {:+.3} ms; \
+         the simulator's timer answered L late by p50 {:.3} / p99 {:.3} ms during the broker's run\n",
+        o.session_seconds,
+        via_broker.rps(),
+        b.cells(),
+        b.p50 - l,
+        b.p99 - l,
+        via_broker.failures(),
+        o.peers,
+        direct.rps(),
+        p.cells(),
+        p.p50 - l,
+        p.p99 - l,
+        direct.failures(),
+        b.p50 - p.p50,
+        b.p99 - p.p99,
+        late.p50,
+        late.p99,
+    ));
+    let out = &mut ctx.out;
+    out.insert("session50_added_p50_ms".into(), json!(r3(b.p50 - l)));
+    out.insert("session50_added_p99_ms".into(), json!(r3(b.p99 - l)));
+    out.insert("session50_peer_added_p50_ms".into(), json!(r3(p.p50 - l)));
+    out.insert("session50_peer_added_p99_ms".into(), json!(r3(p.p99 - l)));
+    out.insert(
+        "session50_over_peer_p50_ms".into(),
+        json!(r3(b.p50 - p.p50)),
+    );
+    out.insert(
+        "session50_over_peer_p99_ms".into(),
+        json!(r3(b.p99 - p.p99)),
+    );
+    out.insert(
+        "session50_failures".into(),
+        json!(via_broker.failures() + direct.failures()),
+    );
 }
 
 /// Writes `secret` to a 0600 file in the work directory.

@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use payroc_broker::proto::{WatchBearerTokenRequest, token_broker_client::TokenBrokerClient};
+use payroc_broker::proto::{
+    GetBearerTokenResponse, WatchBearerTokenRequest, token_broker_client::TokenBrokerClient,
+};
 use tokio::sync::Barrier;
 use tonic::{Request, transport::Channel};
 
@@ -26,6 +28,9 @@ pub struct Watched {
     pub failures: usize,
     /// Every stream's delivery of the new token, in ns after it was issued.
     pub delivery_ns: Vec<u64>,
+    /// The streams that got it, still open: what is measured after the
+    /// deliveries must not include closing them.
+    pub held: Vec<tonic::Streaming<GetBearerTokenResponse>>,
 }
 
 /// `connections` HTTP/2 connections to `addr`, established.
@@ -95,7 +100,7 @@ where
             loop {
                 match stream.message().await {
                     Ok(Some(t)) if t.access_token != token => {
-                        seconds.lock().unwrap().push(Instant::now());
+                        seconds.lock().unwrap().push((Instant::now(), stream));
                         return;
                     }
                     Ok(Some(_)) => {}
@@ -113,16 +118,18 @@ where
         }
     };
     let _ = tokio::time::timeout(bound, all).await;
+    let (times, held): (Vec<Instant>, Vec<_>) = std::mem::take(&mut *seconds.lock().unwrap())
+        .into_iter()
+        .unzip();
     let delivery_ns = match issued {
-        Some(at) => seconds
-            .lock()
-            .unwrap()
+        Some(at) => times
             .iter()
             .map(|t| t.saturating_duration_since(at).as_nanos() as u64)
             .collect(),
         None => Vec::new(),
     };
     Watched {
+        held,
         streams,
         failures: streams - delivery_ns.len(),
         delivery_ns,
