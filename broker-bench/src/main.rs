@@ -674,6 +674,8 @@ not measured: {why}; the instruction keys are left out
         "instructions: watch delivery {per_delivery:.0} per stream"
     ));
     drop(channels);
+    // Let the broker close those streams before the idle window.
+    tokio::time::sleep(SETTLE).await;
     // The same window with no calls: what an idle broker costs meanwhile.
     counter.zero();
     let idle = counter.take(SETTLE).await;
