@@ -112,11 +112,19 @@ pub fn with_json_fields(render: impl FnOnce(&mut JsonMembers<'_>), emit: impl Fn
         scratch: String::new(),
     });
     PRERENDERED.with(|p| *p.borrow_mut() = Some(members));
-    emit();
-    if let Some(mut members) = PRERENDERED.with(|p| p.borrow_mut().take()) {
-        members.clear();
-        BUFFER.with(|b| *b.borrow_mut() = members);
+    // Cleared however `emit` ends (a panic included): members left behind
+    // would be copied into the next event this thread formats.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            if let Some(mut members) = PRERENDERED.with(|p| p.borrow_mut().take()) {
+                members.clear();
+                BUFFER.with(|b| *b.borrow_mut() = members);
+            }
+        }
     }
+    let _clear = Clear;
+    emit();
 }
 
 /// Where [`with_json_fields`]' `render` writes: each call one member,
@@ -165,11 +173,12 @@ impl JsonMembers<'_> {
     /// `thousandths / 1000` as the formatter writes that `f64` (a duration
     /// in ms from whole µs), without a float formatting pass: the shortest
     /// decimal that reads back as the same `f64` is the exact one with its
-    /// trailing zeros cut, and `Debug` keeps one `0` after the point.
-    /// Exact below 2^53 / 1000 (285 years of µs); past that, the float route.
+    /// trailing zeros cut, and `Debug` keeps one `0` after the point. That
+    /// holds while doubles near the value are much closer together than
+    /// 0.001: below 2^40 thousandths (12.7 days of µs) they are within
+    /// 2^-12; past that, the float route.
     pub fn thousandths(&mut self, name: &str, thousandths: u64) {
-        const EXACT: u64 = (1 << 53) / 1000;
-        if thousandths >= EXACT * 1000 {
+        if thousandths >= EXACT_THOUSANDTHS {
             return self.f64(name, thousandths as f64 / 1000.0);
         }
         self.key(name);
@@ -183,6 +192,9 @@ impl JsonMembers<'_> {
         let _ = write!(self.out, "{frac:0digits$}");
     }
 }
+
+/// See [`JsonMembers::thousandths`].
+const EXACT_THOUSANDTHS: u64 = 1 << 40;
 
 /// Log lines dropped since the process started (queue full, or stderr
 /// refused them).
@@ -553,15 +565,29 @@ fn write_rfc3339(w: &mut impl fmt::Write, t: std::time::SystemTime) -> fmt::Resu
 #[cfg(test)]
 mod tests {
     #[test]
+    fn pre_rendered_members_do_not_outlive_a_panicking_emit() {
+        JSON_INSTALLED.store(true, Ordering::Relaxed);
+        let outcome = std::panic::catch_unwind(|| {
+            with_json_fields(|m| m.str("a", "b"), || panic!("emit fails"));
+        });
+        assert!(outcome.is_err());
+        assert!(PRERENDERED.with(|p| p.borrow().is_none()));
+    }
+
+    #[test]
     fn thousandths_are_written_as_the_f64_formatter_writes_them() {
         let mut values: Vec<u64> = vec![0, 1, 9, 10, 99, 100, 999, 1000, 1001, 1010, 1100];
         // A spread of magnitudes, up to where the exact route ends.
         let mut v = 7u64;
-        while v < (1 << 53) / 1000 * 1000 {
+        while v < 1 << 56 {
             values.extend([v, v + 1, v * 10]);
             v = v * 13 + 5;
         }
-        values.push((1 << 53) / 1000 * 1000 + 17);
+        values.extend([
+            EXACT_THOUSANDTHS - 1,
+            EXACT_THOUSANDTHS,
+            EXACT_THOUSANDTHS + 17,
+        ]);
         for m in values {
             let mut out = String::new();
             JsonMembers {
