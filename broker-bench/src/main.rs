@@ -1174,6 +1174,17 @@ async fn session50(ctx: &mut Ctx) {
     )
     .await;
     let late = Summary::of(&ctx.lateness.take());
+    // The same rate as an open loop: arrivals spread evenly instead of the
+    // closed loop's waves (with a fixed L its 50 calls tend to complete
+    // together).
+    let paced = load::paced(
+        &target,
+        Rpc::Session,
+        via_broker.rps(),
+        Duration::from_secs(1),
+        window,
+    )
+    .await;
     broker.stop();
     let mut direct = peer::run(peer::PeerRun {
         processes: o.peers,
@@ -1189,12 +1200,13 @@ async fn session50(ctx: &mut Ctx) {
     })
     .await;
     direct.window = o.session_seconds;
-    let (b, p) = (via_broker.summary(), direct.summary());
+    let (b, p, bp) = (via_broker.summary(), direct.summary(), paced.summary());
     ctx.text.push_str(&format!(
         "\n## Side by side at {SESSION50} sessions in flight, L = {l} ms, {} s each, one simulator\n\n\
          | path | sessions/s | p50 / p90 / p99 / max ms | p50 − L | p99 − L | failures |\n|---|---|---|---|---|---|\n\
          | one broker, 1 client process | {:.0} | {} | {:.3} | {:.3} | {} |\n\
-         | SDK per service, {} processes | {:.0} | {} | {:.3} | {:.3} | {} |\n\n\
+         | SDK per service, {} processes | {:.0} | {} | {:.3} | {:.3} | {} |\n\
+         | one broker, paced (open loop) at the broker's closed-loop rate | {:.0} | {} | {:.3} | {:.3} | {} |\n\n\
          the broker's hop over the direct peer: p50 {:+.3} ms, p99 {:+.3} ms; \
          the simulator's timer answered L late by p50 {:.3} / p99 {:.3} ms during the broker's run\n",
         o.session_seconds,
@@ -1209,6 +1221,11 @@ async fn session50(ctx: &mut Ctx) {
         p.p50 - l,
         p.p99 - l,
         direct.failures(),
+        paced.rps(),
+        bp.cells(),
+        bp.p50 - l,
+        bp.p99 - l,
+        paced.failures(),
         b.p50 - p.p50,
         b.p99 - p.p99,
         late.p50,
@@ -1227,9 +1244,11 @@ async fn session50(ctx: &mut Ctx) {
         "session50_over_peer_p99_ms".into(),
         json!(r3(b.p99 - p.p99)),
     );
+    out.insert("session50_paced_added_p50_ms".into(), json!(r3(bp.p50 - l)));
+    out.insert("session50_paced_added_p99_ms".into(), json!(r3(bp.p99 - l)));
     out.insert(
         "session50_failures".into(),
-        json!(via_broker.failures() + direct.failures()),
+        json!(via_broker.failures() + direct.failures() + paced.failures()),
     );
 }
 

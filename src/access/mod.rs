@@ -507,7 +507,7 @@ impl Caller {
         if !c.rpcs.permits(&rpc) {
             return Err(denied(format!("may not call {}", rpc.name())));
         }
-        if !c.terminals.permits(&terminal.to_owned()) {
+        if !c.terminals.permits(terminal) {
             return Err(denied(format!(
                 "may not use processing terminal `{terminal}`"
             )));
@@ -529,7 +529,7 @@ impl Caller {
                 reason: format!("may not call {}", rpc.name()),
             });
         }
-        let missing = terminals.iter().filter(|t| !c.terminals.permits(t)).count();
+        let missing = terminals.iter().filter(|t| !c.terminals.permits(*t)).count();
         if missing > 0 {
             return Err(BrokerError::PermissionDenied {
                 caller: c.name.clone(),

@@ -25,11 +25,17 @@ pub enum Allow<T> {
     Only(Vec<T>),
 }
 
-impl<T: PartialEq> Allow<T> {
-    pub fn permits(&self, item: &T) -> bool {
+impl<T> Allow<T> {
+    /// Whether `item` is allowed; `item` may be a borrowed form of `T`
+    /// (`&str` for `Allow<String>`), so that a check allocates nothing.
+    pub fn permits<Q>(&self, item: &Q) -> bool
+    where
+        T: PartialEq<Q>,
+        Q: ?Sized,
+    {
         match self {
             Allow::All => true,
-            Allow::Only(items) => items.contains(item),
+            Allow::Only(items) => items.iter().any(|i| i == item),
         }
     }
 }
@@ -230,7 +236,7 @@ pub(super) fn bearer_scope_warnings(
             let allowed = cred
                 .terminals
                 .iter()
-                .filter(|t| caller.terminals.permits(t))
+                .filter(|t| caller.terminals.permits(*t))
                 .count();
             if allowed > 0 && allowed < cred.terminals.len() {
                 out.push(format!(
