@@ -529,7 +529,10 @@ impl Caller {
                 reason: format!("may not call {}", rpc.name()),
             });
         }
-        let missing = terminals.iter().filter(|t| !c.terminals.permits(*t)).count();
+        let missing = terminals
+            .iter()
+            .filter(|t| !c.terminals.permits(*t))
+            .count();
         if missing > 0 {
             return Err(BrokerError::PermissionDenied {
                 caller: c.name.clone(),
