@@ -11,7 +11,6 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -97,36 +96,21 @@ impl Capture {
     }
 }
 
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Buffer {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
-
 /// Captured events, and every line as the JSON and text formats print it,
 /// at TRACE for every crate.
 struct Logs {
     events: Capture,
-    json: Buffer,
-    text: Buffer,
+    json: LogBuffer,
+    text: LogBuffer,
     _guard: tracing::subscriber::DefaultGuard,
 }
 
 fn capture() -> Logs {
-    let (events, json, text) = (Capture::default(), Buffer::default(), Buffer::default());
+    let (events, json, text) = (
+        Capture::default(),
+        LogBuffer::default(),
+        LogBuffer::default(),
+    );
     let (j, t) = (json.clone(), text.clone());
     let subscriber = tracing_subscriber::registry()
         .with(events.clone())

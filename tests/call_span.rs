@@ -4,11 +4,6 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
-
 use common::*;
 use payroc_broker::{config::LogFormat, obs::logging};
 use payroc_sim::{Fault, SimEndpoint};
@@ -25,31 +20,12 @@ fn traced<T>(mut r: Request<T>) -> Request<T> {
     r
 }
 
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Buffer {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
-
 /// Log lines a call causes carry its span (`rpc`, `trace_id`) when the call
 /// came with a trace; at INFO, a call without one has no span at all (it
 /// would cost every call a span for lines only a few calls log).
 #[tokio::test]
 async fn a_traced_call_puts_its_span_on_the_lines_it_logs() {
-    let json = Buffer::default();
+    let json = LogBuffer::default();
     let out = json.clone();
     let subscriber = tracing_subscriber::registry()
         .with(logging::fmt_layer(

@@ -6,11 +6,6 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
-
 use common::*;
 use payroc_broker::proto::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
@@ -19,19 +14,6 @@ use payroc_broker::{config::LogFormat, obs::logging};
 use payroc_sim::{Fault, SimEndpoint};
 use tonic::Request;
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 const CALLERS: &str = callers_with_web!(
     r#"
@@ -58,7 +40,7 @@ fn authed_traced<T>(msg: T, token: &str) -> Request<T> {
 
 #[tokio::test]
 async fn no_secret_reaches_a_log_line() {
-    let capture = Capture::default();
+    let capture = LogBuffer::default();
     let (text, json) = (capture.clone(), capture.clone());
     tracing_subscriber::registry()
         .with(logging::fmt_layer(
@@ -165,7 +147,7 @@ async fn no_secret_reaches_a_log_line() {
     .await;
     assert!(abandoned.is_err());
     eventually("the abandoned call's audit event", || {
-        let seen = String::from_utf8_lossy(&capture.0.lock().unwrap()).contains("code=CANCELLED");
+        let seen = capture.text().contains("code=CANCELLED");
         async move { seen }
     })
     .await;
@@ -196,7 +178,7 @@ async fn no_secret_reaches_a_log_line() {
 
     h.shutdown().await.unwrap();
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     // The capture really saw the flows, down to the HTTP/2 frames.
     assert!(
         logs.contains("payroc_broker::audit: rpc caller=web rpc=CreateSession"),

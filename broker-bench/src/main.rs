@@ -346,6 +346,26 @@ fn payroc_toml(sim: &SimPayroc, payroc_extra: &str, credentials: &str) -> String
     )
 }
 
+/// The API key of the one credential (`bench`) most scenarios configure.
+const BENCH_KEY: &str = "broker-bench-api-key-0123456789";
+
+/// `[[credentials]]` for `bench`, its key from the environment
+/// ([`bench_env`]), serving `terminals`.
+fn bench_credential(terminals: &[String]) -> String {
+    format!(
+        "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n"
+    )
+}
+
+/// The secrets such a broker reads from its environment: `bench`'s key and
+/// the caller's token.
+fn bench_env() -> Vec<(String, String)> {
+    vec![
+        ("BROKER_BENCH_KEY".into(), BENCH_KEY.into()),
+        (CALLER_ENV.into(), CALLER_TOKEN.into()),
+    ]
+}
+
 fn terminal_ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i:06}")).collect()
 }
@@ -505,17 +525,11 @@ async fn replace_token(sim: &SimPayroc, target: &Target) -> Option<std::time::In
 async fn watch_scale(ctx: &mut Ctx) {
     let o = &ctx.opts;
     let (streams, connections) = (o.watch_streams, o.watch_connections);
-    let key = "broker-bench-api-key-0123456789";
+    let key = BENCH_KEY;
     let terminals = terminal_ids("W", 4);
     let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
     let sim = start_sim(ctx, vec![SimAccount::new(key, &refs)]).await;
-    let rest = payroc_toml(
-        &sim,
-        "",
-        &format!(
-            "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n"
-        ),
-    );
+    let rest = payroc_toml(&sim, "", &bench_credential(&terminals));
     let broker = Broker::start(
         &ctx.bin,
         ctx.flags,
@@ -524,10 +538,7 @@ async fn watch_scale(ctx: &mut Ctx) {
             name: "watch",
             server: watch_server(streams, connections),
             rest,
-            env: vec![
-                ("BROKER_BENCH_KEY".into(), key.into()),
-                (CALLER_ENV.into(), CALLER_TOKEN.into()),
-            ],
+            env: bench_env(),
         },
     )
     .await;
@@ -603,7 +614,7 @@ not measured: {why}; the instruction keys are left out
         ));
         return;
     }
-    let key = "broker-bench-api-key-0123456789";
+    let key = BENCH_KEY;
     let terminals = terminal_ids("T", 8);
     let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
     let sim = start_sim(ctx, vec![SimAccount::new(key, &refs)]).await;
@@ -611,8 +622,8 @@ not measured: {why}; the instruction keys are left out
         &sim,
         "",
         &format!(
-            "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n\
-             [ext_authz]\nenabled = true\n"
+            "{}[ext_authz]\nenabled = true\n",
+            bench_credential(&terminals)
         ),
     );
     let out = ctx.dir.join("callgrind-broker.out");
@@ -625,10 +636,7 @@ not measured: {why}; the instruction keys are left out
             name: "instructions",
             server: "warm_start_timeout = \"60s\"".into(),
             rest,
-            env: vec![
-                ("BROKER_BENCH_KEY".into(), key.into()),
-                (CALLER_ENV.into(), CALLER_TOKEN.into()),
-            ],
+            env: bench_env(),
         },
     )
     .await;
@@ -771,7 +779,7 @@ async fn count_batches(
 /// Returns the session sample for the peer comparison.
 async fn bearer_and_session(ctx: &mut Ctx) -> Sample {
     let o = &ctx.opts;
-    let key = "broker-bench-api-key-0123456789";
+    let key = BENCH_KEY;
     let terminals = terminal_ids("T", 8);
     let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
     let sim = start_sim(ctx, vec![SimAccount::new(key, &refs)]).await;
@@ -781,9 +789,7 @@ async fn bearer_and_session(ctx: &mut Ctx) -> Sample {
         &format!(
             "max_concurrent_sessions = {sessions}\nmax_concurrent_sessions_per_caller = {sessions}"
         ),
-        &format!(
-            "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n"
-        ),
+        &bench_credential(&terminals),
     );
     let broker = Broker::start(
         &ctx.bin,
@@ -793,10 +799,7 @@ async fn bearer_and_session(ctx: &mut Ctx) -> Sample {
             name: "main",
             server: "warm_start_timeout = \"30s\"".into(),
             rest,
-            env: vec![
-                ("BROKER_BENCH_KEY".into(), key.into()),
-                (CALLER_ENV.into(), CALLER_TOKEN.into()),
-            ],
+            env: bench_env(),
         },
     )
     .await;
@@ -1115,10 +1118,7 @@ const SESSION50: usize = 50;
 /// broker's extra hop, where the cores are not the limit.
 async fn session50(ctx: &mut Ctx) {
     let o = &ctx.opts;
-    let (key, peer_key) = (
-        "broker-bench-api-key-0123456789",
-        "broker-bench-peer-api-key-0123456789",
-    );
+    let (key, peer_key) = (BENCH_KEY, "broker-bench-peer-api-key-0123456789");
     let terminals = terminal_ids("T", 8);
     let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
     let sim = start_sim(
@@ -1137,9 +1137,7 @@ async fn session50(ctx: &mut Ctx) {
     let rest = payroc_toml(
         &sim,
         "max_concurrent_sessions = 128\nmax_concurrent_sessions_per_caller = 128",
-        &format!(
-            "[[credentials]]\nname = \"bench\"\napi_key_env = \"BROKER_BENCH_KEY\"\nterminals = {terminals:?}\n"
-        ),
+        &bench_credential(&terminals),
     );
     let broker = Broker::start(
         &ctx.bin,
@@ -1149,10 +1147,7 @@ async fn session50(ctx: &mut Ctx) {
             name: "session50",
             server: "warm_start_timeout = \"30s\"".into(),
             rest,
-            env: vec![
-                ("BROKER_BENCH_KEY".into(), key.into()),
-                (CALLER_ENV.into(), CALLER_TOKEN.into()),
-            ],
+            env: bench_env(),
         },
     )
     .await;

@@ -57,6 +57,28 @@ macro_rules! callers_with_web {
 #[allow(unused_imports)]
 pub(crate) use callers_with_web;
 
+/// Where a test's log subscriber writes: every line, kept for reading.
+#[derive(Clone, Default)]
+pub struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[allow(dead_code)] // not every test file reads its logs back
+impl LogBuffer {
+    /// What was written so far (lossy where a line is not UTF-8).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 /// What a test changes about the standard setup.
 #[derive(Default, Clone)]
 pub struct Options {
