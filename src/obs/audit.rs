@@ -263,28 +263,8 @@ mod tests {
     /// The audit line as the JSON format writes it, through the
     /// pre-rendered members or (`visit`) through tracing's field visitor.
     fn audit_line(visit: bool, fill: impl Fn(&mut Audit)) -> String {
-        use std::sync::Mutex;
-        use tracing_subscriber::layer::SubscriberExt;
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let out = buf.clone();
-        let subscriber = tracing_subscriber::registry().with(logging::fmt_layer(
-            crate::config::LogFormat::Json,
-            move || out.clone(),
-            false,
-        ));
         logging::visit_always(visit);
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logging::json_output(|| {
             let clock = Clock::starting_at(std::time::SystemTime::UNIX_EPOCH);
             let auditor = Auditor::new(clock, Metrics::new());
             let mut a = auditor.start(
@@ -296,7 +276,6 @@ mod tests {
             a.finish(Code::ResourceExhausted);
         });
         logging::visit_always(false);
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         // The timestamp differs between the two runs, nothing else may.
         let (_, rest) = text
             .split_once("\",\"level\"")

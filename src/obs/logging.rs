@@ -78,6 +78,31 @@ thread_local! {
     static BUFFER: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+/// What `emit` logs, as the JSON format writes it (to memory, through the
+/// layer [`init`] installs), for unit tests of what lines look like.
+#[cfg(test)]
+pub(crate) fn json_output(emit: impl FnOnce()) -> String {
+    use tracing_subscriber::layer::SubscriberExt;
+    #[derive(Clone, Default)]
+    struct Memory(Arc<Mutex<Vec<u8>>>);
+    impl Write for Memory {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            lock(&self.0).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let memory = Memory::default();
+    let out = memory.clone();
+    let subscriber =
+        tracing_subscriber::registry().with(fmt_layer(LogFormat::Json, move || out.clone(), false));
+    tracing::subscriber::with_default(subscriber, emit);
+    let bytes = lock(&memory.0).clone();
+    String::from_utf8(bytes).expect("log lines are UTF-8")
+}
+
 /// Whether the JSON formatter ignores pre-rendered members on this thread
 /// (tests compare the two routes).
 #[cfg(test)]
@@ -655,28 +680,8 @@ mod tests {
     }
 
     fn json_lines(emit: impl FnOnce()) -> Vec<serde_json::Value> {
-        use tracing_subscriber::layer::SubscriberExt;
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl Write for Buf {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let out = buf.clone();
-        let subscriber = tracing_subscriber::registry().with(fmt_layer(
-            LogFormat::Json,
-            move || out.clone(),
-            false,
-        ));
-        tracing::subscriber::with_default(subscriber, emit);
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        text.lines()
+        json_output(emit)
+            .lines()
             .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
             .collect()
     }
