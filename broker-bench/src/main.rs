@@ -366,6 +366,25 @@ fn bench_env() -> Vec<(String, String)> {
     ]
 }
 
+/// A broker with the `bench` credential and caller ([`bench_env`]), run by
+/// `launcher` when there is one; `server` is extra `[server]` lines, `rest`
+/// the `[payroc]` table and those after it.
+async fn bench_broker(
+    ctx: &Ctx,
+    launcher: &[std::ffi::OsString],
+    name: &str,
+    server: String,
+    rest: String,
+) -> Broker {
+    let setup = Setup {
+        name,
+        server,
+        rest,
+        env: bench_env(),
+    };
+    Broker::start_under(launcher, &ctx.bin, ctx.flags, &ctx.dir, setup).await
+}
+
 fn terminal_ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i:06}")).collect()
 }
@@ -530,18 +549,7 @@ async fn watch_scale(ctx: &mut Ctx) {
     let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
     let sim = start_sim(ctx, vec![SimAccount::new(key, &refs)]).await;
     let rest = payroc_toml(&sim, "", &bench_credential(&terminals));
-    let broker = Broker::start(
-        &ctx.bin,
-        ctx.flags,
-        &ctx.dir,
-        Setup {
-            name: "watch",
-            server: watch_server(streams, connections),
-            rest,
-            env: bench_env(),
-        },
-    )
-    .await;
+    let broker = bench_broker(ctx, &[], "watch", watch_server(streams, connections), rest).await;
     let channels = watch::connect(broker.addr, connections).await;
     let target = Target::connect(broker.addr, 1, CALLER_TOKEN, terminals.clone()).await;
     // Connections, and one call through every path the trigger takes.
@@ -627,17 +635,12 @@ not measured: {why}; the instruction keys are left out
         ),
     );
     let out = ctx.dir.join("callgrind-broker.out");
-    let broker = Broker::start_under(
+    let broker = bench_broker(
+        ctx,
         &instructions::launcher(&out),
-        &ctx.bin,
-        ctx.flags,
-        &ctx.dir,
-        Setup {
-            name: "instructions",
-            server: "warm_start_timeout = \"60s\"".into(),
-            rest,
-            env: bench_env(),
-        },
+        "instructions",
+        "warm_start_timeout = \"60s\"".into(),
+        rest,
     )
     .await;
     note(format!(
@@ -791,16 +794,12 @@ async fn bearer_and_session(ctx: &mut Ctx) -> Sample {
         ),
         &bench_credential(&terminals),
     );
-    let broker = Broker::start(
-        &ctx.bin,
-        ctx.flags,
-        &ctx.dir,
-        Setup {
-            name: "main",
-            server: "warm_start_timeout = \"30s\"".into(),
-            rest,
-            env: bench_env(),
-        },
+    let broker = bench_broker(
+        ctx,
+        &[],
+        "main",
+        "warm_start_timeout = \"30s\"".into(),
+        rest,
     )
     .await;
     note(format!("broker pid {} on {}", broker.pid, broker.addr));
@@ -1139,16 +1138,12 @@ async fn session50(ctx: &mut Ctx) {
         "max_concurrent_sessions = 128\nmax_concurrent_sessions_per_caller = 128",
         &bench_credential(&terminals),
     );
-    let broker = Broker::start(
-        &ctx.bin,
-        ctx.flags,
-        &ctx.dir,
-        Setup {
-            name: "session50",
-            server: "warm_start_timeout = \"30s\"".into(),
-            rest,
-            env: bench_env(),
-        },
+    let broker = bench_broker(
+        ctx,
+        &[],
+        "session50",
+        "warm_start_timeout = \"30s\"".into(),
+        rest,
     )
     .await;
     let target = Target::connect(
