@@ -98,16 +98,67 @@ impl TraceParent {
     /// The `traceparent` for a request the broker sends on behalf of this
     /// trace: same trace id and flags, a new random span id as parent.
     pub fn child(&self, entropy: &dyn Entropy) -> TraceParent {
-        let u = entropy.uuid_v4();
-        let b = u.as_bytes();
-        // The bytes of a v4 UUID that are wholly random (byte 6 holds the
-        // version, byte 8 the variant).
-        let mut parent_id = [b[0], b[1], b[2], b[3], b[4], b[5], b[7], b[9]];
-        if parent_id == [0; 8] {
-            parent_id[7] = 1; // all zeros is invalid; only a fixed test source gets here
+        TraceParent {
+            parent_id: span_id(entropy),
+            ..*self
         }
-        TraceParent { parent_id, ..*self }
     }
+
+    /// A new trace, started here: random ids, `sampled` in the flags.
+    pub fn root(entropy: &dyn Entropy, sampled: bool) -> TraceParent {
+        let (a, b) = (entropy.uuid_v4(), entropy.uuid_v4());
+        let mut trace_id = *a.as_bytes();
+        // A v4 UUID fixes four bits of byte 6 and two of byte 8; replace
+        // both bytes with random ones, since samplers read the trace id's
+        // low half as a uniform number (the W3C format asks for random ids).
+        trace_id[6] = b.as_bytes()[0];
+        trace_id[8] = b.as_bytes()[1];
+        if trace_id == [0; 16] {
+            trace_id[15] = 1; // all zeros is invalid; only a fixed test source gets here
+        }
+        TraceParent {
+            trace_id,
+            parent_id: span_id(entropy),
+            flags: u8::from(sampled),
+        }
+    }
+
+    /// This trace with `sampled` as its flag (the broker's own decision,
+    /// passed on to the next hop).
+    pub fn with_sampled(self, sampled: bool) -> TraceParent {
+        TraceParent {
+            flags: (self.flags & !1) | u8::from(sampled),
+            ..self
+        }
+    }
+
+    /// The trace id's 16 bytes.
+    pub fn trace_id_bytes(&self) -> [u8; 16] {
+        self.trace_id
+    }
+
+    /// The parent id's 8 bytes: the span of the hop that sent this value.
+    pub fn parent_id_bytes(&self) -> [u8; 8] {
+        self.parent_id
+    }
+
+    /// The `sampled` flag: the sender records this trace.
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+}
+
+/// A new random span id (never all zeros, which is invalid).
+pub fn span_id(entropy: &dyn Entropy) -> [u8; 8] {
+    let u = entropy.uuid_v4();
+    let b = u.as_bytes();
+    // The bytes of a v4 UUID that are wholly random (byte 6 holds the
+    // version, byte 8 the variant).
+    let mut id = [b[0], b[1], b[2], b[3], b[4], b[5], b[7], b[9]];
+    if id == [0; 8] {
+        id[7] = 1; // only a fixed test source gets here
+    }
+    id
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -212,6 +263,33 @@ mod tests {
         assert!(text.ends_with("-01"));
         assert_ne!(c, t);
         assert_eq!(TraceParent::parse(&text), Some(c));
+    }
+
+    #[test]
+    fn roots_are_valid_random_traces_with_the_sampling_decision() {
+        let e = crate::clock::OsEntropy;
+        let (a, b) = (TraceParent::root(&e, true), TraceParent::root(&e, false));
+        assert!(a.sampled() && !b.sampled());
+        assert_ne!(a.trace_id_bytes(), b.trace_id_bytes());
+        assert_eq!(TraceParent::parse(&a.to_string()), Some(a));
+        assert!(a.to_string().ends_with("-01") && b.to_string().ends_with("-00"));
+        // The variant bits of a v4 UUID do not survive in byte 8: over 64
+        // roots, its top two bits take more than one value.
+        let tops: std::collections::HashSet<u8> = (0..64)
+            .map(|_| TraceParent::root(&e, true).trace_id_bytes()[8] >> 6)
+            .collect();
+        assert!(tops.len() > 1, "{tops:?}");
+    }
+
+    #[test]
+    fn with_sampled_sets_only_the_sampled_flag() {
+        let t =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03").unwrap();
+        assert_eq!(
+            t.with_sampled(false).to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-02"
+        );
+        assert_eq!(t.with_sampled(true), t);
     }
 
     #[tokio::test]

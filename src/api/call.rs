@@ -76,7 +76,9 @@ pub(crate) async fn run<T, E: Refusal>(
 ) -> Result<T, E> {
     let mut audit = auditor.start(rpc, origin.peer, origin.trace);
     let span = audit.span();
-    let outcome = trace::scope(origin.trace, handler(&mut audit))
+    // The call's own server span when it is traced, else the caller's trace.
+    let passed_on = audit.trace();
+    let outcome = trace::scope(passed_on, handler(&mut audit))
         .instrument(span.clone())
         .await;
     // The audit event is emitted outside the call's span: it carries the

@@ -31,6 +31,10 @@ pub const SERVICE_NAME: &str = "payroc.broker.v1.TokenBroker";
 /// Requests are a few hundred bytes; anything much larger is abuse.
 const MAX_MESSAGE: usize = 64 * 1024;
 
+/// How long the exit waits for the last trace spans to reach the collector.
+#[cfg(feature = "otlp")]
+const OTLP_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why the server could not run.
 #[derive(Debug)]
 pub enum ServeError {
@@ -45,6 +49,9 @@ pub enum ServeError {
     Metrics(std::net::SocketAddr, std::io::Error),
     /// `identity_endpoint.listen` could not be bound.
     IdentityEndpoint(std::net::SocketAddr, std::io::Error),
+    /// `[telemetry] otlp_endpoint` could not be used.
+    #[cfg(feature = "otlp")]
+    Otlp(crate::obs::otel::OtlpError),
 }
 
 impl std::fmt::Display for ServeError {
@@ -60,6 +67,8 @@ impl std::fmt::Display for ServeError {
             ServeError::IdentityEndpoint(addr, e) => {
                 write!(f, "cannot listen on {addr} (identity_endpoint.listen): {e}")
             }
+            #[cfg(feature = "otlp")]
+            ServeError::Otlp(e) => write!(f, "{e}"),
         }
     }
 }
@@ -138,23 +147,45 @@ pub async fn serve_on(
         identity: identity_listener,
     } = listeners;
     let metrics = Metrics::new();
+    // Traces (feature `otlp`): the Payroc client's attempts go to the
+    // metrics and the span exporter, and each auditor makes server spans.
+    #[cfg(feature = "otlp")]
+    let traces = crate::obs::otel::start(
+        &config.telemetry,
+        clock.clone(),
+        Arc::clone(&entropy),
+        Arc::clone(&metrics),
+    )
+    .map_err(ServeError::Otlp)?;
+    #[cfg(feature = "otlp")]
+    let observer: Arc<dyn AttemptObserver> = match &traces {
+        Some((spans, _)) => Arc::new((Arc::clone(&metrics), Arc::clone(spans))),
+        None => Arc::clone(&metrics) as Arc<dyn AttemptObserver>,
+    };
+    #[cfg(not(feature = "otlp"))]
+    let observer = Arc::clone(&metrics) as Arc<dyn AttemptObserver>;
+    let auditor = {
+        let auditor = Auditor::new(clock.clone(), Arc::clone(&metrics));
+        #[cfg(feature = "otlp")]
+        let auditor = match &traces {
+            Some((spans, _)) => auditor.with_spans(Arc::clone(spans)),
+            None => auditor,
+        };
+        auditor
+    };
     let broker = Broker::new(
         config,
         clock.clone(),
         Arc::clone(&entropy),
         None,
-        Arc::clone(&metrics) as Arc<dyn AttemptObserver>,
+        Arc::clone(&observer),
     )
     .map_err(ServeError::Client)?;
     let state = Arc::new(ArcSwap::from_pointee(State {
         broker,
         callers: Callers::new(config, clock.clone(), None),
     }));
-    let service = TokenBrokerService::new(
-        Arc::clone(&state),
-        clock.clone(),
-        Auditor::new(clock.clone(), Arc::clone(&metrics)),
-    );
+    let service = TokenBrokerService::new(Arc::clone(&state), clock.clone(), auditor.clone());
     let metrics_server = metrics_listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "metrics serving on /metrics");
@@ -241,7 +272,7 @@ pub async fn serve_on(
         ext_authz::server(ExtAuthzService::new(
             Arc::clone(&state),
             clock.clone(),
-            Auditor::new(clock.clone(), Arc::clone(&metrics)),
+            auditor.clone(),
         ))
     });
 
@@ -277,11 +308,7 @@ pub async fn serve_on(
             let transport = Transport::new(&config.server, Protocol::Http, clock.clone())
                 .map_err(ServeError::Tls)?;
             let reloader = transport.reloader();
-            let service = IdentityService::new(
-                Arc::clone(&state),
-                clock.clone(),
-                Auditor::new(clock.clone(), Arc::clone(&metrics)),
-            );
+            let service = IdentityService::new(Arc::clone(&state), clock.clone(), auditor.clone());
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, tls = config.server.tls.is_some(), "identity endpoint serving on /credentials/{{credential}}/authorize");
             }
@@ -329,7 +356,7 @@ pub async fn serve_on(
                 if let Some(identity_tls) = &identity_tls {
                     identity_tls.reload(next.server.tls.as_ref());
                 }
-                reload(&state, &next, &server_config, &clock, &entropy, &metrics, &mut credential_health).await;
+                reload(&state, &next, &server_config, &clock, &entropy, &observer, &mut credential_health).await;
                 signals.reloaded();
             }
         }
@@ -370,6 +397,12 @@ pub async fn serve_on(
         }
     }
     credential_health.stop();
+    // What is still queued goes to the collector, briefly: a collector that
+    // is down must not hold up the exit.
+    #[cfg(feature = "otlp")]
+    if let Some((_, exporter)) = traces {
+        exporter.shutdown(OTLP_FLUSH).await;
+    }
     drop(metrics_server);
     tracing::info!("payroc-broker stopped");
     Ok(())
@@ -381,7 +414,7 @@ async fn reload(
     server: &crate::config::ServerConfig,
     clock: &Clock,
     entropy: &SharedEntropy,
-    metrics: &Arc<Metrics>,
+    observer: &Arc<dyn AttemptObserver>,
     credential_health: &mut CredentialHealth,
 ) {
     let current = state.load_full();
@@ -390,7 +423,7 @@ async fn reload(
         clock.clone(),
         Arc::clone(entropy),
         Some(&current.broker),
-        Arc::clone(metrics) as Arc<dyn AttemptObserver>,
+        Arc::clone(observer),
     ) {
         Ok(b) => b,
         Err(e) => {

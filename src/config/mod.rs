@@ -6,7 +6,7 @@
 //! or re-reads.
 //!
 //! One file per section (`server`, `tls`, `payroc`, `credentials`,
-//! `callers`); each holds its public type, what serde reads it from, and the
+//! `callers`, `telemetry`); each holds its public type, what serde reads it from, and the
 //! rules serde cannot express. Reading happens in two phases:
 //!
 //! 1. serde reads the file into typed values: durations (humantime form),
@@ -23,6 +23,7 @@ mod env;
 mod payroc;
 pub mod secret_file;
 mod server;
+mod telemetry;
 mod tls;
 
 use std::{
@@ -38,6 +39,7 @@ pub use credentials::CredentialConfig;
 pub use env::{CapturedEnv, SecretEnv, TokenDigest};
 pub use payroc::{Environment, PayrocConfig};
 pub use server::{ForwardedIdentity, IpNet, LogFormat, ServerConfig};
+pub use telemetry::TelemetryConfig;
 pub use tls::TlsConfig;
 
 /// The environment variable that names the configuration file when
@@ -54,6 +56,7 @@ pub struct Config {
     pub ext_authz: ExtAuthzConfig,
     /// `None`: the section is absent and the endpoint off.
     pub identity_endpoint: Option<IdentityEndpointConfig>,
+    pub telemetry: TelemetryConfig,
 }
 
 /// `[identity_endpoint]`: the Payroc-compatible identity endpoint that the
@@ -264,6 +267,7 @@ struct RawConfig {
     callers: Vec<callers::RawCaller>,
     ext_authz: ExtAuthzConfig,
     identity_endpoint: Option<IdentityEndpointConfig>,
+    telemetry: TelemetryConfig,
 }
 
 impl RawConfig {
@@ -273,6 +277,7 @@ impl RawConfig {
         let payroc = self.payroc.check(c);
         let credentials = credentials::check(self.credentials, c);
         let callers = callers::check(self.callers, &credentials, c);
+        self.telemetry.check(c);
         if let Some(endpoint) = &self.identity_endpoint {
             let taken = [
                 (Some(server.listen), "the gRPC address (server.listen)"),
@@ -297,6 +302,7 @@ impl RawConfig {
             callers,
             ext_authz: self.ext_authz,
             identity_endpoint: self.identity_endpoint,
+            telemetry: self.telemetry,
         }
     }
 }

@@ -1157,3 +1157,64 @@ fn the_identity_endpoint_warns_of_clear_text_and_of_partial_callers() {
     let off = partial.replace("[identity_endpoint]\nlisten = \"127.0.0.1:8080\"\n", "");
     assert!(parse(&off).unwrap().warnings().is_empty());
 }
+
+#[test]
+fn telemetry_is_off_unless_an_endpoint_is_set_and_every_key_is_checked() {
+    let off = parse(GOOD).unwrap().telemetry;
+    assert_eq!(off.otlp_endpoint, None);
+    assert_eq!(off.service_name, "payroc-broker");
+    assert_eq!(off.sample_ratio, 1.0);
+    let with = |lines: &str| format!("{GOOD}\n[telemetry]\n{lines}\n");
+    let on = with("otlp_endpoint = \"http://otel-collector:4317\"\nsample_ratio = 0.25");
+    if cfg!(feature = "otlp") {
+        let t = parse(&on).unwrap().telemetry;
+        assert_eq!(
+            t.otlp_endpoint.as_deref(),
+            Some("http://otel-collector:4317")
+        );
+        assert_eq!(t.sample_ratio, 0.25);
+    } else {
+        // A build without the exporter says so at parse time (check-config).
+        let p = problems(&on);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with(
+                "broker.toml: telemetry.otlp_endpoint: this build has no OTLP exporter"
+            ),
+            "{p:?}"
+        );
+    }
+    // The feature's own problem aside, each bad value is named.
+    let p = problems(&with(
+        "otlp_endpoint = \"grpc://collector:4317\"\nservice_name = \" \"\nsample_ratio = 1.5",
+    ));
+    let p: Vec<&String> = p
+        .iter()
+        .filter(|p| !p.contains("no OTLP exporter"))
+        .collect();
+    assert_eq!(
+        p,
+        [
+            "broker.toml: telemetry.otlp_endpoint: `grpc` is not an http:// or https:// URL (OTLP over gRPC)",
+            "broker.toml: telemetry.service_name: must not be empty",
+            "broker.toml: telemetry.sample_ratio: 1.5 is not between 0 and 1",
+        ]
+    );
+    let p = problems(&with(
+        "otlp_endpoint = \"http://user:hunter2@collector:4317\"",
+    ));
+    assert!(
+        p.iter()
+            .any(|p| p.ends_with("must not carry credentials (user:password@)")),
+        "{p:?}"
+    );
+    assert!(!p.iter().any(|p| p.contains("hunter2")), "{p:?}");
+    let p = problems(&with("otlp_endpoint = \"not a url\""));
+    assert!(
+        p.iter()
+            .any(|p| p.starts_with("broker.toml: telemetry.otlp_endpoint: not a URL")),
+        "{p:?}"
+    );
+    let p = problems(&with("endpoint = \"http://c:4317\""));
+    assert!(p[0].contains("telemetry"), "{p:?}");
+}

@@ -14,7 +14,7 @@
 //! own (names from the configuration, codes, addresses) print unquoted. The token is
 //! recorded only as `token_fp`, its [`Fingerprint`].
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{fmt, net::SocketAddr, sync::Arc};
 
 use tokio::time::Instant;
 use tonic::Code;
@@ -35,16 +35,31 @@ pub const TARGET: &str = "payroc_broker::audit";
 /// fails validation may carry any length.
 const MAX_LOGGED: usize = 64;
 
-/// Starts audits: the clock they time with and the metrics they count into.
+/// Starts audits: the clock they time with, the metrics they count into,
+/// and (feature `otlp`) where their trace spans go.
 #[derive(Clone, Debug)]
 pub struct Auditor {
     clock: Clock,
     metrics: Arc<Metrics>,
+    #[cfg(feature = "otlp")]
+    spans: Option<Arc<crate::obs::otel::Spans>>,
 }
 
 impl Auditor {
     pub fn new(clock: Clock, metrics: Arc<Metrics>) -> Self {
-        Self { clock, metrics }
+        Self {
+            clock,
+            metrics,
+            #[cfg(feature = "otlp")]
+            spans: None,
+        }
+    }
+
+    /// Each sampled call also becomes a server span in `spans`.
+    #[cfg(feature = "otlp")]
+    pub fn with_spans(mut self, spans: Arc<crate::obs::otel::Spans>) -> Self {
+        self.spans = Some(spans);
+        self
     }
 
     /// Starts the audit of one call. `rpc` is `None` for a path that names
@@ -55,11 +70,18 @@ impl Auditor {
         peer: Option<SocketAddr>,
         trace: Option<TraceParent>,
     ) -> Audit {
+        #[cfg(feature = "otlp")]
+        let span = self
+            .spans
+            .as_ref()
+            .and_then(|s| s.start_server(rpc.map_or("unknown", Rpc::name), trace));
         Audit {
             auditor: self.clone(),
             rpc,
             peer,
             trace,
+            #[cfg(feature = "otlp")]
+            span,
             started: self.clock.now(),
             caller: None,
             terminal: None,
@@ -83,6 +105,9 @@ pub struct Audit {
     rpc: Option<Rpc>,
     peer: Option<SocketAddr>,
     trace: Option<TraceParent>,
+    /// Sampled for tracing: the call's server span.
+    #[cfg(feature = "otlp")]
+    span: Option<crate::obs::otel::ServerSpan>,
     started: Instant,
     caller: Option<String>,
     terminal: Option<String>,
@@ -127,8 +152,13 @@ impl Audit {
         self.idempotency_key = Some(key);
     }
 
-    /// The trace the call came with.
+    /// The trace the call passes on (to Payroc): the one it came with, or,
+    /// when the call is sampled for tracing, its own server span's.
     pub fn trace(&self) -> Option<TraceParent> {
+        #[cfg(feature = "otlp")]
+        if let Some(span) = &self.span {
+            return Some(span.context());
+        }
         self.trace
     }
 
@@ -191,43 +221,22 @@ impl Audit {
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let duration_ms = micros as f64 / 1000.0;
         let rpc = self.rpc.map_or("unknown", Rpc::name);
-        let code = code_name(code);
-        let trace_id = self.trace.map(|t| t.trace_id());
+        let code_name = code_name(code);
+        // The trace the call is in (its own, if it started one).
+        let trace_id = self.trace().map(|t| t.trace_id());
+        #[cfg(feature = "otlp")]
+        if let (Some(span), Some(spans)) = (self.span.take(), &self.auditor.spans) {
+            spans.finish_server(span, rpc, code, |a| {
+                self.fields(rpc, code_name, micros, trace_id.as_deref(), a)
+            });
+        }
         // The members in the event's own order (message first, as tracing
         // puts it), each as the formatter writes that field.
         let render = |m: &mut logging::JsonMembers<'_>| {
             m.str("message", "rpc");
-            if let Some(caller) = &self.caller {
-                m.str("caller", caller);
-            }
-            m.str("rpc", rpc);
-            if let Some(terminal) = &self.terminal {
-                m.str("terminal", terminal);
-            }
-            if let Some(credential) = &self.credential {
-                m.str("credential", credential);
-            }
-            m.str("code", code);
-            if let Some(status) = self.upstream_status {
-                m.u64("upstream_status", status.into());
-            }
-            if let Some(fp) = &self.token_fp {
-                m.str("token_fp", fp.as_str());
-            }
-            if let Some(key) = self.idempotency_key {
-                m.str(
-                    "idempotency_key",
-                    key.hyphenated().encode_lower(&mut Uuid::encode_buffer()),
-                );
-            }
-            if let Some(peer) = self.peer {
-                m.display("peer", peer);
-            }
-            m.thousandths("duration_ms", micros);
-            if let Some(trace_id) = &trace_id {
-                m.str("trace_id", trace_id);
-            }
+            self.fields(rpc, code_name, micros, trace_id.as_deref(), m);
         };
+        let code = code_name;
         logging::with_json_fields(render, || {
             tracing::info!(
                 target: TARGET,
@@ -245,6 +254,90 @@ impl Audit {
                 "rpc"
             )
         });
+    }
+}
+
+impl Audit {
+    /// The record's fields, in the audit event's order: the one list that
+    /// both the JSON line and a trace span's attributes are written from.
+    fn fields(
+        &self,
+        rpc: &str,
+        code: &str,
+        micros: u64,
+        trace_id: Option<&str>,
+        out: &mut impl Fields,
+    ) {
+        if let Some(caller) = &self.caller {
+            out.str("caller", caller);
+        }
+        out.str("rpc", rpc);
+        if let Some(terminal) = &self.terminal {
+            out.str("terminal", terminal);
+        }
+        if let Some(credential) = &self.credential {
+            out.str("credential", credential);
+        }
+        out.str("code", code);
+        if let Some(status) = self.upstream_status {
+            out.u64("upstream_status", status.into());
+        }
+        if let Some(fp) = &self.token_fp {
+            out.fingerprint(fp.as_str());
+        }
+        if let Some(key) = self.idempotency_key {
+            out.str(
+                "idempotency_key",
+                key.hyphenated().encode_lower(&mut Uuid::encode_buffer()),
+            );
+        }
+        if let Some(peer) = &self.peer {
+            out.display("peer", peer);
+        }
+        out.duration(micros);
+        if let Some(trace_id) = trace_id {
+            out.trace_id(trace_id);
+        }
+    }
+}
+
+/// Where an audit record's fields are written ([`Audit::fields`]): the JSON
+/// line's members, a trace span's attributes. Names are the event's.
+pub trait Fields {
+    fn str(&mut self, name: &'static str, value: &str);
+    fn u64(&mut self, name: &'static str, value: u64);
+    fn display(&mut self, name: &'static str, value: &dyn fmt::Display);
+    /// `duration_ms`, from whole µs.
+    fn duration(&mut self, micros: u64);
+    /// `token_fp`.
+    fn fingerprint(&mut self, value: &str);
+    /// `trace_id`.
+    fn trace_id(&mut self, value: &str);
+}
+
+impl Fields for logging::JsonMembers<'_> {
+    fn str(&mut self, name: &'static str, value: &str) {
+        logging::JsonMembers::str(self, name, value);
+    }
+
+    fn u64(&mut self, name: &'static str, value: u64) {
+        logging::JsonMembers::u64(self, name, value);
+    }
+
+    fn display(&mut self, name: &'static str, value: &dyn fmt::Display) {
+        logging::JsonMembers::display(self, name, value);
+    }
+
+    fn duration(&mut self, micros: u64) {
+        self.thousandths("duration_ms", micros);
+    }
+
+    fn fingerprint(&mut self, value: &str) {
+        logging::JsonMembers::str(self, "token_fp", value);
+    }
+
+    fn trace_id(&mut self, value: &str) {
+        logging::JsonMembers::str(self, "trace_id", value);
     }
 }
 

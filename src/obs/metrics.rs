@@ -28,7 +28,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tonic::Code;
 
 use crate::{
-    payroc::{AttemptObserver, Endpoint},
+    payroc::{Attempt, AttemptObserver, Endpoint},
     rpc::{Rpc, code_name},
     sync::lock,
 };
@@ -72,6 +72,10 @@ pub struct Metrics {
     upstream: Mutex<BTreeMap<(usize, u16), u64>>,
     upstream_duration: [Histogram; Endpoint::ALL.len()],
     rate_limited: Mutex<BTreeMap<String, u64>>,
+    /// Trace spans sent to the collector, and dropped (queue full, export
+    /// failed or timed out); both 0 without `[telemetry] otlp_endpoint`.
+    spans_exported: AtomicU64,
+    spans_dropped: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -82,6 +86,8 @@ impl Default for Metrics {
             upstream: Mutex::default(),
             upstream_duration: std::array::from_fn(|_| Histogram::default()),
             rate_limited: Mutex::default(),
+            spans_exported: AtomicU64::new(0),
+            spans_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -116,6 +122,17 @@ impl Metrics {
     }
 
     /// A call refused by the caller's `rate_limit`.
+    /// `n` trace spans the collector took.
+    pub fn spans_exported(&self, n: u64) {
+        self.spans_exported.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` trace spans lost: the export queue was full, or the collector
+    /// refused them or did not answer in time.
+    pub fn spans_dropped(&self, n: u64) {
+        self.spans_dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn caller_rate_limited(&self, caller: &str) {
         let mut map = lock(&self.rate_limited);
         match map.get_mut(caller) {
@@ -266,6 +283,29 @@ impl Metrics {
 
         header(
             o,
+            "payroc_broker_trace_spans_exported_total",
+            "counter",
+            "Trace spans the OTLP collector accepted.",
+        );
+        let _ = writeln!(
+            o,
+            "payroc_broker_trace_spans_exported_total {}",
+            self.spans_exported.load(Ordering::Relaxed)
+        );
+        header(
+            o,
+            "payroc_broker_trace_spans_dropped_total",
+            "counter",
+            "Trace spans dropped: export queue full, or the collector refused them or did not answer in time.",
+        );
+        let _ = writeln!(
+            o,
+            "payroc_broker_trace_spans_dropped_total {}",
+            self.spans_dropped.load(Ordering::Relaxed)
+        );
+
+        header(
+            o,
             "payroc_broker_build_info",
             "gauge",
             "Always 1; the version is in the label.",
@@ -281,8 +321,8 @@ impl Metrics {
 
 /// The Payroc client's attempts, counted as `upstream_*`.
 impl AttemptObserver for Metrics {
-    fn attempt(&self, endpoint: Endpoint, status: Option<u16>, took: Duration) {
-        self.upstream(endpoint, status, took);
+    fn attempt(&self, a: &Attempt) {
+        self.upstream(a.endpoint, a.status, a.took);
     }
 }
 

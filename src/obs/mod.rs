@@ -1,7 +1,10 @@
 //! What the broker tells its operators: one audit event per call, the
 //! Prometheus metrics (a sink the Payroc client reports to through its
-//! observer trait), and log lines through a bounded, never-blocking queue.
+//! observer trait), log lines through a bounded, never-blocking queue, and
+//! (feature `otlp`) trace spans through another.
 
 pub mod audit;
 pub mod logging;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otel;

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
-    AttemptObserver, Endpoint, SESSION_LIFETIME, UpstreamError,
+    Attempt, AttemptObserver, AttemptTrace, Endpoint, SESSION_LIFETIME, UpstreamError,
     problem::Problem,
     retry::{self, RetryPolicy},
 };
@@ -356,15 +356,20 @@ impl PayrocClient {
         secrets: &[&str],
         trace: Option<TraceParent>,
     ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), UpstreamError> {
+        let trace = trace.map(|parent| AttemptTrace {
+            parent,
+            sent: parent.child(&*self.entropy),
+        });
         if let Some(t) = trace {
-            req = req.header(TRACEPARENT, t.child(&*self.entropy).to_string());
+            req = req.header(TRACEPARENT, t.sent.to_string());
         }
-        let mut attempt = Attempt {
+        let mut attempt = Observed {
             observer: self.observer.as_deref(),
             clock: &self.clock,
             endpoint,
             started: self.clock.now(),
             status: None,
+            trace,
         };
         let transport = |e: reqwest::Error| UpstreamError::Transport {
             endpoint,
@@ -411,19 +416,24 @@ impl PayrocClient {
 
 /// One HTTP attempt, reported to the observer when it ends, however it
 /// ends: with a status, or none if no response came.
-struct Attempt<'a> {
+struct Observed<'a> {
     observer: Option<&'a dyn AttemptObserver>,
     clock: &'a Clock,
     endpoint: Endpoint,
     started: Instant,
     status: Option<u16>,
+    trace: Option<AttemptTrace>,
 }
 
-impl Drop for Attempt<'_> {
+impl Drop for Observed<'_> {
     fn drop(&mut self) {
         if let Some(o) = self.observer {
-            let took = self.clock.now().saturating_duration_since(self.started);
-            o.attempt(self.endpoint, self.status, took);
+            o.attempt(&Attempt {
+                endpoint: self.endpoint,
+                status: self.status,
+                took: self.clock.now().saturating_duration_since(self.started),
+                trace: self.trace,
+            });
         }
     }
 }

@@ -14,7 +14,7 @@ mod retry;
 
 pub use client::{IdentityToken, PayrocClient, Scenario, Session, SessionRequest, Settings};
 pub use error::{Endpoint, UpstreamError};
-pub use observe::AttemptObserver;
+pub use observe::{Attempt, AttemptObserver, AttemptTrace};
 #[cfg(any(fuzzing, test))]
 pub use problem::Problem;
 

@@ -110,6 +110,8 @@ pub struct Options {
     pub metrics: bool,
     /// `[identity_endpoint]` on an ephemeral port ([`Harness::identity_addr`]).
     pub identity_endpoint: bool,
+    /// Lines of a `[telemetry]` section (empty: none).
+    pub telemetry: String,
 }
 
 pub const KEY_REVOKED: &str = "revoked-api-key-000000";
@@ -390,6 +392,7 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
         [ext_authz]
         enabled = {ext_authz}
         {identity_endpoint}
+        {telemetry}
         [[credentials]]
         name = "acme"
         api_key_env = "KEY_ACME"
@@ -413,6 +416,11 @@ pub fn config_for(sim: &SimPayroc, opts: &Options) -> Config {
             "[identity_endpoint]\nlisten = \"127.0.0.1:0\""
         } else {
             ""
+        },
+        telemetry = if opts.telemetry.is_empty() {
+            String::new()
+        } else {
+            format!("[telemetry]\n{}", opts.telemetry)
         },
         extra = opts.payroc,
         callers = opts.callers,
