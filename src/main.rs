@@ -61,6 +61,10 @@ enum Command {
         /// SDKs) listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         identity_listen: SocketAddr,
+        /// Serve Prometheus `/metrics` here too (as `server.metrics_listen`);
+        /// off by default.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
         /// Serve TLS with a throwaway CA made at start-up; the one caller is
         /// the client certificate written next to it (paths are printed).
         #[arg(long)]
@@ -217,12 +221,14 @@ fn main() -> ExitCode {
         Command::Sandbox {
             listen,
             identity_listen,
+            metrics_listen,
             tls,
             tls_dir,
             ..
         } => sandbox(
             listen,
             identity_listen,
+            metrics_listen,
             tls.then(|| tls_dir.unwrap_or_else(default_tls_dir)),
         ),
     }
@@ -241,12 +247,18 @@ fn default_tls_dir() -> PathBuf {
 }
 
 #[cfg(feature = "sandbox")]
-fn sandbox(listen: SocketAddr, identity_listen: SocketAddr, tls_dir: Option<PathBuf>) -> ExitCode {
+fn sandbox(
+    listen: SocketAddr,
+    identity_listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+    tls_dir: Option<PathBuf>,
+) -> ExitCode {
     run(async move {
         let entropy: SharedEntropy = Arc::new(OsEntropy);
         let sandbox = SandboxHandle::start_with(
             listen,
             identity_listen,
+            metrics_listen,
             Clock::system(),
             entropy,
             tls_dir.as_deref(),
@@ -258,7 +270,12 @@ fn sandbox(listen: SocketAddr, identity_listen: SocketAddr, tls_dir: Option<Path
 
 /// Production builds (`--no-default-features`) carry no simulated Payroc.
 #[cfg(not(feature = "sandbox"))]
-fn sandbox(_listen: SocketAddr, _identity: SocketAddr, _tls_dir: Option<PathBuf>) -> ExitCode {
+fn sandbox(
+    _listen: SocketAddr,
+    _identity: SocketAddr,
+    _metrics: Option<SocketAddr>,
+    _tls_dir: Option<PathBuf>,
+) -> ExitCode {
     eprintln!(
         "error: this payroc-broker was built without the `sandbox` feature, so it has no \
          simulated Payroc; use a build with default features to try it out"
@@ -392,6 +409,14 @@ fn run(prepare: impl Future<Output = Result<Prepared, String>>) -> ExitCode {
             // Not println!: it panics if stdout is already closed.
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}", instructions(sandbox, addr, identity_addr))
+                .and_then(
+                    |()| match metrics.as_ref().and_then(|l| l.local_addr().ok()) {
+                        // After the instructions, so their first line stays the
+                        // one naming the gRPC address.
+                        Some(m) => writeln!(out, "Prometheus metrics URL http://{m}/metrics"),
+                        None => Ok(()),
+                    },
+                )
                 .and_then(|()| out.flush());
         }
         let reloads = match policy.map(|p| p.reloads(&config)).transpose() {

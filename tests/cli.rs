@@ -295,6 +295,36 @@ async fn sandbox_serves_and_stops_cleanly_on_sigterm() {
     assert_eq!(exit_code(child).await, Some(0));
 }
 
+/// `sandbox --metrics-listen` serves the same `/metrics` as `serve` with
+/// `server.metrics_listen`, at the URL it prints: what CI scrapes to check
+/// the dashboard's and the alert rules' metric names.
+#[cfg(feature = "sandbox")]
+#[tokio::test]
+async fn sandbox_serves_metrics_where_it_says() {
+    let (child, stdout) = Running::with_stdout(broker().args([
+        "sandbox",
+        "--listen",
+        "127.0.0.1:0",
+        "--identity-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]));
+    let lines = lines_through(stdout, "metrics URL").await;
+    let url = printed_after(&lines, "Prometheus metrics URL");
+    let body = reqwest::get(url).await.unwrap().text().await.unwrap();
+    assert!(
+        body.contains("# TYPE payroc_broker_rpcs_total counter\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("payroc_broker_token_expiry_seconds{credential=\"demo\"}"),
+        "{body}"
+    );
+    signal(&child.0, "-TERM");
+    assert_eq!(exit_code(child).await, Some(0));
+}
+
 #[cfg(feature = "sandbox")]
 #[tokio::test]
 async fn sandbox_tls_serves_the_client_certificate_it_wrote_and_refuses_others() {

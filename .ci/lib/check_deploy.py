@@ -3,7 +3,7 @@
 
 - every YAML file under deploy/ parses, and each document has what its kind
   needs (apiVersion/kind for Kubernetes and Istio objects, static_resources
-  for an Envoy bootstrap);
+  for an Envoy bootstrap, groups or tests for a plain Prometheus rule file);
 - the broker.toml inside the ConfigMap is a configuration the broker accepts:
   `payroc-broker check-config` on a copy whose key-file paths point at the
   example Secret's values written to a scratch directory;
@@ -172,6 +172,10 @@ def main():
             if path.startswith(f"{DEPLOY}/envoy/"):
                 if "static_resources" not in d:
                     fail(f"{path}: an Envoy bootstrap needs static_resources")
+            elif path.startswith(f"{DEPLOY}/prometheus/") and "kind" not in d:
+                # Plain rule files and their unit tests: promtool checks them.
+                if "groups" not in d and "tests" not in d:
+                    fail(f"{path}: neither Prometheus rule groups nor promtool tests")
             elif not (d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name")):
                 fail(f"{path}: a document without apiVersion, kind or metadata.name")
         print(f"parsed {path}: {len(docs[path])} document(s)")

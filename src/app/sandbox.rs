@@ -42,16 +42,18 @@ impl Sandbox {
         entropy: SharedEntropy,
     ) -> Result<Sandbox, String> {
         let identity = SocketAddr::from(([127, 0, 0, 1], 0));
-        Self::start_with(listen, identity, clock, entropy, None).await
+        Self::start_with(listen, identity, None, clock, entropy, None).await
     }
 
     /// [`Sandbox::start`] with the identity endpoint on `identity_listen`,
-    /// serving TLS with certificates made into `tls_dir` when given: client
-    /// certificates are verified against the sandbox CA, and the caller
-    /// [`CLIENT_SPIFFE_ID`] may call everything.
+    /// Prometheus `/metrics` on `metrics_listen` when given (as
+    /// `server.metrics_listen`), serving TLS with certificates made into
+    /// `tls_dir` when given: client certificates are verified against the
+    /// sandbox CA, and the caller [`CLIENT_SPIFFE_ID`] may call everything.
     pub async fn start_with(
         listen: SocketAddr,
         identity_listen: SocketAddr,
+        metrics_listen: Option<SocketAddr>,
         clock: Clock,
         entropy: SharedEntropy,
         tls_dir: Option<&Path>,
@@ -74,8 +76,11 @@ impl Sandbox {
             .await
             .map_err(|e| format!("cannot start the simulated Payroc: {e}"))?;
 
+        let metrics = metrics_listen
+            .map(|addr| format!("metrics_listen = \"{addr}\"\n"))
+            .unwrap_or_default();
         let mut text = format!(
-            "[server]\nlisten = \"{listen}\"\nshutdown_grace = \"5s\"\n\
+            "[server]\nlisten = \"{listen}\"\nshutdown_grace = \"5s\"\n{metrics}\
              [payroc]\nidentity_url = \"{}\"\napi_url = \"{}\"\n\
              [ext_authz]\nenabled = true\n\
              [identity_endpoint]\nlisten = \"{identity_listen}\"\n",

@@ -87,7 +87,9 @@ impl ServerConfig {
         if let Some(tls) = &mut self.tls {
             tls.check(c);
         }
-        if self.metrics_listen == Some(self.listen) {
+        // Port 0 is a fresh port for each listener (tests, `sandbox`), so
+        // two of them never clash; as for identity_endpoint.listen.
+        if self.metrics_listen == Some(self.listen) && self.listen.port() != 0 {
             c.problem(
                 "server.metrics_listen",
                 format!(

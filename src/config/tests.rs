@@ -445,6 +445,21 @@ fn server_keys_of_part_two_are_read() {
     assert_eq!(c.server.log_format, LogFormat::Text);
 }
 
+/// Port 0 means a fresh port for each listener: gRPC and metrics on
+/// `127.0.0.1:0` do not clash (what `sandbox --metrics-listen` relies on).
+#[test]
+fn metrics_and_grpc_may_both_ask_for_any_free_port() {
+    let text = GOOD.replace(
+        "listen = \"127.0.0.1:6000\"",
+        "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"",
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(
+        c.server.metrics_listen,
+        Some("127.0.0.1:0".parse().unwrap())
+    );
+}
+
 #[test]
 fn bad_server_rules_of_part_two_are_all_reported() {
     let p = problems(&with_server(
