@@ -19,8 +19,9 @@
 
 # --- build ---------------------------------------------------------------------
 FROM rust:1.95-bookworm AS build
-# "--no-default-features" leaves the sandbox out of production images.
-ARG CARGO_FEATURE_FLAGS="--no-default-features"
+# "--no-default-features" leaves the sandbox out of production images;
+# "--features otlp" keeps trace export ([telemetry] otlp_endpoint) in.
+ARG CARGO_FEATURE_FLAGS="--no-default-features --features otlp"
 WORKDIR /src
 
 # Dependencies first, in their own layer: this layer is rebuilt only when a

@@ -352,6 +352,9 @@ pub async fn serve_on(
                 if next.identity_endpoint != config.identity_endpoint {
                     tracing::warn!("[identity_endpoint] settings changed; they take effect at the next restart");
                 }
+                if next.telemetry != config.telemetry {
+                    tracing::warn!("[telemetry] settings changed; they take effect at the next restart");
+                }
                 tls.reload(next.server.tls.as_ref());
                 if let Some(identity_tls) = &identity_tls {
                     identity_tls.reload(next.server.tls.as_ref());
