@@ -47,6 +47,7 @@ MUTATIONS = {
     "PayrocBrokerAuthFailures": ("expr", "> 10", ">= 10"),
     "PayrocBrokerSlowBearerTokens": ("expr", "> 0.5", "> 0.0005"),
     "PayrocBrokerLogLinesDropped": ("expr", "> 0", ">= 0"),
+    "PayrocBrokerTraceSpansDropped": ("for", "15m", "5m"),
     "PayrocBrokerVersionSkew": ("expr", "> 1", ">= 1"),
     "PayrocBrokerTargetDown": ("expr", 'up{job="payroc-broker"}', "up"),
     "PayrocBrokerAbsent": ("for", "5m", "3m"),
