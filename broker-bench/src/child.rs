@@ -31,13 +31,20 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // The workspace root, whose package is the broker.
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-    eprintln!("broker-bench: cargo build --release -p payroc-broker --bin payroc-broker");
+    // The production feature set, as the Dockerfile builds it: no sandbox,
+    // trace export compiled in (and configured only by the `otlp` scenario).
+    eprintln!(
+        "broker-bench: cargo build --release -p payroc-broker --no-default-features --features otlp --bin payroc-broker"
+    );
     let output = Command::new(cargo)
         .args([
             "build",
             "--release",
             "-p",
             "payroc-broker",
+            "--no-default-features",
+            "--features",
+            "otlp",
             "--bin",
             "payroc-broker",
             "--message-format=json-render-diagnostics",
@@ -63,17 +70,35 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
 pub struct Flags {
     /// `--log-format json` exists.
     pub log_format: bool,
+    /// Built with the `otlp` feature: `[telemetry] otlp_endpoint` is taken.
+    pub otlp: bool,
 }
 
 impl Flags {
-    pub fn detect(bin: &Path) -> Flags {
+    pub fn detect(bin: &Path, dir: &Path) -> Flags {
         let help = Command::new(bin)
             .args(["serve", "--help"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
+        // check-config names the missing feature when the build lacks it
+        // (and other problems of this deliberately incomplete file).
+        let probe = dir.join("otlp-probe.toml");
+        std::fs::write(
+            &probe,
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\n",
+        )
+        .expect("write the probe configuration");
+        let check = Command::new(bin)
+            .arg("check-config")
+            .arg("--config")
+            .arg(&probe)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default();
         Flags {
             log_format: help.contains("--log-format"),
+            otlp: !check.contains("no OTLP exporter"),
         }
     }
 }

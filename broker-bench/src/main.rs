@@ -20,6 +20,7 @@
 //! | `fanin` | N GetBearerToken calls at once across C cold credentials |
 //! | `scale` | RSS of a broker with 10,000 terminals under 1,000 warm credentials |
 //! | `watch` | N WatchBearerToken streams held open: broker memory per stream, and the time from a new token to the last stream receiving it |
+//! | `otlp` | cached GetBearerToken with traces off, and with every call's span exported to a collector that is up, down or slow |
 //! | `instructions` | instructions per call under callgrind (`--instructions` runs it alone): each path, the noop, and a stock tonic server as the floor |
 //!
 //! The last line of stdout with `--json` is one JSON object with every figure.
@@ -30,6 +31,7 @@
 mod child;
 mod instructions;
 mod load;
+mod otlp;
 mod peer;
 mod stats;
 mod timer;
@@ -56,7 +58,7 @@ use crate::{
     stats::{Sample, Summary, r3},
 };
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "bearer",
     "authorize",
     "session",
@@ -65,6 +67,7 @@ const SCENARIOS: [&str; 9] = [
     "fanin",
     "scale",
     "watch",
+    "otlp",
     "instructions",
 ];
 const CALLER_TOKEN: &str = "broker-bench-caller-token-7f3a9c2e41d8";
@@ -247,9 +250,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let flags = Flags::detect(&bin);
     let dir = std::env::temp_dir().join(format!("broker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the work directory");
+    let flags = Flags::detect(&bin, &dir);
     // The simulator and the load generator each get one worker thread, so
     // neither spreads over both cores; the broker has its own process.
     let sim_rt = runtime("sim");
@@ -290,6 +293,9 @@ fn main() -> ExitCode {
         }
         if ctx.opts.wants("watch") {
             watch_scale(&mut ctx).await;
+        }
+        if ctx.opts.wants("otlp") {
+            otlp_collectors(&mut ctx).await;
         }
         if ctx.opts.wants("instructions") {
             instruction_counts(&mut ctx).await;
@@ -383,6 +389,157 @@ async fn bench_broker(
         env: bench_env(),
     };
     Broker::start_under(launcher, &ctx.bin, ctx.flags, &ctx.dir, setup).await
+}
+
+/// Cached GetBearerToken on four brokers alike but for `[telemetry]`: off,
+/// and every call sampled (ratio 1) with the collector up, down (nothing
+/// listening) or slow (5 s per batch). Exporting must change no call's
+/// outcome, and its latency only by the cost of making the span: the
+/// collector is never waited for. Interleaved rounds at saturation, then
+/// each paced at the same rate.
+async fn otlp_collectors(ctx: &mut Ctx) {
+    use otlp::Mode;
+    if !ctx.flags.otlp {
+        note("otlp: the broker binary was built without the `otlp` feature; scenario skipped");
+        ctx.text.push_str(
+            "\n## traces: not measured (the broker binary has no `otlp` feature; the otlp keys are left out)\n",
+        );
+        return;
+    }
+    let terminals = terminal_ids("T", 8);
+    let refs: Vec<&str> = terminals.iter().map(String::as_str).collect();
+    let sim = start_sim(ctx, vec![SimAccount::new(BENCH_KEY, &refs)]).await;
+    struct Run {
+        mode: Mode,
+        broker: Broker,
+        target: Target,
+        received: Arc<std::sync::atomic::AtomicU64>,
+        saturated: Sample,
+    }
+    let mut runs = Vec::new();
+    for mode in Mode::ALL {
+        let (endpoint, received) = ctx
+            .sim_rt
+            .spawn(otlp::collector(mode))
+            .await
+            .expect("collector task");
+        let mut rest = payroc_toml(&sim, "", &bench_credential(&terminals));
+        if let Some(endpoint) = endpoint {
+            rest.push_str(&format!(
+                "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 1.0\n"
+            ));
+        }
+        let name = format!("otlp-{}", mode.name());
+        let broker = bench_broker(ctx, &[], &name, String::new(), rest).await;
+        let target = Target::connect(
+            broker.addr,
+            ctx.opts.connections,
+            CALLER_TOKEN,
+            terminals.clone(),
+        )
+        .await;
+        runs.push(Run {
+            mode,
+            broker,
+            target,
+            received,
+            saturated: Sample::default(),
+        });
+    }
+    let o = &ctx.opts;
+    let (side, warm) = (
+        Duration::from_secs_f64(o.seconds),
+        Duration::from_millis(300),
+    );
+    for round in 0..o.rounds as usize {
+        for k in 0..runs.len() {
+            let run = &mut runs[(k + round) % Mode::ALL.len()];
+            let s = load::closed_loop(&run.target, Rpc::Bearer, o.concurrency, warm, side).await;
+            note(format!(
+                "otlp round {}: collector {} {:.0} rps",
+                round + 1,
+                run.mode.name(),
+                s.rps()
+            ));
+            let window = run.saturated.window + s.window;
+            run.saturated.merge(s);
+            run.saturated.window = window;
+        }
+    }
+    let slowest = runs
+        .iter()
+        .map(|r| r.saturated.rps())
+        .fold(f64::INFINITY, f64::min);
+    // A quarter of the slowest saturation: latency, not the machine's
+    // limit; paced in interleaved rounds too, as the machine's speed drifts.
+    let rate = o.paced_rate.unwrap_or(slowest / 4.0);
+    let mut paced: Vec<Sample> = runs.iter().map(|_| Sample::default()).collect();
+    let slice = Duration::from_secs_f64(o.paced_seconds);
+    for round in 0..o.rounds as usize {
+        for k in 0..runs.len() {
+            let i = (k + round) % runs.len();
+            let s = load::paced(
+                &runs[i].target,
+                Rpc::Bearer,
+                rate,
+                Duration::from_millis(300),
+                slice,
+            )
+            .await;
+            let window = paced[i].window + s.window;
+            paced[i].merge(s);
+            paced[i].window = window;
+        }
+    }
+    let mut rows = String::new();
+    let mut figures = Map::new();
+    let mut failures = 0;
+    for (run, paced) in runs.iter().zip(&paced) {
+        let page = run.broker.scrape_metrics().await.unwrap_or_default();
+        let counter = |name: &str| {
+            page.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let (exported, dropped) = (
+            counter("payroc_broker_trace_spans_exported_total"),
+            counter("payroc_broker_trace_spans_dropped_total"),
+        );
+        let received = run.received.load(std::sync::atomic::Ordering::Relaxed);
+        let failed = run.saturated.failures() + paced.failures();
+        failures += failed;
+        let p = paced.summary();
+        rows.push_str(&format!(
+            "| {} | {:.0} | {} | {failed} | {exported:.0} | {dropped:.0} | {received} |\n",
+            run.mode.name(),
+            run.saturated.rps(),
+            p.cells(),
+        ));
+        figures.insert(
+            run.mode.name().into(),
+            json!({
+                "rps": run.saturated.rps().round(),
+                "paced": p.json(),
+                "failures": failed,
+                "spans_exported": exported,
+                "spans_dropped": dropped,
+                "spans_received": received,
+            }),
+        );
+    }
+    ctx.text.push_str(&format!(
+        "\n## traces: cached GetBearerToken, every call sampled, collector off / up / down / slow \
+         ({} interleaved rounds of {} s at {} in flight; then as many of {} s paced at {rate:.0}/s)\n\n\
+         | collector | rps | paced p50 / p90 / p99 / max ms | failed calls | spans exported | spans dropped | spans the collector got |\n\
+         |---|---|---|---|---|---|---|\n{rows}",
+        o.rounds, o.seconds, o.concurrency, o.paced_seconds
+    ));
+    figures.insert("paced_rate".into(), json!(rate.round()));
+    ctx.out.insert("otlp".into(), Value::Object(figures));
+    ctx.out.insert("otlp_failures".into(), json!(failures));
+    for run in runs {
+        run.broker.stop();
+    }
 }
 
 fn terminal_ids(prefix: &str, n: usize) -> Vec<String> {
@@ -1439,6 +1596,8 @@ fn targets(ctx: &mut Ctx) {
             t.insert(name.into(), json!(ok));
         }
     };
+    // A collector that is down or slow must not fail a call.
+    check("otlp_failures", get("otlp_failures").map(|n| n == 0.0));
     check(
         "bearer_over_noop",
         get("bearer_over_noop").map(|r| r >= 0.85),
