@@ -535,11 +535,86 @@ async fn otlp_collectors(ctx: &mut Ctx) {
         o.rounds, o.seconds, o.concurrency, o.paced_seconds
     ));
     figures.insert("paced_rate".into(), json!(rate.round()));
-    ctx.out.insert("otlp".into(), Value::Object(figures));
-    ctx.out.insert("otlp_failures".into(), json!(failures));
     for run in runs {
         run.broker.stop();
     }
+    if let Some((table, per_mode)) = otlp_instructions(ctx, &sim, &terminals).await {
+        ctx.text.push_str(&table);
+        figures.insert("instructions".into(), Value::Object(per_mode));
+    }
+    ctx.out.insert("otlp".into(), Value::Object(figures));
+    ctx.out.insert("otlp_failures".into(), json!(failures));
+}
+
+/// Instructions per cached GetBearerToken with traces off, and with every
+/// call's span exported to a collector that is up or down: what a span
+/// costs, and that a dead collector costs no more. `None` without valgrind.
+async fn otlp_instructions(
+    ctx: &Ctx,
+    sim: &SimPayroc,
+    terminals: &[String],
+) -> Option<(String, Map<String, Value>)> {
+    use otlp::Mode;
+    if let Err(why) = instructions::available() {
+        note(format!("otlp: instruction counts skipped, {why}"));
+        return None;
+    }
+    // Past the exporter's 1 s batch delay, so a batch's last spans are sent
+    // (or fail to be) inside the batch that made them.
+    let settle = Duration::from_millis(1500);
+    let o = &ctx.opts;
+    let mut rows = String::new();
+    let mut per_mode = Map::new();
+    let mut off = None;
+    for mode in [Mode::Off, Mode::Up, Mode::Down] {
+        let (endpoint, _) = ctx
+            .sim_rt
+            .spawn(otlp::collector(mode))
+            .await
+            .expect("collector task");
+        let mut rest = payroc_toml(sim, "", &bench_credential(terminals));
+        if let Some(endpoint) = endpoint {
+            rest.push_str(&format!(
+                "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 1.0\n"
+            ));
+        }
+        let name = format!("otlp-instr-{}", mode.name());
+        let out = ctx.dir.join(format!("callgrind-{name}.out"));
+        let broker = bench_broker(
+            ctx,
+            &instructions::launcher(&out),
+            &name,
+            "warm_start_timeout = \"60s\"".into(),
+            rest,
+        )
+        .await;
+        let target =
+            Target::connect(broker.addr, o.connections, CALLER_TOKEN, terminals.to_vec()).await;
+        let mut counter = instructions::Counter::new(broker.pid, &out);
+        let b = count_batches_settled(o, &target, &mut counter, Rpc::Bearer, settle).await;
+        broker.stop();
+        let mean = (b[0] + b[1]) / 2.0;
+        note(format!(
+            "otlp: instructions, collector {} {b:?} per call",
+            mode.name()
+        ));
+        let base = *off.get_or_insert(mean);
+        rows.push_str(&format!(
+            "| {} | {mean:.0} | {:.0} / {:.0} | {:+.0} |\n",
+            mode.name(),
+            b[0],
+            b[1],
+            mean - base
+        ));
+        per_mode.insert(mode.name().into(), json!(mean.round()));
+    }
+    let table = format!(
+        "\nInstructions per cached GetBearerToken (callgrind, {} calls per batch, {} ms settle):\n\n\
+         | collector | instructions per call | batch 1 / batch 2 | over off |\n|---|---|---|---|\n{rows}",
+        o.instr_calls,
+        settle.as_millis()
+    );
+    Some((table, per_mode))
 }
 
 fn terminal_ids(prefix: &str, n: usize) -> Vec<String> {
@@ -911,6 +986,17 @@ async fn count_batches(
     counter: &mut instructions::Counter,
     rpc: Rpc,
 ) -> [f64; 2] {
+    count_batches_settled(o, target, counter, rpc, SETTLE).await
+}
+
+/// [`count_batches`], leaving the server `settle` after each batch.
+async fn count_batches_settled(
+    o: &Opts,
+    target: &Target,
+    counter: &mut instructions::Counter,
+    rpc: Rpc,
+    settle: Duration,
+) -> [f64; 2] {
     let mut batches = [0.0; 2];
     for b in &mut batches {
         let warm = load::sweep(target, rpc, o.instr_warmup, o.instr_concurrency).await;
@@ -922,7 +1008,7 @@ async fn count_batches(
         );
         counter.zero();
         let s = load::sweep(target, rpc, o.instr_calls, o.instr_concurrency).await;
-        let instructions = counter.take(SETTLE).await;
+        let instructions = counter.take(settle).await;
         assert_eq!(
             s.failures(),
             0,

@@ -31,7 +31,7 @@ use opentelemetry::{
         SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
     },
 };
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{RetryPolicy, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     Resource,
     trace::{
@@ -134,6 +134,11 @@ pub fn start(
         .with_tonic()
         .with_endpoint(endpoint.clone())
         .with_timeout(EXPORT_TIMEOUT)
+        // One attempt per batch: a failed batch is dropped (and counted)
+        // and the next one tries again. The exporter's own retries convert
+        // and send the batch anew each time, which made a dead collector
+        // cost more per call than a live one (BENCHMARKS.md).
+        .with_retry_policy(RetryPolicy::disabled())
         .build()
         .map_err(|e| OtlpError(crate::chain::error_chain(&e)))?;
     exporter.set_resource(
