@@ -222,8 +222,9 @@ impl Audit {
         let duration_ms = micros as f64 / 1000.0;
         let rpc = self.rpc.map_or("unknown", Rpc::name);
         let code_name = code_name(code);
-        // The trace the call is in (its own, if it started one).
-        let trace_id = self.trace().map(|t| t.trace_id());
+        // The trace the call came in: the contract names `trace_id` only
+        // then, so a trace the broker starts itself is not in the line.
+        let trace_id = self.trace.map(|t| t.trace_id());
         #[cfg(feature = "otlp")]
         if let (Some(span), Some(spans)) = (self.span.take(), &self.auditor.spans) {
             spans.finish_server(span, rpc, code, |a| {
