@@ -161,6 +161,41 @@ mod tests {
     use super::*;
     use crate::domain::tokens::{testing::*, *};
 
+    /// The hit path allocates nothing: an atomic load, a comparison and an
+    /// `Arc` clone (the handler's response strings are the RPC's own).
+    #[tokio::test(start_paused = true)]
+    async fn a_cache_hit_allocates_nothing() {
+        use std::future::Future;
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds(&script, 300);
+        let first = c.bearer(FLOOR, None).await.unwrap();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let (hits, n) = allocations(|| {
+            (0..100)
+                .map(|_| {
+                    let mut hit = std::pin::pin!(c.bearer(FLOOR, None));
+                    match hit.as_mut().poll(&mut cx) {
+                        std::task::Poll::Ready(Ok(t)) => Arc::ptr_eq(&t, &first),
+                        std::task::Poll::Ready(Err(e)) => panic!("a hit failed: {e:?}"),
+                        std::task::Poll::Pending => panic!("a hit is ready at once"),
+                    }
+                })
+                .filter(|same| *same)
+                .count()
+        });
+        assert_eq!(hits, 100, "every call is served the cached token");
+        assert_eq!(n, 0, "allocations on 100 cache hits");
+        // The counter does see allocations: a miss (40 minutes left, 50
+        // asked for) starts a fetch, which makes some.
+        advance(1200).await;
+        let (_, n) = allocations(|| {
+            let mut miss = std::pin::pin!(c.bearer(Duration::from_secs(3000), None));
+            let _ = miss.as_mut().poll(&mut cx);
+        });
+        assert!(n > 0, "a miss starts a fetch, which allocates");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn min_validity_forces_a_refresh_or_is_out_of_range() {
         let script = Script::answers(&[Ok(3600)]);

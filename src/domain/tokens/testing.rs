@@ -142,3 +142,44 @@ pub(super) async fn advance(secs: u64) {
     tokio::time::advance(Duration::from_secs(secs)).await;
     settle().await;
 }
+
+/// Counts the allocations each thread makes, for tests that a path
+/// allocates nothing ([`allocations`]). The whole unit-test binary runs on
+/// it; it only adds a thread-local increment to the system allocator.
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the
+// counter is a const-initialized thread-local without a destructor, which
+// allocates nothing itself.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// Allocations (and reallocations) this thread made while `f` ran.
+pub(super) fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let before = ALLOCATIONS.with(std::cell::Cell::get);
+    let out = f();
+    (out, ALLOCATIONS.with(std::cell::Cell::get) - before)
+}
