@@ -124,6 +124,46 @@ def use_trees(code, root):
     return names
 
 
+def split_top(body):
+    """`body`'s comma-separated items at brace depth 0."""
+    depth, cur, items = 0, "", []
+    for ch in body:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        if depth == 0 and ch == ",":
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    return [i for i in items if i.strip()]
+
+
+def expand(tree):
+    """A use tree (`a::{b::C, d}`) as its paths: [["a", "b", "C"], ["a", "d"]]."""
+    tree = tree.strip()
+    if "{" not in tree:
+        segs = [x.strip() for x in tree.split(" as ")[0].split("::") if x.strip()]
+        return [segs] if segs else []
+    i = tree.index("{")
+    prefix = [x.strip() for x in tree[:i].split("::") if x.strip()]
+    body = tree[i + 1 : tree.rindex("}")]
+    return [prefix + p for item in split_top(body) for p in expand(item)]
+
+
+def crate_use_paths(code):
+    """Every path of every `use crate::...;` tree, expanded: a sibling named
+    deep inside a nested tree (`use crate::{obs::{audit::Fields}}`) counts."""
+    paths = []
+    for m in re.finditer(r"\buse\s+crate::", code):
+        end = code.find(";", m.end())
+        if end != -1:
+            paths.extend(expand(code[m.end() : end]))
+    return paths
+
+
 def crate_refs(code):
     """Top-level modules a file refers to through `crate::`."""
     refs = set(use_trees(code, "crate"))
@@ -212,8 +252,10 @@ def submodule_graph(src, rel, paths):
                 refs.update(use_trees(code, "super"))
                 refs.update(re.findall(r"\bsuper::(" + IDENT + ")", code))
             refs.update(re.findall(r"\bcrate::" + modpath + "::(" + IDENT + ")", code))
-            for m in re.finditer(r"\buse\s+crate::" + modpath + r"::\{", code):
-                refs.update(use_trees(code[m.start() :].replace("crate::" + modpath + "::", "crate::", 1), "crate"))
+            segs = modpath.split("::")
+            for p in crate_use_paths(code):
+                if p[: len(segs)] == segs and len(p) > len(segs):
+                    refs.add(p[len(segs)])
         graph[child] = {r for r in refs if r in children and r != child}
     return graph
 
@@ -317,6 +359,19 @@ def self_test(src):
         problems, _, _ = check(copy)
         if not any(f"inside `{rel.replace(os.sep, '::')}`" in p for p in problems):
             return f"a cycle inside {rel} ({a} <-> {b}) went unnoticed"
+        # The same cycle, one edge written as a nested `crate::{...}` tree.
+        shutil.rmtree(copy)
+        shutil.copytree(src, copy)
+        modpath = rel.replace(os.sep, "::")
+        head, _, last = modpath.rpartition("::")
+        nested_use = f"{head}::{{{last}::{{{b[:-3]}::X}}}}" if head else f"{{{last}::{{{b[:-3]}::X}}}}"
+        with open(os.path.join(copy, rel, a), "a", encoding="utf-8") as f:
+            f.write(f"\n#[allow(unused_imports)]\nuse crate::{{clock, {nested_use}}};\n")
+        with open(os.path.join(copy, rel, b), "a", encoding="utf-8") as f:
+            f.write(f"\nfn _cycle() {{ let _ = super::{a[:-3]}::X; }}\n")
+        problems, _, _ = check(copy)
+        if not any(f"inside `{modpath}`" in p for p in problems):
+            return f"a cycle inside {rel} through a nested use tree ({a} <-> {b}) went unnoticed"
     return None
 
 

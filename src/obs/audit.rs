@@ -14,7 +14,7 @@
 //! own (names from the configuration, codes, addresses) print unquoted. The token is
 //! recorded only as `token_fp`, its [`Fingerprint`].
 
-use std::{fmt, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::time::Instant;
 use tonic::Code;
@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::{
     clock::Clock,
     domain::{error::BrokerError, fingerprint::Fingerprint},
-    obs::{logging, metrics::Metrics},
+    obs::{fields::Fields, logging, metrics::Metrics},
     rpc::{Rpc, code_name},
     trace::TraceParent,
 };
@@ -299,46 +299,6 @@ impl Audit {
         if let Some(trace_id) = trace_id {
             out.trace_id(trace_id);
         }
-    }
-}
-
-/// Where an audit record's fields are written ([`Audit::fields`]): the JSON
-/// line's members, a trace span's attributes. Names are the event's.
-pub trait Fields {
-    fn str(&mut self, name: &'static str, value: &str);
-    fn u64(&mut self, name: &'static str, value: u64);
-    fn display(&mut self, name: &'static str, value: &dyn fmt::Display);
-    /// `duration_ms`, from whole µs.
-    fn duration(&mut self, micros: u64);
-    /// `token_fp`.
-    fn fingerprint(&mut self, value: &str);
-    /// `trace_id`.
-    fn trace_id(&mut self, value: &str);
-}
-
-impl Fields for logging::JsonMembers<'_> {
-    fn str(&mut self, name: &'static str, value: &str) {
-        logging::JsonMembers::str(self, name, value);
-    }
-
-    fn u64(&mut self, name: &'static str, value: u64) {
-        logging::JsonMembers::u64(self, name, value);
-    }
-
-    fn display(&mut self, name: &'static str, value: &dyn fmt::Display) {
-        logging::JsonMembers::display(self, name, value);
-    }
-
-    fn duration(&mut self, micros: u64) {
-        self.thousandths("duration_ms", micros);
-    }
-
-    fn fingerprint(&mut self, value: &str) {
-        logging::JsonMembers::str(self, "token_fp", value);
-    }
-
-    fn trace_id(&mut self, value: &str) {
-        logging::JsonMembers::str(self, "trace_id", value);
     }
 }
 

@@ -4,6 +4,7 @@
 //! (feature `otlp`) trace spans through another.
 
 pub mod audit;
+pub mod fields;
 pub mod logging;
 pub mod metrics;
 #[cfg(feature = "otlp")]

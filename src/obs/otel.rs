@@ -47,7 +47,7 @@ use tonic::Code;
 use crate::{
     clock::{Clock, SharedEntropy},
     config::TelemetryConfig,
-    obs::{audit::Fields, metrics::Metrics},
+    obs::{fields::Fields, metrics::Metrics},
     payroc::{Attempt, AttemptObserver, Endpoint},
     trace::TraceParent,
 };
