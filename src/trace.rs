@@ -106,16 +106,12 @@ impl TraceParent {
 
     /// A new trace, started here: random ids, `sampled` in the flags.
     pub fn root(entropy: &dyn Entropy, sampled: bool) -> TraceParent {
-        let (a, b) = (entropy.uuid_v4(), entropy.uuid_v4());
-        let mut trace_id = *a.as_bytes();
-        // A v4 UUID fixes four bits of byte 6 and two of byte 8; replace
-        // both bytes with random ones, since samplers read the trace id's
-        // low half as a uniform number (the W3C format asks for random ids).
-        trace_id[6] = b.as_bytes()[0];
-        trace_id[8] = b.as_bytes()[1];
-        if trace_id == [0; 16] {
-            trace_id[15] = 1; // all zeros is invalid; only a fixed test source gets here
-        }
+        TraceParent::root_of(trace_id(entropy), entropy, sampled)
+    }
+
+    /// A new trace with the id `trace_id` (from [`trace_id`], decided on
+    /// before the rest), a random span id and `sampled` in the flags.
+    pub fn root_of(trace_id: [u8; 16], entropy: &dyn Entropy, sampled: bool) -> TraceParent {
         TraceParent {
             trace_id,
             parent_id: span_id(entropy),
@@ -146,6 +142,21 @@ impl TraceParent {
     pub fn sampled(&self) -> bool {
         self.flags & 1 == 1
     }
+}
+
+/// A new random trace id (never all zeros, which is invalid).
+pub fn trace_id(entropy: &dyn Entropy) -> [u8; 16] {
+    let (a, b) = (entropy.uuid_v4(), entropy.uuid_v4());
+    let mut id = *a.as_bytes();
+    // A v4 UUID fixes four bits of byte 6 and two of byte 8; replace both
+    // bytes with random ones, since samplers read the trace id's low half as
+    // a uniform number (the W3C format asks for random ids).
+    id[6] = b.as_bytes()[0];
+    id[8] = b.as_bytes()[1];
+    if id == [0; 16] {
+        id[15] = 1; // only a fixed test source gets here
+    }
+    id
 }
 
 /// A new random span id (never all zeros, which is invalid).

@@ -338,6 +338,7 @@ async fn a_trace_started_here_is_a_root_span_and_goes_upstream() {
     })
     .await;
     h.session(payment("1234002")).await.unwrap();
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
     let server = loop {
         if let Some((_, s)) = collector
             .spans()
@@ -346,6 +347,10 @@ async fn a_trace_started_here_is_a_root_span_and_goes_upstream() {
         {
             break s;
         }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "a CreateSession span within 15 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(server.parent_span_id.is_empty(), "a root span: {server:#?}");

@@ -67,6 +67,16 @@ impl TelemetryConfig {
             } else if url.host_str().is_none_or(str::is_empty) {
                 c.problem("telemetry.otlp_endpoint", "has no host");
             }
+            if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some()
+            {
+                // OTLP/gRPC has no path: `http://c:4318/v1/traces` is the
+                // OTLP/HTTP address, which would take none of the spans.
+                c.problem(
+                    "telemetry.otlp_endpoint",
+                    "must be scheme, host and port only (OTLP over gRPC has no path or query; \
+                     /v1/traces is OTLP over HTTP, on another port)",
+                );
+            }
             if !url.username().is_empty() || url.password().is_some() {
                 // It would be logged with the endpoint; collectors take
                 // credentials in headers, which this section does not have.

@@ -1224,6 +1224,17 @@ fn telemetry_is_off_unless_an_endpoint_is_set_and_every_key_is_checked() {
         "{p:?}"
     );
     assert!(!p.iter().any(|p| p.contains("hunter2")), "{p:?}");
+    for endpoint in [
+        "http://c:4318/v1/traces",
+        "http://c:4317?x=1",
+        "http://c:4317#f",
+    ] {
+        let p = problems(&with(&format!("otlp_endpoint = \"{endpoint}\"")));
+        assert!(
+            p.iter().any(|p| p.ends_with("must be scheme, host and port only (OTLP over gRPC has no path or query; /v1/traces is OTLP over HTTP, on another port)")),
+            "{endpoint}: {p:?}"
+        );
+    }
     let p = problems(&with("otlp_endpoint = \"not a url\""));
     assert!(
         p.iter()

@@ -95,10 +95,11 @@ impl fmt::Debug for Spans {
     }
 }
 
-/// The export task; [`Exporter::shutdown`] sends what is queued.
+/// The export thread; [`Exporter::shutdown`] sends what is queued.
 pub struct Exporter {
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    /// Sent when the thread is done.
+    done: Option<oneshot::Receiver<()>>,
 }
 
 /// A sampled call's server span, open.
@@ -120,50 +121,60 @@ impl ServerSpan {
 }
 
 /// Starts exporting to `config.otlp_endpoint`; `None` when it is not set.
-/// Needs a Tokio runtime (the collector's channel connects lazily in it).
+///
+/// The export loop runs on a thread of its own, with its own single-thread
+/// runtime: converting and encoding a batch (about 25,000 instructions a
+/// span, BENCHMARKS.md) then never sits in an RPC worker's queue.
 pub fn start(
     config: &TelemetryConfig,
     clock: Clock,
     entropy: SharedEntropy,
     metrics: Arc<Metrics>,
 ) -> Result<Option<(Arc<Spans>, Exporter)>, OtlpError> {
-    let Some(endpoint) = &config.otlp_endpoint else {
+    let Some(endpoint) = config.otlp_endpoint.clone() else {
         return Ok(None);
     };
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint.clone())
-        .with_timeout(EXPORT_TIMEOUT)
-        // One attempt per batch: a failed batch is dropped (and counted)
-        // and the next one tries again. The exporter's own retries convert
-        // and send the batch anew each time, which made a dead collector
-        // cost more per call than a live one (BENCHMARKS.md).
-        .with_retry_policy(RetryPolicy::disabled())
-        .build()
-        .map_err(|e| OtlpError(crate::chain::error_chain(&e)))?;
-    exporter.set_resource(
-        &Resource::builder_empty()
-            .with_service_name(config.service_name.clone())
-            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-            .build(),
-    );
-    let (spans, exporter) = with_exporter(exporter, config.sample_ratio, clock, entropy, metrics);
-    tracing::info!(endpoint = %endpoint, sample_ratio = config.sample_ratio, "exporting traces over OTLP");
-    Ok(Some((spans, exporter)))
-}
-
-fn with_exporter(
-    exporter: impl SpanExporter + 'static,
-    sample_ratio: f64,
-    clock: Clock,
-    entropy: SharedEntropy,
-    metrics: Arc<Metrics>,
-) -> (Arc<Spans>, Exporter) {
     let (queue, rx) = mpsc::channel(QUEUE);
     let (stop, stopped) = oneshot::channel();
-    let task = tokio::spawn(export(exporter, rx, stopped, Arc::clone(&metrics)));
+    let (done_tx, done) = oneshot::channel();
+    let (built_tx, built) = std::sync::mpsc::channel();
+    let service_name = config.service_name.clone();
+    let export_metrics = Arc::clone(&metrics);
+    let thread_endpoint = endpoint.clone();
+    std::thread::Builder::new()
+        .name("otlp-export".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = built_tx.send(Err(OtlpError(format!("no runtime: {e}"))));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                // Built here: the collector's channel lives on this runtime.
+                match exporter(&thread_endpoint, &service_name) {
+                    Ok(exporter) => {
+                        let _ = built_tx.send(Ok(()));
+                        export(exporter, rx, stopped, export_metrics).await;
+                    }
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e));
+                    }
+                }
+            });
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| OtlpError(format!("cannot start the export thread: {e}")))?;
+    built
+        .recv()
+        .map_err(|_| OtlpError("the export thread ended before it started".into()))??;
+    tracing::info!(endpoint = %endpoint, sample_ratio = config.sample_ratio, "exporting traces over OTLP");
     let spans = Spans {
-        sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(sample_ratio))),
+        sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio))),
         clock,
         entropy,
         queue,
@@ -172,31 +183,65 @@ fn with_exporter(
             .with_version(env!("CARGO_PKG_VERSION"))
             .build(),
     };
-    (
+    Ok(Some((
         Arc::new(spans),
         Exporter {
             stop: Some(stop),
-            task,
+            done: Some(done),
         },
-    )
+    )))
+}
+
+/// The OTLP/gRPC exporter for `endpoint`: an https:// one verifies the
+/// collector against the webpki roots.
+fn exporter(endpoint: &str, service_name: &str) -> Result<impl SpanExporter, OtlpError> {
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(EXPORT_TIMEOUT)
+        // One attempt per batch: a failed batch is dropped (and counted)
+        // and the next one tries again. The exporter's own retries convert
+        // and send the batch anew each time, which made a dead collector
+        // cost more per call than a live one (BENCHMARKS.md).
+        .with_retry_policy(RetryPolicy::disabled());
+    if endpoint.starts_with("https:") {
+        // Without roots of its own the exporter's TLS config trusts none.
+        builder =
+            builder.with_tls_config(tonic::transport::ClientTlsConfig::new().with_webpki_roots());
+    }
+    let mut exporter = builder
+        .build()
+        .map_err(|e| OtlpError(crate::chain::error_chain(&e)))?;
+    exporter.set_resource(
+        &Resource::builder_empty()
+            .with_service_name(service_name.to_owned())
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+            .build(),
+    );
+    Ok(exporter)
 }
 
 impl Exporter {
-    /// Sends the spans still queued, waiting at most `grace`; those it could
-    /// not send are dropped (and counted).
+    /// Sends the spans still queued, waiting at most `grace`. Spans still
+    /// queued or in flight when it is over are lost, and not counted: the
+    /// process is exiting.
     pub async fn shutdown(mut self, grace: Duration) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
-            self.task.abort();
+        if let Some(done) = self.done.take() {
+            let _ = tokio::time::timeout(grace, done).await;
         }
     }
 }
 
 impl Drop for Exporter {
     fn drop(&mut self) {
-        self.task.abort();
+        // The thread sends what is queued and ends (it also ends once every
+        // `Spans` is gone and the queue is empty).
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -278,11 +323,13 @@ impl Spans {
         rpc: &'static str,
         incoming: Option<TraceParent>,
     ) -> Option<ServerSpan> {
-        let (candidate, parent) = match incoming {
-            Some(t) => (t, Some(t.parent_id_bytes())),
-            None => (TraceParent::root(&*self.entropy, false), None),
+        // A trace started here: only its id before the decision (the ratio
+        // sampler reads it), the span id once it is sampled.
+        let (id, parent) = match incoming {
+            Some(t) => (t.trace_id_bytes(), Some(t.parent_id_bytes())),
+            None => (crate::trace::trace_id(&*self.entropy), None),
         };
-        let trace_id = TraceId::from_bytes(candidate.trace_id_bytes());
+        let trace_id = TraceId::from_bytes(id);
         let parent_cx = incoming.map(|t| {
             Context::new().with_remote_span_context(SpanContext::new(
                 trace_id,
@@ -312,7 +359,7 @@ impl Spans {
         }
         let context = match incoming {
             Some(t) => t.child(&*self.entropy).with_sampled(true),
-            None => candidate.with_sampled(true),
+            None => TraceParent::root_of(id, &*self.entropy, true),
         };
         Some(ServerSpan {
             context,
