@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | 8 | [`app`], `fuzzing` | assembly and the CLI's policy: serve, reload, health probe, sandbox; the fuzz harnesses' entry points |
 //! | 7 | [`api`] | the gRPC edge: handlers, request validation, the one mapping to `tonic::Status` |
-//! | 6 | [`obs`] | what operators see: audit events, Prometheus metrics, log lines |
+//! | 6 | [`obs`] | what operators see: audit events, Prometheus metrics, log lines, trace spans (feature `otlp`) |
 //! | 5 | [`access`] | who is calling: certificates, forwarded identities, tokens; allow lists and per-caller limits |
 //! | 4 | [`transport`] | the port: accept loop, TLS and reload, connection and request limits |
 //! | 3 | [`domain`] | terminal -> credential, the shared token caches, sessions, the error enum |

@@ -42,6 +42,7 @@ MUTATIONS = {
     "PayrocBrokerKeyRejected": ("expr", '"401|403"', '"401|403|429"'),
     "PayrocBrokerUpstreamErrors": ("expr", "> 0.05", "> 0.03"),
     "PayrocBrokerCallerServerErrors": ("expr", "> 0.01", "> 0.009"),
+    "PayrocBrokerSessionsFailing": ("expr", "> 0.05", "> 0.02"),
     "PayrocBrokerLoadShed": ("expr", "- (", "+ ("),
     "PayrocBrokerCallersRateLimited": ("expr", "> 60", "> 40"),
     "PayrocBrokerAuthFailures": ("expr", "> 10", ">= 10"),

@@ -121,7 +121,6 @@ impl Metrics {
         self.upstream_duration[e].observe(took);
     }
 
-    /// A call refused by the caller's `rate_limit`.
     /// `n` trace spans the collector took.
     pub fn spans_exported(&self, n: u64) {
         self.spans_exported.fetch_add(n, Ordering::Relaxed);
@@ -133,6 +132,7 @@ impl Metrics {
         self.spans_dropped.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// A call refused by the caller's `rate_limit`.
     pub fn caller_rate_limited(&self, caller: &str) {
         let mut map = lock(&self.rate_limited);
         match map.get_mut(caller) {
