@@ -101,19 +101,7 @@ def use_trees(code, root):
                     if depth == 0:
                         break
                 j += 1
-            body, depth, cur, items = code[i + 1 : j], 0, "", []
-            for ch in body:
-                if ch == "{":
-                    depth += 1
-                elif ch == "}":
-                    depth -= 1
-                if depth == 0 and ch == ",":
-                    items.append(cur)
-                    cur = ""
-                else:
-                    cur += ch
-            items.append(cur)
-            for item in items:
+            for item in split_top(code[i + 1 : j]):
                 first = re.match(IDENT, item.strip())
                 if first:
                     names.append(first.group(0))
