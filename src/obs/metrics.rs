@@ -257,51 +257,35 @@ impl Metrics {
             );
         }
 
-        header(
+        unlabelled(
             o,
             "payroc_broker_sessions_in_flight",
             "gauge",
             "Session requests to Payroc in flight.",
-        );
-        let _ = writeln!(
-            o,
-            "payroc_broker_sessions_in_flight {}",
-            gauges.sessions_in_flight
+            gauges.sessions_in_flight,
         );
 
-        header(
+        unlabelled(
             o,
             "payroc_broker_log_lines_dropped_total",
             "counter",
             "Log lines dropped because stderr was slow, full or closed.",
-        );
-        let _ = writeln!(
-            o,
-            "payroc_broker_log_lines_dropped_total {}",
-            gauges.log_lines_dropped
+            gauges.log_lines_dropped,
         );
 
-        header(
+        unlabelled(
             o,
             "payroc_broker_trace_spans_exported_total",
             "counter",
             "Trace spans the OTLP collector accepted.",
+            self.spans_exported.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "payroc_broker_trace_spans_exported_total {}",
-            self.spans_exported.load(Ordering::Relaxed)
-        );
-        header(
+        unlabelled(
             o,
             "payroc_broker_trace_spans_dropped_total",
             "counter",
             "Trace spans dropped: export queue full, or the collector refused them or did not answer in time.",
-        );
-        let _ = writeln!(
-            o,
-            "payroc_broker_trace_spans_dropped_total {}",
-            self.spans_dropped.load(Ordering::Relaxed)
+            self.spans_dropped.load(Ordering::Relaxed),
         );
 
         header(
@@ -328,6 +312,12 @@ impl AttemptObserver for Metrics {
 
 fn header(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A family of one series without labels: its header and its value.
+fn unlabelled(o: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    header(o, name, kind, help);
+    let _ = writeln!(o, "{name} {value}");
 }
 
 /// A label value, escaped as the text format requires.
