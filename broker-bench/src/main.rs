@@ -418,19 +418,9 @@ async fn otlp_collectors(ctx: &mut Ctx) {
     }
     let mut runs = Vec::new();
     for mode in Mode::ALL {
-        let (endpoint, received) = ctx
-            .sim_rt
-            .spawn(otlp::collector(mode))
-            .await
-            .expect("collector task");
-        let mut rest = payroc_toml(&sim, "", &bench_credential(&terminals));
-        if let Some(endpoint) = endpoint {
-            rest.push_str(&format!(
-                "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 1.0\n"
-            ));
-        }
         let name = format!("otlp-{}", mode.name());
-        let broker = bench_broker(ctx, &[], &name, String::new(), rest).await;
+        let (broker, received) =
+            otlp_broker(ctx, &sim, &terminals, mode, &[], &name, String::new()).await;
         let target = Target::connect(
             broker.addr,
             ctx.opts.connections,
@@ -546,6 +536,33 @@ async fn otlp_collectors(ctx: &mut Ctx) {
     ctx.out.insert("otlp_failures".into(), json!(failures));
 }
 
+/// A collector for `mode` (on the simulator's runtime) and a broker with the
+/// bench credential that exports every call's span to it (none for
+/// [`otlp::Mode::Off`]), run by `launcher`; and the collector's span count.
+async fn otlp_broker(
+    ctx: &Ctx,
+    sim: &SimPayroc,
+    terminals: &[String],
+    mode: otlp::Mode,
+    launcher: &[std::ffi::OsString],
+    name: &str,
+    server: String,
+) -> (Broker, Arc<std::sync::atomic::AtomicU64>) {
+    let (endpoint, received) = ctx
+        .sim_rt
+        .spawn(otlp::collector(mode))
+        .await
+        .expect("collector task");
+    let mut rest = payroc_toml(sim, "", &bench_credential(terminals));
+    if let Some(endpoint) = endpoint {
+        rest.push_str(&format!(
+            "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 1.0\n"
+        ));
+    }
+    let broker = bench_broker(ctx, launcher, name, server, rest).await;
+    (broker, received)
+}
+
 /// Instructions per cached GetBearerToken with traces off, and with every
 /// call's span exported to a collector that is up or down: what a span
 /// costs, and that a dead collector costs no more. `None` without valgrind.
@@ -567,25 +584,16 @@ async fn otlp_instructions(
     let mut per_mode = Map::new();
     let mut off = None;
     for mode in [Mode::Off, Mode::Up, Mode::Down] {
-        let (endpoint, _) = ctx
-            .sim_rt
-            .spawn(otlp::collector(mode))
-            .await
-            .expect("collector task");
-        let mut rest = payroc_toml(sim, "", &bench_credential(terminals));
-        if let Some(endpoint) = endpoint {
-            rest.push_str(&format!(
-                "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 1.0\n"
-            ));
-        }
         let name = format!("otlp-instr-{}", mode.name());
         let out = ctx.dir.join(format!("callgrind-{name}.out"));
-        let broker = bench_broker(
+        let (broker, _) = otlp_broker(
             ctx,
+            sim,
+            terminals,
+            mode,
             &instructions::launcher(&out),
             &name,
             "warm_start_timeout = \"60s\"".into(),
-            rest,
         )
         .await;
         let target =
