@@ -84,28 +84,49 @@ impl Collector {
         self.spans.lock().unwrap().clone()
     }
 
-    /// Waits until spans of `trace` have arrived, `n` of them at least.
-    async fn trace(&self, trace: &str, n: usize) -> Vec<Span> {
-        let of_trace = || {
-            self.spans()
-                .into_iter()
-                .map(|(_, s)| s)
-                .filter(|s| hex(&s.trace_id) == trace)
-                .collect::<Vec<_>>()
-        };
+    /// Waits (15 s at most) until `found` finds what it looks for in the
+    /// spans received so far.
+    async fn wait_for<T>(&self, what: &str, found: impl Fn(Vec<Span>) -> Option<T>) -> T {
         let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
-            let spans = of_trace();
-            if spans.len() >= n {
-                return spans;
+            let spans: Vec<Span> = self.spans().into_iter().map(|(_, s)| s).collect();
+            if let Some(t) = found(spans.clone()) {
+                return t;
             }
             assert!(
                 tokio::time::Instant::now() < give_up,
-                "{n} spans of trace {trace}; got {spans:#?}"
+                "{what} within 15 s; got {spans:#?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// Waits until spans of `trace` have arrived, `n` of them at least.
+    async fn trace(&self, trace: &str, n: usize) -> Vec<Span> {
+        self.wait_for(&format!("{n} spans of trace {trace}"), |spans| {
+            let of_trace: Vec<Span> = spans
+                .into_iter()
+                .filter(|s| hex(&s.trace_id) == trace)
+                .collect();
+            (of_trace.len() >= n).then_some(of_trace)
+        })
+        .await
+    }
+}
+
+/// The span of `kind` among `spans` (there is one).
+fn of_kind(spans: &[Span], kind: SpanKind) -> &Span {
+    spans
+        .iter()
+        .find(|s| s.kind == kind as i32)
+        .unwrap_or_else(|| panic!("a {kind:?} span in {spans:#?}"))
+}
+
+/// A span's status code (`Unset` when it has no status).
+fn status_code(s: &Span) -> i32 {
+    s.status
+        .as_ref()
+        .map_or(StatusCode::Unset as i32, |st| st.code)
 }
 
 fn text(v: Option<&AnyValue>) -> Option<String> {
@@ -212,22 +233,13 @@ async fn sampled_calls_arrive_with_their_parent_attributes_and_status() {
     }
     assert!(attr(s, "peer").is_some_and(|p| p.starts_with("127.0.0.1:")));
     assert_eq!(attr(s, "token_fp"), None, "no token fingerprint in a span");
-    assert_eq!(
-        s.status.as_ref().map_or(0, |st| st.code),
-        StatusCode::Unset as i32
-    );
+    assert_eq!(status_code(s), StatusCode::Unset as i32);
 
     // CreateSession: the server span, and under it the client span of the
     // HTTP attempt, whose id is the parent id Payroc received.
     let spans = collector.trace(trace_id(T_SESSION), 2).await;
-    let server = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Server as i32)
-        .unwrap();
-    let attempt = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Client as i32)
-        .unwrap();
+    let server = of_kind(&spans, SpanKind::Server);
+    let attempt = of_kind(&spans, SpanKind::Client);
     assert_eq!(server.name, "CreateSession");
     assert_eq!(hex(&server.parent_span_id), parent_id(T_SESSION));
     assert_eq!(
@@ -246,10 +258,7 @@ async fn sampled_calls_arrive_with_their_parent_attributes_and_status() {
         attr(attempt, "payroc.endpoint").as_deref(),
         Some("sessions")
     );
-    assert_eq!(
-        attempt.status.as_ref().map_or(0, |st| st.code),
-        StatusCode::Unset as i32
-    );
+    assert_eq!(status_code(attempt), StatusCode::Unset as i32);
     let sent = format!("00-{}-{}-01", trace_id(T_SESSION), hex(&attempt.span_id));
     assert!(
         h.sim
@@ -265,29 +274,17 @@ async fn sampled_calls_arrive_with_their_parent_attributes_and_status() {
         attr(&spans[0], "code").as_deref(),
         Some(rpc_code(refused.code()))
     );
-    assert_eq!(
-        spans[0].status.as_ref().map_or(0, |st| st.code),
-        StatusCode::Unset as i32
-    );
+    assert_eq!(status_code(&spans[0]), StatusCode::Unset as i32);
 
     // An attempt Payroc answered 403 is an error of the client span.
     let spans = collector.trace(trace_id(T_FORBIDDEN), 2).await;
-    let attempt = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Client as i32)
-        .unwrap();
+    let attempt = of_kind(&spans, SpanKind::Client);
     assert_eq!(
         attr(attempt, "http.response.status_code").as_deref(),
         Some("403")
     );
-    assert_eq!(
-        attempt.status.as_ref().unwrap().code,
-        StatusCode::Error as i32
-    );
-    let server = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Server as i32)
-        .unwrap();
+    assert_eq!(status_code(attempt), StatusCode::Error as i32);
+    let server = of_kind(&spans, SpanKind::Server);
     assert_eq!(
         attr(server, "code").as_deref(),
         Some(rpc_code(forbidden.code()))
@@ -338,28 +335,15 @@ async fn a_trace_started_here_is_a_root_span_and_goes_upstream() {
     })
     .await;
     h.session(payment("1234002")).await.unwrap();
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
-    let server = loop {
-        if let Some((_, s)) = collector
-            .spans()
-            .into_iter()
-            .find(|(_, s)| s.name == "CreateSession")
-        {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "a CreateSession span within 15 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let server = collector
+        .wait_for("a CreateSession span", |spans| {
+            spans.into_iter().find(|s| s.name == "CreateSession")
+        })
+        .await;
     assert!(server.parent_span_id.is_empty(), "a root span: {server:#?}");
     let trace = hex(&server.trace_id);
     let spans = collector.trace(&trace, 2).await;
-    let attempt = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Client as i32)
-        .unwrap();
+    let attempt = of_kind(&spans, SpanKind::Client);
     assert_eq!(attempt.parent_span_id, server.span_id);
     // Payroc got the trace the broker started.
     let sent = format!("00-{trace}-{}-01", hex(&attempt.span_id));
