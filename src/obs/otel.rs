@@ -60,7 +60,7 @@ const MAX_BATCH: usize = 512;
 /// How long the exporter gathers a batch before sending it (the SDK waits
 /// 5 s; shorter, so that a trace shows up while someone is looking for it).
 const BATCH_DELAY: Duration = Duration::from_secs(1);
-/// One export request, retries included; then its spans count as dropped.
+/// One export request (a single attempt); then its spans count as dropped.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the exporter could not be set up.
