@@ -293,7 +293,7 @@ impl Audit {
             );
         }
         if let Some(peer) = &self.peer {
-            out.display("peer", peer);
+            out.peer(peer);
         }
         out.duration(micros);
         if let Some(trace_id) = trace_id {

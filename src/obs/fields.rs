@@ -3,7 +3,7 @@
 //! that the audit and the span exporter both depend on it, not on each
 //! other.
 
-use std::fmt;
+use std::net::SocketAddr;
 
 use crate::obs::logging;
 
@@ -12,7 +12,8 @@ use crate::obs::logging;
 pub trait Fields {
     fn str(&mut self, name: &'static str, value: &str);
     fn u64(&mut self, name: &'static str, value: u64);
-    fn display(&mut self, name: &'static str, value: &dyn fmt::Display);
+    /// `peer`.
+    fn peer(&mut self, value: &SocketAddr);
     /// `duration_ms`, from whole µs.
     fn duration(&mut self, micros: u64);
     /// `token_fp`.
@@ -30,8 +31,8 @@ impl Fields for logging::JsonMembers<'_> {
         logging::JsonMembers::u64(self, name, value);
     }
 
-    fn display(&mut self, name: &'static str, value: &dyn fmt::Display) {
-        logging::JsonMembers::display(self, name, value);
+    fn peer(&mut self, value: &SocketAddr) {
+        self.socket_addr("peer", value);
     }
 
     fn duration(&mut self, micros: u64) {

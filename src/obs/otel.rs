@@ -23,7 +23,7 @@
 //! attempt's span as parent, and the attempt's client span has the id that
 //! value carries (`AttemptTrace`).
 
-use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
+use std::{borrow::Cow, fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use opentelemetry::{
     Context, InstrumentationScope, KeyValue,
@@ -493,8 +493,8 @@ impl Fields for Attributes {
         ));
     }
 
-    fn display(&mut self, name: &'static str, value: &dyn fmt::Display) {
-        self.0.push(KeyValue::new(name, value.to_string()));
+    fn peer(&mut self, value: &SocketAddr) {
+        self.0.push(KeyValue::new("peer", value.to_string()));
     }
 
     fn duration(&mut self, _micros: u64) {}
