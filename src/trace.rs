@@ -203,9 +203,11 @@ tokio::task_local! {
     static CURRENT: Option<TraceParent>;
 }
 
-/// Runs `fut` with `trace` as the current RPC's trace.
-pub async fn scope<F: Future>(trace: Option<TraceParent>, fut: F) -> F::Output {
-    CURRENT.scope(trace, fut).await
+/// Runs `fut` with `trace` as the current RPC's trace. Not an `async fn`:
+/// one would hold `fut` twice (as its argument and inside the scope), and
+/// every call's future is built around this one.
+pub fn scope<F: Future>(trace: Option<TraceParent>, fut: F) -> impl Future<Output = F::Output> {
+    CURRENT.scope(trace, fut)
 }
 
 /// The trace of the RPC this task is serving, if it came with one.

@@ -97,6 +97,21 @@ impl<S: TokenSource> CredentialTokens<S> {
         {
             return Err(e);
         }
+        // Boxed: the wait (a timer and the flight's waiter, a few hundred
+        // bytes) would otherwise be carried and copied by every call's
+        // future, hit or miss, up through every handler; a miss goes on to
+        // wait for an HTTP exchange anyway.
+        Box::pin(self.loaded(min_validity, deadline)).await
+    }
+
+    /// The miss path of [`Self::bearer_observed`]: the token of the fetch in
+    /// flight (started if none is), by `deadline`.
+    async fn loaded(
+        &self,
+        min_validity: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<BearerToken>, Option<u16>), TokenError> {
+        let inner = &*self.inner;
         let flight = self.inner.load();
         let loaded = match deadline {
             Some(d) => tokio::time::timeout_at(d, flight.wait())
