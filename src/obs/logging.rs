@@ -20,7 +20,6 @@
 //! fields under `span`).
 
 use std::{
-    collections::VecDeque,
     io::{self, Write},
     net::SocketAddr,
     sync::{
@@ -323,7 +322,12 @@ pub struct Queue {
 
 #[derive(Default)]
 struct State {
-    lines: VecDeque<Vec<u8>>,
+    /// The queued lines, end to end: one buffer rather than one per line, so
+    /// a line costs a copy and no allocation. The writer swaps it for the
+    /// (emptied) buffer it wrote last, so both keep their capacity.
+    lines: Vec<u8>,
+    /// How many lines `lines` holds.
+    queued: usize,
     /// Lines accepted into the queue so far.
     accepted: u64,
     /// Lines the writer has finished with (written or failed).
@@ -356,12 +360,13 @@ impl Queue {
     /// Queues one line, or drops and counts it when the queue is full.
     pub fn push(&self, line: &[u8]) {
         let mut s = lock(&self.state);
-        if s.lines.len() >= self.limit {
+        if s.queued >= self.limit {
             drop(s);
             DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        s.lines.push_back(line.to_vec());
+        s.lines.extend_from_slice(line);
+        s.queued += 1;
         s.accepted += 1;
         // std's condvar makes a syscall on every notify, waiter or not.
         let wake = std::mem::take(&mut s.writer_idle);
@@ -374,24 +379,21 @@ impl Queue {
     fn write_forever(&self, mut out: impl Write) {
         let mut batch = Vec::with_capacity(64 * 1024);
         loop {
-            let lines = {
+            let n = {
                 let mut s = lock(&self.state);
-                while s.lines.is_empty() {
+                while s.queued == 0 {
                     s.writer_idle = true;
                     s = self.queued.wait(s).unwrap_or_else(PoisonError::into_inner);
                 }
                 s.writer_idle = false;
-                std::mem::take(&mut s.lines)
+                std::mem::swap(&mut s.lines, &mut batch);
+                std::mem::take(&mut s.queued) as u64
             };
-            let n = lines.len() as u64;
-            batch.clear();
-            for l in &lines {
-                batch.extend_from_slice(l);
-            }
             if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
                 // Closed or broken: these lines are lost, and counted.
                 DROPPED.fetch_add(n, Ordering::Relaxed);
             }
+            batch.clear();
             // Do not keep a burst's worth of memory for ever.
             if batch.capacity() > 1024 * 1024 {
                 batch = Vec::with_capacity(64 * 1024);
