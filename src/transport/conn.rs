@@ -58,7 +58,6 @@ pub async fn serve<S: Edge>(
 ) where
     S::Future: Send,
 {
-    let local = tcp.local_addr().ok();
     let mut evicted = std::pin::pin!(slot.evicted());
     let handshake = tokio::time::timeout(limits.handshake_timeout, async {
         match tls {
@@ -97,28 +96,20 @@ pub async fn serve<S: Edge>(
     if *stop.borrow() {
         return;
     }
-    let peer = Ends { remote, local };
     match established {
         Established::Plain(io) => {
             serve_http(
-                io, peer, protocol, None, shared, limits, stop, slot, evicted,
+                io, remote, protocol, None, shared, limits, stop, slot, evicted,
             )
             .await
         }
         Established::Tls(io, cert) => {
             serve_http(
-                io, peer, protocol, cert, shared, limits, stop, slot, evicted,
+                io, remote, protocol, cert, shared, limits, stop, slot, evicted,
             )
             .await
         }
     }
-}
-
-/// The connection's two ends.
-#[derive(Clone, Copy)]
-struct Ends {
-    remote: SocketAddr,
-    local: Option<SocketAddr>,
 }
 
 enum Established {
@@ -133,7 +124,7 @@ enum Established {
 #[allow(clippy::too_many_arguments)]
 async fn serve_http<IO, S: Edge>(
     io: IO,
-    ends: Ends,
+    remote: SocketAddr,
     protocol: Protocol,
     cert: Option<Arc<super::PeerCert>>,
     shared: Shared<S>,
@@ -149,11 +140,7 @@ async fn serve_http<IO, S: Edge>(
     slot.serving(&activity);
     let service = ConnService {
         shared,
-        peer: PeerInfo {
-            remote: ends.remote,
-            cert,
-        },
-        local: ends.local,
+        peer: PeerInfo { remote, cert },
         activity: activity.clone(),
     };
     let io = TokioIo::new(io);
@@ -164,16 +151,7 @@ async fn serve_http<IO, S: Edge>(
             let conn = builder.serve_connection(io, service);
             let graceful =
                 |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
-            drive(
-                conn,
-                graceful,
-                ends.remote,
-                &limits,
-                &activity,
-                stop,
-                evicted,
-            )
-            .await;
+            drive(conn, graceful, remote, &limits, &activity, stop, evicted).await;
         }
         Protocol::Http => {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -188,16 +166,7 @@ async fn serve_http<IO, S: Edge>(
             let conn = builder.serve_connection(io, service);
             let graceful =
                 |c: Pin<&mut _>| hyper_util::server::conn::auto::Connection::graceful_shutdown(c);
-            drive(
-                conn,
-                graceful,
-                ends.remote,
-                &limits,
-                &activity,
-                stop,
-                evicted,
-            )
-            .await;
+            drive(conn, graceful, remote, &limits, &activity, stop, evicted).await;
         }
     }
 }

@@ -21,7 +21,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep},
 };
-use tonic::{Status, transport::server::TcpConnectInfo};
+use tonic::Status;
 
 use super::{
     Edge, PeerInfo,
@@ -46,7 +46,6 @@ pub struct Shared<S> {
 pub struct ConnService<S> {
     pub shared: Shared<S>,
     pub peer: PeerInfo,
-    pub local: Option<std::net::SocketAddr>,
     pub activity: Activity,
 }
 
@@ -84,13 +83,10 @@ where
         };
         let deadline = self.shared.clock.now() + self.shared.request_timeout;
         let (mut parts, body) = req.into_parts();
+        // The one extension the transport adds (`access::peer_of` reads it):
+        // not also tonic's `TcpConnectInfo`, which nothing here reads, since
+        // each insert past the map's first three buckets costs a rehash.
         parts.extensions.insert(self.peer.clone());
-        // So `tonic::Request::remote_addr()` keeps working for code that
-        // only needs the address.
-        parts.extensions.insert(TcpConnectInfo {
-            local_addr: self.local,
-            remote_addr: Some(self.peer.remote),
-        });
         let body = tonic::body::Body::new(DeadlineBody::new(body, deadline));
         let req = Request::from_parts(parts, body);
         let mut service = self.shared.service.clone();
