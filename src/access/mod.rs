@@ -82,6 +82,8 @@ pub struct Callers {
 /// A configured caller and its limits' state.
 struct Known {
     config: CallerConfig,
+    /// `config.name`, shared: every call's audit record holds it.
+    name: Arc<str>,
     bucket: Option<Arc<RateBucket>>,
     sessions: Arc<SessionQuota>,
 }
@@ -126,6 +128,9 @@ impl fmt::Debug for Callers {
             .finish_non_exhaustive()
     }
 }
+
+/// The caller's name in open mode.
+const ANONYMOUS: &str = "anonymous";
 
 /// Nothing identified the caller, by where the token would have been.
 const fn no_identity(headers: token::Headers) -> &'static str {
@@ -180,6 +185,7 @@ impl Callers {
                     .map_or_else(|| Arc::new(SessionQuota::new(quota)), Arc::clone);
                 Arc::new(Known {
                     config: c.clone(),
+                    name: Arc::from(c.name.as_str()),
                     bucket,
                     sessions,
                 })
@@ -471,7 +477,13 @@ impl Caller {
     /// The caller's configured name (`anonymous` in open mode), for logs and
     /// the audit trail.
     pub fn name(&self) -> &str {
-        self.known.as_ref().map_or("anonymous", |k| &k.config.name)
+        self.known.as_ref().map_or(ANONYMOUS, |k| &k.config.name)
+    }
+
+    /// [`Self::name`], shared rather than copied (for the audit record).
+    pub fn shared_name(&self) -> Arc<str> {
+        static OPEN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| ANONYMOUS.into());
+        Arc::clone(self.known.as_ref().map_or(&*OPEN, |k| &k.name))
     }
 
     /// How the caller was identified.

@@ -266,7 +266,7 @@ impl ExtAuthzService {
         audit.terminal(&terminal);
 
         let caller = Self::caller(&state, req, attributes).map_err(|e| deny(e, audit))?;
-        audit.caller(caller.name());
+        audit.caller(caller.shared_name());
         caller
             .authorize(Rpc::ExtAuthz, &terminal)
             .map_err(|e| deny(e, audit))?;

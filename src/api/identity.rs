@@ -302,7 +302,7 @@ impl IdentityService {
         let caller = state
             .callers
             .admit_with(Source::IDENTITY_ENDPOINT, evidence)?;
-        audit.caller(caller.name());
+        audit.caller(caller.shared_name());
         // The allow lists before the name: a caller without `Authorize`
         // learns nothing of which credentials exist.
         let terminals = found.as_ref().map_or(&[][..], |(_, t)| t);

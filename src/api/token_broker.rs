@@ -139,7 +139,7 @@ impl TokenBrokerService {
         audit: &mut Audit,
     ) -> Result<BearerChecked, BrokerError> {
         let Admitted { state, caller } = self.admitted(req)?;
-        audit.caller(caller.name());
+        audit.caller(caller.shared_name());
         audit.terminal(processing_terminal_id);
         let query = validate::bearer(processing_terminal_id, min_validity)
             .map_err(BrokerError::InvalidArgument)?;
@@ -232,7 +232,7 @@ impl TokenBrokerService {
     ) -> Result<CreateSessionResponse, BrokerError> {
         let deadline = call::deadline(req.metadata(), &self.clock);
         let Admitted { state, caller } = self.admitted(&req)?;
-        audit.caller(caller.name());
+        audit.caller(caller.shared_name());
         audit.terminal(&req.get_ref().processing_terminal_id);
         let query = validate::session(req.into_inner()).map_err(BrokerError::InvalidArgument)?;
         caller.authorize(Rpc::CreateSession, &query.processing_terminal_id)?;

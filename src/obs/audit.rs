@@ -109,7 +109,7 @@ pub struct Audit {
     #[cfg(feature = "otlp")]
     span: Option<crate::obs::otel::ServerSpan>,
     started: Instant,
-    caller: Option<String>,
+    caller: Option<Arc<str>>,
     terminal: Option<String>,
     credential: Option<Arc<str>>,
     upstream_status: Option<u16>,
@@ -119,8 +119,8 @@ pub struct Audit {
 }
 
 impl Audit {
-    pub fn caller(&mut self, name: &str) {
-        self.caller = Some(name.to_owned());
+    pub fn caller(&mut self, name: Arc<str>) {
+        self.caller = Some(name);
     }
 
     /// The terminal as the request gave it (before validation).
@@ -170,11 +170,11 @@ impl Audit {
         match e {
             BrokerError::CallerRateLimited { caller, .. } => {
                 self.auditor.metrics.caller_rate_limited(caller);
-                self.caller.get_or_insert_with(|| caller.clone());
+                self.caller.get_or_insert_with(|| caller.as_str().into());
             }
             BrokerError::CallerSessionsLimited { caller, .. }
             | BrokerError::PermissionDenied { caller, .. } => {
-                self.caller.get_or_insert_with(|| caller.clone());
+                self.caller.get_or_insert_with(|| caller.as_str().into());
             }
             _ => {}
         }
@@ -341,7 +341,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pre_rendered_audit_lines_are_the_lines_the_field_visitor_writes() {
         let full = |a: &mut Audit| {
-            a.caller("web");
+            a.caller("web".into());
             a.terminal("12\"34\\\n\u{1}é");
             a.credential(&Arc::from("acme"));
             a.upstream_status(Some(429));
