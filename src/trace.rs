@@ -82,7 +82,9 @@ impl TraceParent {
     /// The request's `traceparent`: exactly one valid entry, else none (two
     /// entries are as invalid as a malformed one).
     pub fn from_metadata(metadata: &MetadataMap) -> Option<TraceParent> {
-        let mut values = metadata.get_all(TRACEPARENT).iter();
+        // A name made once, not parsed from a string on every call.
+        const NAME: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
+        let mut values = metadata.as_ref().get_all(&NAME).iter();
         let first = values.next()?;
         if values.next().is_some() {
             return None;

@@ -11,6 +11,10 @@ use tonic::metadata::MetadataMap;
 
 use crate::config::sha256;
 
+/// Header names looked up on every call: made once, not parsed from a
+/// string per lookup.
+const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 /// What the `authorization` metadata holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Presented<'a> {
@@ -54,7 +58,7 @@ impl Headers {
 
 /// Reads the `x-api-key` header: its whole value is the token.
 fn api_key(metadata: &MetadataMap) -> Presented<'_> {
-    let mut all = metadata.get_all("x-api-key").iter();
+    let mut all = metadata.as_ref().get_all(&X_API_KEY).iter();
     let Some(value) = all.next() else {
         return Presented::Nothing;
     };
@@ -71,7 +75,10 @@ fn api_key(metadata: &MetadataMap) -> Presented<'_> {
 
 /// Reads the `authorization` metadata.
 pub fn presented(metadata: &MetadataMap) -> Presented<'_> {
-    let mut all = metadata.get_all("authorization").iter();
+    let mut all = metadata
+        .as_ref()
+        .get_all(http::header::AUTHORIZATION)
+        .iter();
     let Some(value) = all.next() else {
         return Presented::Nothing;
     };

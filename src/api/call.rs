@@ -135,7 +135,9 @@ pub(crate) fn retry_after_seconds(wait: Duration) -> u64 {
 
 /// The caller's deadline, from the `grpc-timeout` header.
 pub(crate) fn deadline(metadata: &MetadataMap, clock: &Clock) -> Option<Instant> {
-    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
+    // A name made once, not parsed from a string on every call.
+    const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    let raw = metadata.as_ref().get(&GRPC_TIMEOUT)?.to_str().ok()?;
     let timeout = parse_grpc_timeout(raw)?;
     Some(clock.now() + timeout.saturating_sub(deadline_margin(timeout)))
 }
