@@ -137,7 +137,7 @@ pub fn request_validation(data: &[u8]) {
         };
         match validate::bearer(&msg.processing_terminal_id, msg.min_validity) {
             Ok(q) => assert!(crate::payroc::is_valid_terminal_id(
-                &q.processing_terminal_id
+                q.processing_terminal_id
             )),
             Err(fields) => known(&fields),
         }

@@ -58,10 +58,10 @@ struct Signals {
 }
 
 /// A Bearer token request that passed every check before the upstream.
-struct BearerChecked {
+struct BearerChecked<'a> {
     state: Arc<State>,
     caller: Caller,
-    query: validate::BearerQuery,
+    query: validate::BearerQuery<'a>,
     credential: Arc<crate::domain::broker::Credential>,
 }
 
@@ -130,21 +130,21 @@ impl TokenBrokerService {
     /// contract's order: admission (authentication, rate limit), request
     /// fields, allow lists for `rpc`, terminal known. One piece of code, so
     /// the two RPCs cannot drift apart.
-    fn check_bearer<T>(
+    fn check_bearer<'a, T>(
         &self,
         req: &Request<T>,
         rpc: Rpc,
-        processing_terminal_id: &str,
+        processing_terminal_id: &'a str,
         min_validity: Option<prost_types::Duration>,
         audit: &mut Audit,
-    ) -> Result<BearerChecked, BrokerError> {
+    ) -> Result<BearerChecked<'a>, BrokerError> {
         let Admitted { state, caller } = self.admitted(req)?;
         audit.caller(caller.shared_name());
         audit.terminal(processing_terminal_id);
         let query = validate::bearer(processing_terminal_id, min_validity)
             .map_err(BrokerError::InvalidArgument)?;
-        caller.authorize(rpc, &query.processing_terminal_id)?;
-        let credential = Arc::clone(state.broker.credential(&query.processing_terminal_id)?);
+        caller.authorize(rpc, query.processing_terminal_id)?;
+        let credential = Arc::clone(state.broker.credential(query.processing_terminal_id)?);
         audit.credential(&credential.name);
         Ok(BearerChecked {
             state,
@@ -216,7 +216,7 @@ impl TokenBrokerService {
         let watcher = Watcher {
             service: self.clone(),
             caller,
-            terminal: query.processing_terminal_id,
+            terminal: query.processing_terminal_id.to_owned(),
             credential,
             changes,
             last: first,

@@ -15,10 +15,11 @@ use crate::{
     proto,
 };
 
-/// A valid `GetBearerToken` / `WatchBearerToken` request.
+/// A valid `GetBearerToken` / `WatchBearerToken` request, borrowing the
+/// request's terminal (a cached call needs no copy of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BearerQuery {
-    pub processing_terminal_id: String,
+pub struct BearerQuery<'a> {
+    pub processing_terminal_id: &'a str,
     /// `None`: the configured floor.
     pub min_validity: Option<Duration>,
 }
@@ -31,7 +32,7 @@ pub use crate::domain::broker::SessionQuery;
 pub fn bearer(
     processing_terminal_id: &str,
     min_validity: Option<prost_types::Duration>,
-) -> Result<BearerQuery, Vec<FieldViolation>> {
+) -> Result<BearerQuery<'_>, Vec<FieldViolation>> {
     let mut bad = Vec::new();
     check_terminal(processing_terminal_id, &mut bad);
     let min_validity = match min_validity {
@@ -53,7 +54,7 @@ pub fn bearer(
     };
     if bad.is_empty() {
         Ok(BearerQuery {
-            processing_terminal_id: processing_terminal_id.to_owned(),
+            processing_terminal_id,
             min_validity,
         })
     } else {
