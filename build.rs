@@ -55,11 +55,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         details.encode_file_descriptor_set(),
     )?;
 
+    // The messages and the client, as prost and tonic make them.
     tonic_prost_build::configure()
         .build_client(true)
-        .build_server(true)
+        .build_server(false)
         // Prost's codec with smaller buffers (see `proto::Codec`).
         .codec_path("crate::proto::Codec")
+        .compile_fds(compiler.file_descriptor_set())?;
+    // The server, on its own: it uses the messages above, except that it
+    // answers GetBearerToken and WatchBearerToken with a token's reply
+    // encoded once (`proto::BearerReply`), not a message built and encoded
+    // per call.
+    let server_dir = out_dir.join("server");
+    std::fs::create_dir_all(&server_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .out_dir(&server_dir)
+        .codec_path("crate::proto::Codec")
+        .extern_path(".payroc.broker.v1", "crate::proto")
+        .extern_path(
+            ".payroc.broker.v1.GetBearerTokenResponse",
+            "crate::proto::BearerReply",
+        )
         .compile_fds(compiler.file_descriptor_set())?;
 
     // Descriptor only, without source info: reflection clients need the

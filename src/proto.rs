@@ -6,6 +6,69 @@
 
 tonic::include_proto!("payroc.broker.v1");
 
+/// The TokenBroker server, generated apart from the messages and the client
+/// (`build.rs`): it answers GetBearerToken and WatchBearerToken with a
+/// [`BearerReply`].
+mod server {
+    include!(concat!(env!("OUT_DIR"), "/server/payroc.broker.v1.rs"));
+}
+pub use server::token_broker_server;
+
+/// A [`GetBearerTokenResponse`] already encoded: what the server answers
+/// GetBearerToken and WatchBearerToken with. A token's answer is the same
+/// for every call, so it is built and encoded once per token
+/// (`domain::tokens::Encoded` keeps it) and each call sends the bytes: no
+/// strings copied, nothing encoded, nothing freed per call. Clients see an
+/// ordinary `GetBearerTokenResponse`: these are its bytes.
+///
+/// Encode-only. The server never decodes a response; decoding one (which
+/// prost's `Message` requires to exist) keeps nothing.
+#[derive(Clone, Default, PartialEq)]
+pub struct BearerReply(bytes::Bytes);
+
+impl BearerReply {
+    /// The encoding of `message`.
+    pub fn encode(message: &GetBearerTokenResponse) -> Vec<u8> {
+        prost::Message::encode_to_vec(message)
+    }
+
+    /// Bytes [`BearerReply::encode`] made.
+    pub fn from_encoded(bytes: bytes::Bytes) -> Self {
+        Self(bytes)
+    }
+}
+
+/// The bytes hold a Bearer token: none of them are shown.
+impl std::fmt::Debug for BearerReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BearerReply({} bytes)", self.0.len())
+    }
+}
+
+impl prost::Message for BearerReply {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = bytes::Bytes::new();
+    }
+}
+
 /// The TokenBroker service's codec (`build.rs` names it): prost's, with
 /// 1 KiB buffers instead of tonic's 8 KiB. tonic allocates an encode buffer
 /// per response and a decode buffer per request; the broker's messages are
@@ -99,3 +162,31 @@ pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
 /// `third_party/envoy-protos/README.md`.
 pub const ENVOY_EXT_AUTHZ_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("envoy_ext_authz_descriptor");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn a_bearer_reply_is_the_bytes_of_its_message_and_shows_none_of_them() {
+        let message = GetBearerTokenResponse {
+            access_token: "eyJsecret".into(),
+            token_type: "Bearer".into(),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 5,
+            }),
+            scopes: vec!["services".into(), "hosted-fields".into()],
+            credential: "acme".into(),
+        };
+        let reply = BearerReply::from_encoded(BearerReply::encode(&message).into());
+        // What a client receives: the reply inside a message of its own, as
+        // tonic's encoder writes it (length and all).
+        let wire = reply.encode_to_vec();
+        assert_eq!(wire.len(), reply.encoded_len());
+        assert_eq!(GetBearerTokenResponse::decode(&wire[..]).unwrap(), message);
+        let shown = format!("{reply:?}");
+        assert!(!shown.contains("eyJ"), "{shown}");
+    }
+}

@@ -27,7 +27,8 @@ use payroc_broker::{
     clock::{Clock, OsEntropy, SharedEntropy},
     config::Config,
     proto::{
-        CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest, GetBearerTokenResponse,
+        BearerReply, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
+        GetBearerTokenResponse,
         token_broker_client::TokenBrokerClient,
         token_broker_server::{TokenBroker, TokenBrokerServer},
     },
@@ -36,15 +37,16 @@ use payroc_sim::{SimAccount, SimConfig, SimPayroc};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, transport::Channel};
 
-/// The baseline: answers with a prebuilt response and does nothing else.
-struct Noop(GetBearerTokenResponse);
+/// The baseline: answers with a prebuilt response (encoded once, as the
+/// broker sends a cached token's) and does nothing else.
+struct Noop(BearerReply);
 
 #[tonic::async_trait]
 impl TokenBroker for Noop {
     async fn get_bearer_token(
         &self,
         _: Request<GetBearerTokenRequest>,
-    ) -> Result<Response<GetBearerTokenResponse>, Status> {
+    ) -> Result<Response<BearerReply>, Status> {
         Ok(Response::new(self.0.clone()))
     }
     async fn create_session(
@@ -53,7 +55,7 @@ impl TokenBroker for Noop {
     ) -> Result<Response<CreateSessionResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    type WatchBearerTokenStream = tokio_stream::Empty<Result<GetBearerTokenResponse, Status>>;
+    type WatchBearerTokenStream = tokio_stream::Empty<Result<BearerReply, Status>>;
     async fn watch_bearer_token(
         &self,
         _: Request<payroc_broker::proto::WatchBearerTokenRequest>,
@@ -133,7 +135,9 @@ async fn broker_server() -> (SocketAddr, SimPayroc) {
 async fn noop_server(response: GetBearerTokenResponse) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = TokenBrokerServer::new(Noop(response));
+    let svc = TokenBrokerServer::new(Noop(BearerReply::from_encoded(
+        BearerReply::encode(&response).into(),
+    )));
     tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

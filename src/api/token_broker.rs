@@ -31,14 +31,14 @@ use crate::{
     domain::tokens::BearerToken,
     obs::audit::{Audit, Auditor},
     proto::{
-        self, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
+        self, BearerReply, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
         GetBearerTokenResponse, WatchBearerTokenRequest,
     },
     rpc::Rpc,
 };
 
 /// The stream of tokens a WatchBearerToken call answers with.
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<GetBearerTokenResponse, Status>> + Send>>;
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<BearerReply, Status>> + Send>>;
 
 /// The gRPC service. Cheap to clone: state is behind `Arc`.
 #[derive(Clone)]
@@ -158,7 +158,7 @@ impl TokenBrokerService {
         &self,
         req: Request<GetBearerTokenRequest>,
         audit: &mut Audit,
-    ) -> Result<GetBearerTokenResponse, BrokerError> {
+    ) -> Result<BearerReply, BrokerError> {
         let deadline = call::deadline(req.metadata(), &self.clock);
         let msg = req.get_ref();
         let checked = self.check_bearer(
@@ -259,14 +259,18 @@ impl TokenBrokerService {
     }
 }
 
-fn bearer_response(t: &BearerToken, credential: &str) -> GetBearerTokenResponse {
-    GetBearerTokenResponse {
-        access_token: secrecy::ExposeSecret::expose_secret(&t.access_token).to_owned(),
-        token_type: t.token_type.clone(),
-        expires_at: Some(t.expires_at_wall.into()),
-        scopes: t.scopes.clone(),
-        credential: credential.to_owned(),
-    }
+/// `t`'s answer, encoded the first time `t` is handed out and kept with it.
+/// `credential` is the one `t` was fetched for, the same every time.
+fn bearer_response(t: &BearerToken, credential: &str) -> BearerReply {
+    BearerReply::from_encoded(t.encoded.get_or_init(|| {
+        BearerReply::encode(&GetBearerTokenResponse {
+            access_token: secrecy::ExposeSecret::expose_secret(&t.access_token).to_owned(),
+            token_type: t.token_type.clone(),
+            expires_at: Some(t.expires_at_wall.into()),
+            scopes: t.scopes.clone(),
+            credential: credential.to_owned(),
+        })
+    }))
 }
 
 /// One WatchBearerToken stream after its first token.
@@ -285,7 +289,7 @@ struct Watcher {
 /// Where a watch stream is: its first token still to send, following the
 /// cache, or ended.
 enum Follow {
-    First(GetBearerTokenResponse, Box<Following>),
+    First(BearerReply, Box<Following>),
     Next(Box<Following>),
     Ended,
 }
@@ -303,7 +307,7 @@ impl Watcher {
     /// read for (tonic polls for the next token only once h2 has taken the
     /// last). Ends with the error that ended it, or when the client goes
     /// away (the stream is dropped).
-    fn into_stream(self, first: GetBearerTokenResponse) -> WatchStream {
+    fn into_stream(self, first: BearerReply) -> WatchStream {
         let following = Following {
             shutdown: self.service.signals.shutdown.subscribe(),
             reloads: self.service.signals.reloads.subscribe(),
@@ -329,7 +333,7 @@ impl Watcher {
 
 impl Following {
     /// The next token to send, or the error that ends the stream.
-    async fn next(&mut self) -> Result<GetBearerTokenResponse, BrokerError> {
+    async fn next(&mut self) -> Result<BearerReply, BrokerError> {
         let Following {
             watcher: this,
             shutdown,
@@ -380,7 +384,7 @@ impl proto::token_broker_server::TokenBroker for TokenBrokerService {
     async fn get_bearer_token(
         &self,
         request: Request<GetBearerTokenRequest>,
-    ) -> Result<Response<GetBearerTokenResponse>, Status> {
+    ) -> Result<Response<BearerReply>, Status> {
         let origin = Origin::of(&request);
         call::run(
             &self.auditor,

@@ -40,12 +40,14 @@ mod testing;
 mod watch;
 
 use std::{
+    fmt,
     future::Future,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
-use secrecy::SecretString;
+use bytes::Bytes;
+use secrecy::{SecretString, zeroize::Zeroizing};
 use tokio::time::Instant;
 
 use crate::{
@@ -77,6 +79,31 @@ pub struct BearerToken {
     pub upstream_status: u16,
     /// What the audit records of it, computed once.
     pub fingerprint: Fingerprint,
+    /// The token as the API answers with it, encoded once (see [`Encoded`]).
+    pub encoded: Encoded,
+}
+
+/// A token's answer on the wire, encoded by the API layer the first time
+/// the token is handed out and kept with it: a token is handed out
+/// thousands of times and never changes, so no call builds or encodes its
+/// answer again. The bytes are opaque here. They hold the token, so they
+/// are wiped when the last copy goes and `Debug` shows none of them.
+#[derive(Default)]
+pub struct Encoded(OnceLock<Bytes>);
+
+impl Encoded {
+    /// The encoding, made by `encode` if it is the first call.
+    pub fn get_or_init(&self, encode: impl FnOnce() -> Vec<u8>) -> Bytes {
+        self.0
+            .get_or_init(|| Bytes::from_owner(Zeroizing::new(encode())))
+            .clone()
+    }
+}
+
+impl fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Encoded(..)")
+    }
 }
 
 impl BearerToken {
@@ -145,5 +172,26 @@ impl TokenSource for Arc<PayrocClient> {
         // it short. Attempts and request_timeout bound it; callers stop
         // waiting at their own deadlines.
         async move { client.fetch_bearer(&api_key, None, trace).await }
+    }
+}
+
+#[cfg(test)]
+mod encoded_tests {
+    use super::Encoded;
+
+    #[test]
+    fn a_token_is_encoded_once_and_its_bytes_are_not_shown() {
+        let e = Encoded::default();
+        let mut made = 0;
+        let first = e.get_or_init(|| {
+            made += 1;
+            b"secret".to_vec()
+        });
+        let again = e.get_or_init(|| unreachable!("encoded once"));
+        assert_eq!(made, 1);
+        // The same bytes, shared: not a copy.
+        assert_eq!(first.as_ptr(), again.as_ptr());
+        assert_eq!(&first[..], b"secret");
+        assert_eq!(format!("{e:?}"), "Encoded(..)");
     }
 }

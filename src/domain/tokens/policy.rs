@@ -13,7 +13,7 @@ use crate::{
     payroc::{Endpoint, IdentityToken, UpstreamError},
 };
 
-use super::BearerToken;
+use super::{BearerToken, Encoded};
 
 /// Timing policy of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +130,7 @@ pub(super) fn cache_entry(
         refresh_at,
         fetched_at: t.requested_at,
         upstream_status: t.status,
+        encoded: Encoded::default(),
     })
 }
 
