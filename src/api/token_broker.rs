@@ -28,7 +28,7 @@ use crate::{
     domain::broker::WatchStart,
     domain::error::BrokerError,
     domain::fingerprint::Fingerprint,
-    domain::tokens::BearerToken,
+    domain::tokens::{BearerToken, WatchTimer},
     obs::audit::{Audit, Auditor},
     proto::{
         self, BearerReply, CreateSessionRequest, CreateSessionResponse, GetBearerTokenRequest,
@@ -299,6 +299,7 @@ struct Following {
     watcher: Watcher,
     shutdown: watch::Receiver<bool>,
     reloads: watch::Receiver<u64>,
+    timer: WatchTimer,
 }
 
 impl Watcher {
@@ -311,6 +312,7 @@ impl Watcher {
         let following = Following {
             shutdown: self.service.signals.shutdown.subscribe(),
             reloads: self.service.signals.reloads.subscribe(),
+            timer: None,
             watcher: self,
         };
         let start = Follow::First(first, Box::new(following));
@@ -338,6 +340,7 @@ impl Following {
             watcher: this,
             shutdown,
             reloads,
+            timer,
         } = self;
         loop {
             tokio::select! {
@@ -368,7 +371,7 @@ impl Following {
                         Ok(_) => {}
                     }
                 }
-                next = this.credential.replacement(&mut this.changes, &this.last, this.min_validity) => {
+                next = this.credential.replacement(&mut this.changes, &this.last, this.min_validity, timer) => {
                     let token = next?;
                     let response = bearer_response(&token, &this.credential.name);
                     this.last = token;

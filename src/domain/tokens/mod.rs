@@ -60,6 +60,7 @@ use policy::refetch_spacing;
 pub use credential::CredentialTokens;
 pub use policy::TokenPolicy;
 pub use registry::{Tokens, TokensSetup};
+pub use watch::WatchTimer;
 
 /// A cached Bearer token.
 pub struct BearerToken {

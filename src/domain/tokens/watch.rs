@@ -2,15 +2,23 @@
 //! check that a watcher's `min_validity` can be kept, and the wait for each
 //! replacement.
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Sleep};
 
 use super::{
     BearerToken, TokenError, TokenSource,
     credential::CredentialTokens,
     policy::{FETCH_ALLOWANCE, refetch_spacing, satisfiable},
 };
+
+/// A watcher's timer for [`CredentialTokens::replacement`], kept by the
+/// watcher from one token to the next (`None` until the first). A timer
+/// made and dropped per token cost every watcher two trips through the
+/// timer wheel's lock each time a token was replaced, all watchers at once;
+/// one kept is moved to a later deadline each time, which tokio does
+/// without the lock (BENCHMARKS.md has the measured effect).
+pub type WatchTimer = Option<Pin<Box<Sleep>>>;
 
 impl<S: TokenSource> CredentialTokens<S> {
     /// Follows the cached token (see [`CredentialTokens::replacement`]).
@@ -54,11 +62,14 @@ impl<S: TokenSource> CredentialTokens<S> {
     /// replacement and the last fetch failed, the promise is broken: that
     /// failure is returned, so the stream ends and its client stops relying
     /// on the token it holds instead of hearing nothing.
+    ///
+    /// `timer` is the watcher's own (see [`WatchTimer`]).
     pub async fn replacement(
         &self,
         changes: &mut watch::Receiver<Option<Arc<BearerToken>>>,
         last: &Arc<BearerToken>,
         min_validity: Duration,
+        timer: &mut WatchTimer,
     ) -> Result<Arc<BearerToken>, TokenError> {
         let inner = &self.inner;
         loop {
@@ -112,13 +123,20 @@ impl<S: TokenSource> CredentialTokens<S> {
                 }
                 continue;
             }
+            let timer = match timer {
+                Some(t) => {
+                    t.as_mut().reset(due);
+                    t
+                }
+                None => timer.insert(Box::pin(tokio::time::sleep_until(due))),
+            };
             tokio::select! {
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return Err(TokenError::Aborted);
                     }
                 }
-                () = tokio::time::sleep_until(due) => {}
+                () = timer.as_mut() => {}
             }
         }
     }
@@ -140,11 +158,12 @@ mod tests {
             let (c, first) = (Arc::clone(c), Arc::clone(&first));
             tasks.push(tokio::spawn(async move {
                 let mut changes = c.subscribe();
+                let mut timer = None;
                 let mut last = first;
                 let mut seen = Vec::new();
                 for _ in 0..3 {
                     let next = c
-                        .replacement(&mut changes, &last, min_validity)
+                        .replacement(&mut changes, &last, min_validity, &mut timer)
                         .await
                         .unwrap();
                     let now = Instant::now();
@@ -198,7 +217,7 @@ mod tests {
         let c = Arc::clone(c);
         tokio::spawn(async move {
             let mut changes = c.subscribe();
-            c.replacement(&mut changes, &first, min)
+            c.replacement(&mut changes, &first, min, &mut None)
                 .await
                 .map(|t| secret(&t))
         })
@@ -284,7 +303,7 @@ mod tests {
         let mut changes = c.subscribe();
         let young = c.bearer(FLOOR, None).await.unwrap();
         let e = c
-            .replacement(&mut changes, &young, Duration::from_secs(3595))
+            .replacement(&mut changes, &young, Duration::from_secs(3595), &mut None)
             .await
             .err();
         assert!(matches!(e, Some(TokenError::OutOfRange { .. })), "{e:?}");
