@@ -13,8 +13,9 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream as Signal;
 use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
@@ -295,10 +296,17 @@ enum Follow {
 }
 
 /// A watcher and the signals it follows besides its credential's cache.
+///
+/// The signals are streams, not receivers: a stream keeps its wait (and its
+/// place in the sender's list of waiters) from one token to the next, where
+/// `changed()` per token joined and left both lists for every watcher each
+/// time a token was sent to them all.
 struct Following {
     watcher: Watcher,
-    shutdown: watch::Receiver<bool>,
-    reloads: watch::Receiver<u64>,
+    /// The flag's value now, then each change.
+    shutdown: Signal<bool>,
+    /// Each reload after the stream began.
+    reloads: Signal<u64>,
     timer: WatchTimer,
 }
 
@@ -310,8 +318,8 @@ impl Watcher {
     /// away (the stream is dropped).
     fn into_stream(self, first: BearerReply) -> WatchStream {
         let following = Following {
-            shutdown: self.service.signals.shutdown.subscribe(),
-            reloads: self.service.signals.reloads.subscribe(),
+            shutdown: Signal::new(self.service.signals.shutdown.subscribe()),
+            reloads: Signal::from_changes(self.service.signals.reloads.subscribe()),
             timer: None,
             watcher: self,
         };
@@ -345,9 +353,14 @@ impl Following {
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|down| *down) => return Err(BrokerError::ShuttingDown),
-                changed = reloads.changed() => {
-                    if changed.is_err() {
+                down = shutdown.next() => {
+                    // Ended: the server is going away all the same.
+                    if down != Some(false) {
+                        return Err(BrokerError::ShuttingDown);
+                    }
+                }
+                reloaded = reloads.next() => {
+                    if reloaded.is_none() {
                         return Err(BrokerError::ShuttingDown);
                     }
                     let state = this.service.state.load_full();
