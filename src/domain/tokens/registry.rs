@@ -1,7 +1,7 @@
 //! Every configured credential's cache, which credential serves which
 //! terminal, and what a reload keeps.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use crate::{
     clock::{Clock, SharedEntropy},
@@ -17,7 +17,11 @@ pub struct Tokens<S> {
     credentials: Vec<Arc<CredentialTokens<S>>>,
     /// Each credential's terminals, by the same index.
     terminals: Vec<Box<[String]>>,
-    by_terminal: HashMap<String, usize>,
+    /// (terminal, credential index), sorted by terminal: looked up on every
+    /// call by binary search, which for a configuration's few (or few
+    /// thousand) terminals costs less than hashing the caller's string with
+    /// std's SipHash. The configuration gives each terminal one credential.
+    by_terminal: Box<[(Box<str>, usize)]>,
 }
 
 /// What building a [`Tokens`] needs besides the credentials.
@@ -44,7 +48,7 @@ impl<S: TokenSource + Clone> Tokens<S> {
         let gate = Arc::new(tokio::sync::Semaphore::new(
             setup.warm_start_concurrency.max(1),
         ));
-        let mut by_terminal = HashMap::new();
+        let mut by_terminal = Vec::new();
         let terminals = credentials
             .iter()
             .map(|c| c.terminals.clone().into_boxed_slice())
@@ -53,9 +57,7 @@ impl<S: TokenSource + Clone> Tokens<S> {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                for t in &c.terminals {
-                    by_terminal.insert(t.clone(), i);
-                }
+                by_terminal.extend(c.terminals.iter().map(|t| (t.as_str().into(), i)));
                 let kept = keep.and_then(|k| {
                     k.credentials
                         .iter()
@@ -78,10 +80,11 @@ impl<S: TokenSource + Clone> Tokens<S> {
                 }
             })
             .collect();
+        by_terminal.sort_unstable();
         Self {
             credentials,
             terminals,
-            by_terminal,
+            by_terminal: by_terminal.into_boxed_slice(),
         }
     }
 
@@ -93,9 +96,11 @@ impl<S: TokenSource + Clone> Tokens<S> {
 
     /// The credential serving `terminal`.
     pub fn for_terminal(&self, terminal: &str) -> Option<&Arc<CredentialTokens<S>>> {
-        self.by_terminal
-            .get(terminal)
-            .map(|&i| &self.credentials[i])
+        let at = self
+            .by_terminal
+            .binary_search_by(|(t, _)| (**t).cmp(terminal))
+            .ok()?;
+        Some(&self.credentials[self.by_terminal[at].1])
     }
 
     pub fn credentials(&self) -> &[Arc<CredentialTokens<S>>] {
@@ -138,6 +143,33 @@ mod tests {
             entropy,
             warm_start_concurrency: 2,
             warm_start_spread: Duration::from_secs(spread),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_terminal_finds_its_credential_and_no_other_finds_one() {
+        let script = Script::answers(&[Ok(3600)]);
+        let clock = Clock::starting_at(SystemTime::UNIX_EPOCH);
+        let entropy: SharedEntropy = Arc::new(crate::clock::OsEntropy);
+        // Terminals out of order, interleaved between credentials.
+        let creds = vec![
+            config("a", "ka", &["3001", "1001", "2002"]),
+            config("b", "kb", &["2001", "9", "30010"]),
+        ];
+        let tokens = Tokens::new(&creds, setup(&script, &clock, &entropy, 0), None);
+        for (terminal, credential) in [
+            ("1001", "a"),
+            ("2002", "a"),
+            ("3001", "a"),
+            ("2001", "b"),
+            ("9", "b"),
+            ("30010", "b"),
+        ] {
+            let found = tokens.for_terminal(terminal).map(|c| &*c.name);
+            assert_eq!(found, Some(credential), "terminal {terminal}");
+        }
+        for unknown in ["", "1", "300", "3000", "3002", "99", "１００１"] {
+            assert!(tokens.for_terminal(unknown).is_none(), "{unknown:?}");
         }
     }
 
