@@ -456,3 +456,29 @@ impl proto::token_broker_server::TokenBroker for TokenBrokerService {
         .map(Response::new)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tokens::testing::{FLOOR, Script, allocations, creds};
+
+    /// What the broker adds to a cached GetBearerToken past the cache hit
+    /// (which allocates nothing either, see `domain::tokens`): the reply,
+    /// the same shared bytes each time once the token's first call encoded
+    /// them.
+    #[tokio::test(start_paused = true)]
+    async fn a_cached_tokens_reply_is_encoded_once_and_then_allocates_nothing() {
+        let script = Script::answers(&[Ok(3600)]);
+        let c = creds(&script, 300);
+        let token = c.bearer(FLOOR, None).await.unwrap();
+        let (first, n) = allocations(|| bearer_response(&token, "acme"));
+        assert!(n > 0, "the first reply is encoded, which allocates");
+        let (same, n) = allocations(|| {
+            (0..100)
+                .map(|_| bearer_response(&token, "acme"))
+                .all(|r| r == first)
+        });
+        assert!(same, "every reply is the first one's bytes");
+        assert_eq!(n, 0, "allocations for 100 replies of a cached token");
+    }
+}

@@ -36,7 +36,7 @@ mod policy;
 mod refresh;
 mod registry;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod watch;
 
 use std::{

@@ -23,7 +23,7 @@ use super::{BearerToken, CredentialTokens, TokenPolicy, TokenSource, refresh::Wa
 /// A scripted identity service: each fetch pops the next answer (or
 /// repeats the last), after an optional latency, counting calls.
 #[derive(Clone, Default)]
-pub(super) struct Script(Arc<ScriptInner>);
+pub(crate) struct Script(Arc<ScriptInner>);
 
 #[derive(Default)]
 pub(super) struct ScriptInner {
@@ -33,7 +33,7 @@ pub(super) struct ScriptInner {
 }
 
 impl Script {
-    pub(super) fn answers(list: &[Result<u64, u16>]) -> Self {
+    pub(crate) fn answers(list: &[Result<u64, u16>]) -> Self {
         let s = Script::default();
         *s.0.answers.lock().unwrap() = list
             .iter()
@@ -107,7 +107,7 @@ impl crate::clock::Entropy for Fixed {
     }
 }
 
-pub(super) const FLOOR: Duration = Duration::from_secs(30);
+pub(crate) const FLOOR: Duration = Duration::from_secs(30);
 
 pub(super) fn creds_with(script: &Script, refresh: u64, jitter: f64) -> CredentialTokens<Script> {
     CredentialTokens::spawn(
@@ -121,7 +121,7 @@ pub(super) fn creds_with(script: &Script, refresh: u64, jitter: f64) -> Credenti
     )
 }
 
-pub(super) fn creds(script: &Script, refresh: u64) -> CredentialTokens<Script> {
+pub(crate) fn creds(script: &Script, refresh: u64) -> CredentialTokens<Script> {
     creds_with(script, refresh, 0.0)
 }
 
@@ -178,7 +178,7 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 static COUNTING: Counting = Counting;
 
 /// Allocations (and reallocations) this thread made while `f` ran.
-pub(super) fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
+pub(crate) fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
     let before = ALLOCATIONS.with(std::cell::Cell::get);
     let out = f();
     (out, ALLOCATIONS.with(std::cell::Cell::get) - before)
